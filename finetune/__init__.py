@@ -1,0 +1,1 @@
+"""histcode.finetune stage."""

@@ -1,0 +1,205 @@
+"""The ``histcode`` command: one entry point, one subcommand per pipeline step.
+
+Each subcommand lives in its own module with a ``main(argv, prog) -> int``; this module only
+dispatches (imports are lazy, so ``histcode --help`` starts fast) and holds the runner that
+turns a typed Python function into a subcommand with ``--config``, ``--help`` and
+``--print_config`` (jsonargparse), a ``summary.json`` and a final JSON line.
+
+Exit status (the CLI contract): 0 everything succeeded; 1 some inputs failed but the rest
+completed (the failures are listed); 2 unusable arguments.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import json
+import logging
+import sys
+import time
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from histcode import __version__
+
+#: name → (module holding ``main``, one-line description)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("histcode.synth.command", "write a synthetic cohort: slides, expression, truth"),
+    "tile": ("histcode.tiling", "segment tissue and lay a tile grid at a target µm/px"),
+    "registry": ("histcode.registry_cli", "list, show and verify checkpoints in the registry"),
+}
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass
+class CommandResult:
+    """What a subcommand's function returns to the runner.
+
+    Attributes:
+        out_dir: folder receiving ``summary.json`` (the command's output folder).
+        result: the main result, printed as the final JSON line and kept in the summary.
+        details: anything else for ``summary.json`` (per-item status, failures, …).
+        exit_code: 0, or 1 when some inputs failed but the rest completed.
+    """
+
+    out_dir: Path
+    result: dict[str, Any]
+    details: dict[str, Any] = field(default_factory=dict)
+    exit_code: int = EXIT_OK
+
+
+#: Errors that mean "the arguments or inputs as given are unusable": exit 2, message only.
+USAGE_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    FileExistsError,
+    PermissionError,
+    KeyError,
+)
+
+
+def _list_parameters(function: Callable[..., Any]) -> set[str]:
+    hints = typing.get_type_hints(function)
+    names = set()
+    for name in inspect.signature(function).parameters:
+        hint = hints.get(name)
+        options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        if any(typing.get_origin(o) in (list, Sequence) or o is list for o in options):
+            names.add(name)
+    return names
+
+
+def gather_list_options(argv: Sequence[str], names: set[str]) -> list[str]:
+    """Let list options take several values the shell way: ``--slides a.svs b.svs``.
+
+    jsonargparse expects a list as one JSON/YAML value (``--slides '[a.svs, b.svs]'``); this
+    turns ``--NAME v1 v2 …`` (up to the next ``-…`` token) into that form.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        key = token[2:] if token.startswith("--") else None
+        if key in names and "=" not in token:
+            values = []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-"):
+                values.append(argv[i])
+                i += 1
+            if len(values) == 1 and values[0].lstrip().startswith("["):
+                out += [token, values[0]]
+            else:
+                out += [token, json.dumps(values)]
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def write_summary(
+    out_dir: Path, command: str, config: dict[str, Any], outcome: CommandResult, seconds: float
+) -> Path:
+    """Write ``summary.json`` (what ran, with which settings, what came out) atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "command": f"histcode {command}",
+        "histcode_version": __version__,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "exit_code": outcome.exit_code,
+        "config": config,
+        "result": outcome.result,
+        **outcome.details,
+    }
+    path = out_dir / "summary.json"
+    tmp = path.with_name(f".summary.json.{id(summary)}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def run_function(
+    function: Callable[..., CommandResult], argv: Sequence[str], prog: str, command: str
+) -> int:
+    """Run ``function`` as a subcommand: parse, call, write ``summary.json``, print a JSON line.
+
+    The function's typed parameters and Google docstring become the options and ``--help``;
+    ``--config file.yaml`` and ``--print_config`` come with it.
+
+    Returns:
+        The exit status (see module docstring).
+    """
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    doc = inspect.getdoc(function) or ""
+    parser = ArgumentParser(prog=prog, description=doc.split("\n\n")[0], exit_on_error=True)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with options.")
+    parser.add_function_arguments(function, fail_untyped=True, as_group=False)
+    cfg = parser.parse_args(gather_list_options(argv, _list_parameters(function)))
+    config = json.loads(parser.dump(cfg, format="json", skip_none=False))
+    config.pop("config", None)
+    kwargs = {k: v for k, v in parser.instantiate_classes(cfg).as_dict().items() if k != "config"}
+    start = time.perf_counter()
+    try:
+        outcome = function(**kwargs)
+    except USAGE_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    write_summary(outcome.out_dir, command, config, outcome, time.perf_counter() - start)
+    print(json.dumps(outcome.result, default=str), flush=True)
+    return outcome.exit_code
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = [
+        f"histcode {__version__}: self-supervised computational pathology",
+        "",
+        "usage: histcode <command> [options]   (histcode <command> --help for its options)",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()),
+        "",
+        "Every command takes --config file.yaml and --print_config, writes summary.json in its",
+        "output folder and ends by printing one JSON line. Exit status: 0 ok, 1 some inputs",
+        "failed (listed), 2 unusable arguments.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``histcode`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return EXIT_OK if argv else EXIT_USAGE
+    if argv[0] == "--version":
+        print(__version__)
+        return EXIT_OK
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        print(f"histcode: unknown command {name!r}.{hint}\n\n{_usage()}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    try:
+        return int(module.main(rest, prog=f"histcode {name}"))
+    except KeyboardInterrupt:
+        print("histcode: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Reading whole-slide images: a reader that only reads.
+
+``SlideReader`` wraps OpenSlide, so it opens every format OpenSlide 4 reads (Aperio SVS,
+Hamamatsu NDPI, MIRAX MRXS, Leica SCN, DICOM WSI, generic tiled TIFF, …). It resolves the
+physical resolution of level 0 (µm/px) from the slide's metadata and returns RGB ``uint8``
+arrays. Segmentation, tiling and heatmaps are separate functions that take a reader.
+
+After TRIDENT's ``OpenSlideWSI``: dimensions, mpp, read_region, thumbnail, close, ``with``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from histcode.builders import Builders
+
+log = logging.getLogger(__name__)
+
+#: File extensions treated as slides when a folder is given. OpenSlide decides the format from
+#: the content, not the name; this list only decides what to pick up from a folder.
+SLIDE_EXTENSIONS = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+)
+
+#: µm/px of level 0 assumed per unit of objective power when only the power is known:
+#: 10 µm/px ÷ magnification, i.e. 40x → 0.25 µm/px and 20x → 0.5 µm/px (typical of Aperio,
+#: Hamamatsu and Leica scanners; real scanners differ by a few percent).
+MPP_TIMES_POWER = 10.0
+
+#: Plausible range of level-0 µm/px; metadata outside it is treated as absent.
+MPP_RANGE = (0.05, 20.0)
+
+readers: Builders[SlideReader] = Builders("slide reader")
+
+
+class SlideError(RuntimeError):
+    """A slide cannot be opened or read. The message names the file and how to fix it."""
+
+
+class MissingMppError(SlideError):
+    """A slide has no usable µm/px in its metadata and none was given."""
+
+
+@dataclass(frozen=True)
+class MppSource:
+    """Where a slide's level-0 µm/px came from.
+
+    Attributes:
+        mpp: level-0 µm/px (mean of x and y).
+        source: ``override`` | ``openslide`` | ``tiff-resolution`` | ``objective-power``.
+    """
+
+    mpp: float
+    source: str
+
+
+def _plausible(mpp: float) -> bool:
+    return math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]
+
+
+def resolve_mpp(
+    properties: dict[str, str], path: Path | str, mpp_override: float | None = None
+) -> MppSource:
+    """Level-0 µm/px of a slide from its OpenSlide properties.
+
+    Order: the user's override; OpenSlide's ``openslide.mpp-x``/``-y``; the TIFF resolution
+    tags (``tiff.XResolution`` with ``tiff.ResolutionUnit`` centimeter or inch); the objective
+    power (``openslide.objective-power``) with ``MPP_TIMES_POWER`` µm/px per unit, which is
+    an assumption and logged as a warning.
+
+    Args:
+        properties: OpenSlide's property map of the slide.
+        path: the slide's path, for messages.
+        mpp_override: µm/px of level 0 given by the user; wins over metadata.
+
+    Returns:
+        The µm/px and where it came from.
+
+    Raises:
+        MissingMppError: no source gives a plausible value; the message says how to fix it.
+    """
+    if mpp_override is not None:
+        if not _plausible(mpp_override):
+            raise ValueError(
+                f"--mpp_override {mpp_override} is not a plausible µm/px for level 0 "
+                f"(expected {MPP_RANGE[0]}–{MPP_RANGE[1]}; 40x scans are about 0.25, 20x 0.5)"
+            )
+        return MppSource(float(mpp_override), "override")
+
+    def number(key: str) -> float | None:
+        try:
+            value = float(properties[key])
+        except (KeyError, ValueError):
+            return None
+        return value if math.isfinite(value) and value > 0 else None
+
+    mx, my = number(openslide.PROPERTY_NAME_MPP_X), number(openslide.PROPERTY_NAME_MPP_Y)
+    if mx and my and _plausible((mx + my) / 2):
+        return MppSource((mx + my) / 2, "openslide")
+
+    um_per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(
+        properties.get("tiff.ResolutionUnit", "").lower()
+    )
+    rx, ry = number("tiff.XResolution"), number("tiff.YResolution")
+    if um_per_unit and rx and ry:
+        mpp = (um_per_unit / rx + um_per_unit / ry) / 2
+        if _plausible(mpp):
+            return MppSource(mpp, "tiff-resolution")
+
+    power = number(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+    if power and _plausible(MPP_TIMES_POWER / power):
+        mpp = MPP_TIMES_POWER / power
+        log.warning(
+            "%s: no µm/px in the metadata; assuming %.4g µm/px from objective power %gx "
+            "(%g µm/px ÷ power). Pass --mpp_override if your scanner differs.",
+            path,
+            mpp,
+            power,
+            MPP_TIMES_POWER,
+        )
+        return MppSource(mpp, "objective-power")
+
+    raise MissingMppError(
+        f"{path}: no usable µm/px in the slide's metadata (no openslide.mpp-x, no TIFF "
+        "resolution in centimeter or inch, no objective power). If you know the scanner's "
+        "resolution, pass it with --mpp_override (µm/px of level 0, e.g. 0.25 for 40x, "
+        "0.5 for 20x)."
+    )
+
+
+def slide_id(path: Path | str) -> str:
+    """The slide id of a file: its name without the extension (``TCGA-…-01A.svs`` → ``TCGA-…-01A``).
+
+    Raises:
+        ValueError: the id is empty, hidden or would escape a folder (``..``).
+    """
+    sid = Path(path).name
+    for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
+        if sid.lower().endswith(ext):
+            sid = sid[: -len(ext)]
+            break
+    else:
+        sid = Path(path).stem
+    check_slide_id(sid, path)
+    return sid
+
+
+def check_slide_id(sid: str, source: object) -> None:
+    """Refuse slide ids that cannot safely name a group or file in an output folder.
+
+    Raises:
+        ValueError: empty, starting with ``.``, or containing a path separator.
+    """
+    if not sid or sid.startswith(".") or "/" in sid or "\\" in sid or "\0" in sid:
+        raise ValueError(
+            f"{source}: slide id {sid!r} cannot name an output (empty, hidden, or contains a "
+            "path separator). Rename the file to a plain name such as TCGA-AA-0001-01A.svs."
+        )
+
+
+def fingerprint(path: Path | str, properties: dict[str, str] | None = None) -> str:
+    """A cheap content fingerprint of a slide file, to notice a changed file on resume.
+
+    Uses OpenSlide's ``openslide.quickhash-1`` when present, else a SHA-256 of the file size
+    and its first and last MiB.
+    """
+    if properties and openslide.PROPERTY_NAME_QUICKHASH1 in properties:
+        return "quickhash1:" + properties[openslide.PROPERTY_NAME_QUICKHASH1]
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if size > 1 << 20:
+            f.seek(max(size - (1 << 20), 0))
+            digest.update(f.read(1 << 20))
+    return "sha256-ends:" + digest.hexdigest()
+
+
+def rgba_to_rgb(rgba: np.ndarray, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """Composite a non-premultiplied RGBA array over a background colour.
+
+    Args:
+        rgba: (H, W, 4) uint8.
+        background: RGB of the slide glass, used where alpha < 255 (outside scanned areas).
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.float32) / 255.0
+    bg = np.asarray(background, np.float32)
+    return (rgb * a + bg * (1.0 - a) + 0.5).astype(np.uint8)
+
+
+class SlideReader:
+    """Reads regions of a whole-slide image through OpenSlide.
+
+    Args:
+        path: the slide file.
+        mpp_override: µm/px of level 0 to use instead of the metadata.
+
+    Raises:
+        FileNotFoundError: no such file.
+        SlideError: OpenSlide cannot open it (not a slide, unsupported or corrupt).
+        MissingMppError: no usable µm/px and no override.
+
+    Example:
+        >>> with SlideReader("slide.svs") as slide:  # doctest: +SKIP
+        ...     tile = slide.read_region((0, 0), 0, (256, 256))  # (256, 256, 3) uint8
+    """
+
+    def __init__(self, path: Path | str, mpp_override: float | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such slide file")
+        try:
+            self._slide = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideError(
+                f"{self.path}: not a slide OpenSlide can read (unsupported or unrecognised "
+                "format). Check that it is a whole-slide image (SVS, NDPI, MRXS, SCN, DICOM, "
+                "tiled TIFF) and not truncated."
+            ) from None
+        except openslide.OpenSlideError as err:
+            raise SlideError(f"{self.path}: OpenSlide cannot open it ({err}); the file "
+                             "may be corrupt or truncated. Re-export or re-copy it.") from None
+        self.properties: dict[str, str] = dict(self._slide.properties)
+        try:
+            self.mpp_source = resolve_mpp(self.properties, self.path, mpp_override)
+        except MissingMppError:
+            self._slide.close()
+            raise
+        bg = self.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "FFFFFF")
+        try:
+            self.background = tuple(int(bg[i : i + 2], 16) for i in (0, 2, 4))
+        except ValueError:
+            self.background = (255, 255, 255)
+
+    # -- geometry -------------------------------------------------------------------------
+    @property
+    def mpp(self) -> float:
+        """Level-0 µm/px."""
+        return self.mpp_source.mpp
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self._slide.dimensions
+
+    @property
+    def level_count(self) -> int:
+        return self._slide.level_count
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._slide.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._slide.level_downsamples
+
+    @property
+    def vendor(self) -> str | None:
+        return self.properties.get(openslide.PROPERTY_NAME_VENDOR)
+
+    def level_mpp(self, level: int) -> float:
+        """µm/px of a pyramid level."""
+        return self.mpp * self.level_downsamples[level]
+
+    def level_for_mpp(self, mpp: float, tolerance: float = 0.01) -> int:
+        """The coarsest pyramid level that is at least as fine as ``mpp`` (never upsample).
+
+        Args:
+            mpp: the resolution wanted, µm/px.
+            tolerance: relative slack, so that 0.499 µm/px counts as 0.5.
+        """
+        best = 0
+        for level in range(self.level_count):
+            if self.level_mpp(level) <= mpp * (1 + tolerance):
+                best = level
+        return best
+
+    def fingerprint(self) -> str:
+        """Content fingerprint (see :func:`fingerprint`)."""
+        return fingerprint(self.path, self.properties)
+
+    # -- pixels ---------------------------------------------------------------------------
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """Read a region as RGB.
+
+        Args:
+            location: (x, y) of the top-left corner in level-0 pixels.
+            level: pyramid level to read from.
+            size: (width, height) in pixels of that level.
+
+        Returns:
+            (height, width, 3) uint8; areas outside the scan are the slide's background colour.
+
+        Raises:
+            SlideError: the tile data cannot be decoded (damaged file).
+        """
+        try:
+            region = self._slide.read_region(location, level, size)
+        except openslide.OpenSlideError as err:
+            raise SlideError(
+                f"{self.path}: tile data at level {level}, x={location[0]}, y={location[1]} "
+                f"cannot be read ({err}); the file is damaged. Re-export or re-copy it."
+            ) from None
+        return rgba_to_rgb(np.asarray(region), self.background)
+
+    def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
+        """The whole slide at about ``mpp`` µm/px.
+
+        Reads the coarsest level at least as fine as ``mpp`` and shrinks it (box filter) to
+        ``mpp``; if the slide is coarser than ``mpp`` everywhere, returns level 0 as is.
+
+        Returns:
+            (H, W, 3) uint8 image and its actual µm/px.
+        """
+        level = self.level_for_mpp(mpp)
+        w, h = self.level_dimensions[level]
+        image = self.read_region((0, 0), level, (w, h))
+        level_mpp = self.level_mpp(level)
+        scale = level_mpp / mpp
+        if scale >= 0.99:
+            return image, level_mpp
+        tw, th = self.dimensions[0] * self.mpp / mpp, self.dimensions[1] * self.mpp / mpp
+        size = (max(1, round(tw)), max(1, round(th)))
+        small = Image.fromarray(image).resize(size, Image.Resampling.BOX)
+        return np.asarray(small), self.dimensions[0] * self.mpp / size[0]
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        self._slide.close()
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"SlideReader({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]} px, "
+            f"{self.mpp:.4g} µm/px from {self.mpp_source.source}, {self.level_count} levels)"
+        )
+
+
+@readers.register("openslide")
+def _openslide_reader(path: Path | str, mpp_override: float | None = None) -> SlideReader:
+    return SlideReader(path, mpp_override=mpp_override)
+
+
+def open_slide(
+    path: Path | str, mpp_override: float | None = None, reader: str = "openslide"
+) -> SlideReader:
+    """Open a slide with a registered reader (``openslide`` by default)."""
+    return readers.create(reader, path=path, mpp_override=mpp_override)

@@ -1,0 +1,1 @@
+"""histcode.pretrain stage."""
