@@ -1,0 +1,417 @@
+"""Tiling: a grid of tiles at a target µm/px over the tissue of each slide → ``tiles.zarr``.
+
+The level-0 tile side is ``tile_size × target_mpp / mpp_level0`` (a float; corners are
+rounded), so a 40x (0.25 µm/px) and a 20x (0.5 µm/px) scan of the same tissue get the same
+tiles over the same area. Tiles are later read from the pyramid level nearest the target that
+is at least as fine (``level``), and resized to ``tile_size``.
+
+Each tile keeps its tissue fraction, measured exactly on the tissue mask by a summed-area
+table; tiles below ``min_tissue`` are dropped. Only coordinates are stored, never pixels.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import multiprocessing
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from histcode.cli import EXIT_OK, EXIT_PARTIAL, CommandResult, run_function
+from histcode.segmentation import SegmentationParams, segment_tissue
+from histcode.slide import SLIDE_EXTENSIONS, SlideError, SlideReader, open_slide, slide_id
+from histcode.tilestore import TileStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """What decides a slide's tiles (stored in the tile store's root attrs).
+
+    Attributes:
+        mpp: target µm/px of the tiles.
+        tile_size: tile side in pixels at the target µm/px.
+        min_tissue: tiles with a smaller tissue fraction (0–1) are dropped.
+        seg_mpp: µm/px of the thumbnail that tissue is segmented on.
+        verify_tiles: tiles per slide read back at the read level to detect damaged data.
+    """
+
+    mpp: float = 0.5
+    tile_size: int = 256
+    min_tissue: float = 0.4
+    seg_mpp: float = 8.0
+    verify_tiles: int = 8
+
+    def check(self) -> None:
+        """Raise ``ValueError`` with a fix for impossible values."""
+        if not 0.05 <= self.mpp <= 50:
+            raise ValueError(f"--mpp {self.mpp}: expected 0.05–50 µm/px (0.5 is 20x)")
+        if not 16 <= self.tile_size <= 4096:
+            raise ValueError(f"--tile_size {self.tile_size}: expected 16–4096 px (256 typical)")
+        if not 0 <= self.min_tissue <= 1:
+            raise ValueError(f"--min_tissue {self.min_tissue}: a fraction, expected 0–1")
+        if self.seg_mpp < self.mpp:
+            raise ValueError(f"--seg_mpp {self.seg_mpp} must be ≥ --mpp {self.mpp}")
+
+
+@dataclass
+class SlideTiling:
+    """The outcome of tiling one slide.
+
+    Attributes:
+        slide_id: file stem.
+        attrs: the slide group's attributes (contract of the tile store).
+        coords: (N, 2) int64 level-0 top-left corners.
+        tissue: (N,) float32 tissue fractions.
+        seconds: wall time.
+    """
+
+    slide_id: str
+    attrs: dict[str, Any]
+    coords: np.ndarray
+    tissue: np.ndarray
+    seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        return self.attrs["status"]
+
+
+def tile_grid(width: int, height: int, side: float) -> np.ndarray:
+    """Top-left corners of every whole tile of side ``side`` (level-0 px) inside the slide.
+
+    Returns:
+        (N, 2) int64 x, y, row-major.
+    """
+    nx, ny = int(width // side), int(height // side)
+    xs = np.round(np.arange(nx) * side).astype(np.int64)
+    ys = np.round(np.arange(ny) * side).astype(np.int64)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+def tissue_fractions(
+    mask: np.ndarray, scale: tuple[float, float], coords: np.ndarray, side: float
+) -> np.ndarray:
+    """Exact tissue fraction of each tile from a low-resolution mask.
+
+    The summed-area table of a piecewise-constant mask is bilinear inside each mask pixel,
+    so interpolating it at the tile's (fractional) corners gives the exact covered area.
+
+    Args:
+        mask: (h, w) bool tissue mask covering the whole slide.
+        scale: (mask px per level-0 px in x, in y).
+        coords: (N, 2) level-0 top-left corners.
+        side: level-0 tile side.
+
+    Returns:
+        (N,) float32 in [0, 1].
+    """
+    h, w = mask.shape
+    sat = np.zeros((h + 1, w + 1), np.float64)
+    sat[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
+
+    def at(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        x = np.clip(x, 0, w)
+        y = np.clip(y, 0, h)
+        x0 = np.minimum(np.floor(x).astype(np.int64), w - 1)
+        y0 = np.minimum(np.floor(y).astype(np.int64), h - 1)
+        fx, fy = x - x0, y - y0
+        return (
+            sat[y0, x0] * (1 - fx) * (1 - fy)
+            + sat[y0, x0 + 1] * fx * (1 - fy)
+            + sat[y0 + 1, x0] * (1 - fx) * fy
+            + sat[y0 + 1, x0 + 1] * fx * fy
+        )
+
+    x0 = coords[:, 0] * scale[0]
+    y0 = coords[:, 1] * scale[1]
+    x1 = (coords[:, 0] + side) * scale[0]
+    y1 = (coords[:, 1] + side) * scale[1]
+    area = at(x1, y1) - at(x0, y1) - at(x1, y0) + at(x0, y0)
+    return np.clip(area / ((x1 - x0) * (y1 - y0)), 0, 1).astype(np.float32)
+
+
+def _verify(reader: SlideReader, coords: np.ndarray, side: float, level: int, n: int) -> None:
+    """Read ``n`` tiles spread over the slide at ``level``; raises SlideError if damaged."""
+    if n <= 0 or len(coords) == 0:
+        return
+    size = max(1, round(side / reader.level_downsamples[level]))
+    for i in np.unique(np.linspace(0, len(coords) - 1, min(n, len(coords))).round().astype(int)):
+        reader.read_region((int(coords[i, 0]), int(coords[i, 1])), level, (size, size))
+
+
+def tile_slide(
+    path: Path | str,
+    params: TilingParams = TilingParams(),
+    mpp_override: float | None = None,
+    segmentation: SegmentationParams | None = None,
+) -> SlideTiling:
+    """Segment and tile one slide. Never raises for a bad slide: it comes back ``failed``.
+
+    Args:
+        path: the slide file.
+        params: tile geometry and thresholds.
+        mpp_override: level-0 µm/px to use instead of the slide's metadata.
+        segmentation: tissue segmentation parameters.
+
+    Returns:
+        The slide's tiles and attributes; ``status`` is ``ok``, ``empty`` (no tissue) or
+        ``failed`` (``error`` says why and how to fix).
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    sid = slide_id(path)
+    attrs: dict[str, Any] = {"path": str(path.resolve()), "status": "failed", "error": None}
+    empty = np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    try:
+        with open_slide(path, mpp_override=mpp_override) as reader:
+            side = params.tile_size * params.mpp / reader.mpp
+            level = reader.level_for_mpp(params.mpp)
+            attrs.update(
+                mpp_level0=reader.mpp,
+                mpp_source=reader.mpp_source.source,
+                tile_size_level0=side,
+                level=level,
+                level_downsample=float(reader.level_downsamples[level]),
+                dimensions=list(reader.dimensions),
+                vendor=reader.vendor,
+                fingerprint=reader.fingerprint(),
+            )
+            if min(reader.dimensions) < side:
+                raise SlideError(
+                    f"{path}: the slide ({reader.dimensions[0]}×{reader.dimensions[1]} px at "
+                    f"{reader.mpp:.4g} µm/px) is smaller than one tile ({side:.0f} px). Use a "
+                    "smaller --tile_size or a coarser --mpp."
+                )
+            thumb, thumb_mpp = reader.thumbnail(params.seg_mpp)
+            mask = segment_tissue(thumb, thumb_mpp, segmentation)
+            scale = (mask.shape[1] / reader.dimensions[0], mask.shape[0] / reader.dimensions[1])
+            coords = tile_grid(*reader.dimensions, side)
+            tissue = tissue_fractions(mask, scale, coords, side)
+            keep = tissue >= max(params.min_tissue, 1e-6)
+            coords, tissue = coords[keep], tissue[keep]
+            _verify(reader, coords, side, level, params.verify_tiles)
+        attrs["status"] = "ok" if len(coords) else "empty"
+        if not len(coords):
+            attrs["error"] = None
+    except (SlideError, FileNotFoundError, OSError, ValueError) as err:
+        attrs["error"] = str(err)
+        coords, tissue = empty
+    except Exception as err:
+        attrs["error"] = f"{path}: unexpected {type(err).__name__}: {err}"
+        coords, tissue = empty
+    return SlideTiling(sid, attrs, coords, tissue, time.perf_counter() - start)
+
+
+def discover_slides(inputs: Iterable[str]) -> list[Path]:
+    """Slide files from files, folders (searched recursively) and glob patterns.
+
+    In a folder, files with a slide extension are taken (``SLIDE_EXTENSIONS``); a folder of
+    DICOM files is one slide. A file named explicitly is taken whatever its extension.
+
+    Raises:
+        FileNotFoundError: an input matches nothing.
+        ValueError: two slides share an id, or an id is unsafe.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SLIDE_EXTENSIONS)
+            dicom_dirs: set[Path] = set()
+            for p in files:
+                if p.name.startswith("."):
+                    continue
+                if p.suffix.lower() == ".dcm":
+                    if p.parent not in dicom_dirs:
+                        dicom_dirs.add(p.parent)
+                        found.append(p)
+                else:
+                    found.append(p)
+        elif matches := sorted(glob.glob(item, recursive=True)):
+            found += [Path(m) for m in matches if Path(m).is_file()]
+        else:
+            raise FileNotFoundError(f"--slides {item}: no such file, folder or pattern")
+    if not found:
+        raise FileNotFoundError(
+            f"--slides {' '.join(inputs)}: no slide files found (looked for "
+            f"{', '.join(SLIDE_EXTENSIONS)})"
+        )
+    by_id: dict[str, Path] = {}
+    for p in found:
+        sid = p.parent.name if p.suffix.lower() == ".dcm" else slide_id(p)
+        if sid in by_id and by_id[sid].resolve() != p.resolve():
+            raise ValueError(
+                f"two slides share the id {sid!r}: {by_id[sid]} and {p}. Slide ids are file "
+                "names without extension and must be unique; rename one."
+            )
+        by_id[sid] = p
+    return [by_id[k] for k in sorted(by_id)]
+
+
+@dataclass
+class TilingReport:
+    """What a tiling run did, slide by slide."""
+
+    store: Path
+    slides: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def counts(self) -> Counter[str]:
+        return Counter(s["status"] for s in self.slides)
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [s for s in self.slides if s["status"] == "failed"]
+
+
+def tile_slides(
+    slides: Sequence[str | Path],
+    out: Path | str,
+    params: TilingParams = TilingParams(),
+    workers: int = 1,
+    overwrite: bool = False,
+    mpp_override: float | None = None,
+    progress: bool = True,
+) -> TilingReport:
+    """Tile many slides into a tile store; resumable, one slide's failure stops nothing.
+
+    Args:
+        slides: slide files, folders or glob patterns.
+        out: the tile store (created if missing).
+        params: tile geometry and thresholds (must match an existing store's).
+        workers: slides tiled in parallel (processes).
+        overwrite: redo slides already in the store.
+        mpp_override: level-0 µm/px for every slide, instead of metadata.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        A report listing each slide's status, tiles and error.
+    """
+    params.check()
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: expected at least 1")
+    paths = discover_slides([str(s) for s in slides])
+    store = TileStore(out)
+    report = TilingReport(store.path)
+    with store.lock():
+        root = {**asdict(params), "mpp_override": mpp_override}
+        store.initialise(
+            root,
+            must_match=("mpp", "tile_size", "min_tissue", "seg_mpp"),
+            overwrite_params=overwrite,
+        )
+        todo = []
+        for p in paths:
+            sid = slide_id(p) if p.suffix.lower() != ".dcm" else p.parent.name
+            status = None if overwrite else store.status(sid)
+            if status in ("ok", "empty"):
+                n = len(store.read(sid))
+                report.slides.append(
+                    {"slide_id": sid, "status": status, "tiles": n, "error": None, "skipped": True}
+                )
+            else:
+                todo.append(p)
+        bar = tqdm(
+            total=len(todo), desc="tiling", unit="slide", disable=not progress, file=sys.stderr
+        )
+
+        def record(result: SlideTiling) -> None:
+            store.write(result.slide_id, result.attrs, result.coords, result.tissue)
+            report.slides.append(
+                {
+                    "slide_id": result.slide_id,
+                    "status": result.status,
+                    "tiles": len(result.coords),
+                    "error": result.attrs["error"],
+                    "seconds": round(result.seconds, 3),
+                    "skipped": False,
+                }
+            )
+            if result.status == "failed":
+                log.error("%s failed: %s", result.slide_id, result.attrs["error"])
+            bar.update()
+            bar.set_postfix(tiles=sum(s["tiles"] for s in report.slides))
+
+        if workers == 1 or len(todo) <= 1:
+            for p in todo:
+                record(tile_slide(p, params, mpp_override))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # no fork of zarr's I/O threads
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
+                futures = [pool.submit(tile_slide, p, params, mpp_override) for p in todo]
+                for future in as_completed(futures):
+                    record(future.result())
+        bar.close()
+    report.slides.sort(key=lambda s: s["slide_id"])
+    return report
+
+
+def tile(
+    slides: list[str],
+    out: Path,
+    mpp: float = 0.5,
+    tile_size: int = 256,
+    min_tissue: float = 0.4,
+    seg_mpp: float = 8.0,
+    verify_tiles: int = 8,
+    workers: int = 1,
+    overwrite: bool = False,
+    mpp_override: float | None = None,
+    progress: bool = True,
+) -> CommandResult:
+    """Segment tissue and lay a grid of tiles at a target µm/px on each slide; write tiles.zarr.
+
+    Only tile coordinates are stored (never pixels). Rerunning skips finished slides and
+    retries failed ones. A slide that cannot be read is recorded as failed with its error
+    and the others still complete (exit status 1).
+
+    Args:
+        slides: slide files, folders (searched recursively) or glob patterns, e.g.
+            ``--slides cohort/slides`` or ``--slides a.svs b.ndpi``.
+        out: the tile store to write (a zarr v3 folder, e.g. tiles.zarr).
+        mpp: target µm/px of the tiles (0.5 ≈ 20x, 0.25 ≈ 40x).
+        tile_size: tile side in pixels at the target µm/px.
+        min_tissue: drop tiles whose tissue fraction is below this (0–1).
+        seg_mpp: µm/px of the thumbnail used for tissue segmentation.
+        verify_tiles: tiles per slide read back to detect damaged tile data (0 to skip).
+        workers: slides tiled in parallel.
+        overwrite: redo slides already in the store.
+        mpp_override: level-0 µm/px for slides whose metadata lacks it (applies to all).
+        progress: show a progress bar.
+    """
+    params = TilingParams(mpp, tile_size, min_tissue, seg_mpp, verify_tiles)
+    report = tile_slides(slides, out, params, workers, overwrite, mpp_override, progress)
+    counts = report.counts
+    result = {
+        "out": str(report.store),
+        "slides": len(report.slides),
+        **{k: counts.get(k, 0) for k in ("ok", "empty", "failed")},
+        "skipped": sum(s["skipped"] for s in report.slides),
+        "tiles": sum(s["tiles"] for s in report.slides),
+        "failed_slides": [s["slide_id"] for s in report.failed],
+    }
+    return CommandResult(
+        out_dir=report.store,
+        result=result,
+        details={"slides": report.slides},
+        exit_code=EXIT_PARTIAL if report.failed else EXIT_OK,
+    )
+
+
+def main(argv: Sequence[str], prog: str = "histcode tile") -> int:
+    """``histcode tile``."""
+    return run_function(tile, argv, prog, "tile")
