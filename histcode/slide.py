@@ -244,8 +244,10 @@ class SlideReader:
                 "tiled TIFF) and not truncated."
             ) from None
         except openslide.OpenSlideError as err:
-            raise SlideError(f"{self.path}: OpenSlide cannot open it ({err}); the file "
-                             "may be corrupt or truncated. Re-export or re-copy it.") from None
+            raise SlideError(
+                f"{self.path}: OpenSlide cannot open it ({err}); the file "
+                "may be corrupt or truncated. Re-export or re-copy it."
+            ) from None
         self.properties: dict[str, str] = dict(self._slide.properties)
         try:
             self.mpp_source = resolve_mpp(self.properties, self.path, mpp_override)

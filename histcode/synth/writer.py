@@ -82,7 +82,12 @@ def _tiles(strips: Iterator[np.ndarray], width: int, tile: int) -> Iterator[np.n
 
 
 def _strips(
-    render: RenderFn, level: int, ds: float, width: int, height: int, tile: int,
+    render: RenderFn,
+    level: int,
+    ds: float,
+    width: int,
+    height: int,
+    tile: int,
     on_strip: Callable[[], None] | None,
 ) -> Iterator[np.ndarray]:
     for y in range(0, height, tile):
@@ -140,8 +145,9 @@ def write_pyramid(
                 if spec.format == "svs":
                     fields = [f"AppMag = {spec.objective_power:g}"] if spec.objective_power else []
                     if spec.write_mpp:
-                        fields.append(f"MPP = {spec.mpp * ds:.4f}" if level else
-                                      f"MPP = {spec.mpp:.4f}")
+                        fields.append(
+                            f"MPP = {spec.mpp * ds:.4f}" if level else f"MPP = {spec.mpp:.4f}"
+                        )
                     head = (
                         f"{w0}x{h0} [0,0 {w0}x{h0}] ({spec.tile}x{spec.tile}) JPEG/RGB "
                         f"Q={spec.quality}"
@@ -149,8 +155,11 @@ def write_pyramid(
                         else f"{w0}x{h0} -> {w}x{h} - "
                     )
                     extra["description"] = "|".join(
-                        [f"Aperio Image Library v12.0.15 \r\n{head}", *fields,
-                         "ScanScope ID = HISTCODE-SYNTH"]
+                        [
+                            f"Aperio Image Library v12.0.15 \r\n{head}",
+                            *fields,
+                            "ScanScope ID = HISTCODE-SYNTH",
+                        ]
                     )
                 elif spec.write_mpp:
                     px_per_cm = 1e4 / (spec.mpp * ds)
@@ -167,7 +176,9 @@ def write_pyramid(
 
 
 def _write_svs_thumbnail(
-    tif: tifffile.TiffWriter, render: RenderFn, levels: list[tuple[int, int, float]],
+    tif: tifffile.TiffWriter,
+    render: RenderFn,
+    levels: list[tuple[int, int, float]],
     spec: PyramidSpec,
 ) -> None:
     """Aperio keeps a stripped thumbnail as the second directory; OpenSlide lists it."""
