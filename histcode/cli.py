@@ -31,6 +31,8 @@ from histcode import __version__
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("histcode.synth.command", "write a synthetic cohort: slides, expression, truth"),
     "tile": ("histcode.tiling", "segment tissue and lay a tile grid at a target µm/px"),
+    "pretrain": ("histcode.pretrain.command", "SimCLR pretraining of a tile encoder (Lightning)"),
+    "embed": ("histcode.embedding", "run a frozen encoder over every tile → features.zarr"),
     "registry": ("histcode.registry_cli", "list, show and verify checkpoints in the registry"),
 }
 

@@ -1,0 +1,1 @@
+"""Speed and accuracy benchmarks; each script prints JSON."""
