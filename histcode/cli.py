@@ -22,21 +22,46 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from histcode import __version__
 
-#: name → (module holding ``main``, one-line description)
+#: Commands of the core: name → (module holding ``main``, one-line description). The stages
+#: (``pretrain``, ``finetune``) add theirs through the ``histcode.commands`` entry-point group
+#: in ``pyproject.toml``, so that this package never imports them (the stages depend on the
+#: core, never the reverse).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("histcode.synth.command", "write a synthetic cohort: slides, expression, truth"),
     "tile": ("histcode.tiling", "segment tissue and lay a tile grid at a target µm/px"),
-    "pretrain": ("histcode.pretrain.command", "SimCLR pretraining of a tile encoder (Lightning)"),
     "embed": ("histcode.embedding", "run a frozen encoder over every tile → features.zarr"),
     "registry": ("histcode.registry_cli", "list, show and verify checkpoints in the registry"),
 }
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+ENTRY_POINT_GROUP = "histcode.commands"
+
+
+def commands() -> dict[str, tuple[str, str | None]]:
+    """All commands: the core's and those the stages register as entry points.
+
+    Returns:
+        name → (module, description or None when only the module's docstring has it).
+    """
+    found: dict[str, tuple[str, str | None]] = dict(SUBCOMMANDS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, (ep.value.split(":")[0], None))
+    return found
+
+
+def _describe(module: str) -> str:
+    """First line of a command module's docstring (command modules import lazily)."""
+    try:
+        doc = importlib.import_module(module).__doc__ or ""
+    except ImportError as err:
+        return f"(unavailable: {err})"
+    return doc.strip().splitlines()[0].rstrip(".") if doc.strip() else ""
 
 
 @dataclass
@@ -161,14 +186,18 @@ def run_function(
 
 
 def _usage() -> str:
-    width = max(map(len, SUBCOMMANDS))
+    found = commands()
+    width = max(map(len, found))
     lines = [
         f"histcode {__version__}: self-supervised computational pathology",
         "",
         "usage: histcode <command> [options]   (histcode <command> --help for its options)",
         "",
         "commands:",
-        *(f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()),
+        *(
+            f"  {name:<{width}}  {text or _describe(module)}"
+            for name, (module, text) in found.items()
+        ),
         "",
         "Every command takes --config file.yaml and --print_config, writes summary.json in its",
         "output folder and ends by printing one JSON line. Exit status: 0 ok, 1 some inputs",
@@ -187,15 +216,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__version__)
         return EXIT_OK
     name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+    found = commands()
+    if name not in found:
+        close = difflib.get_close_matches(name, found, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         print(f"histcode: unknown command {name!r}.{hint}\n\n{_usage()}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    module = importlib.import_module(SUBCOMMANDS[name][0])
+    module = importlib.import_module(found[name][0])
     try:
         return int(module.main(rest, prog=f"histcode {name}"))
     except KeyboardInterrupt:

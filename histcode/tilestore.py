@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -182,6 +184,20 @@ class TileStore:
         """Remove staging folders left by an interrupted run (we hold the lock)."""
         for entry in self.path.glob(f"{STAGING_PREFIX}*"):
             shutil.rmtree(entry, ignore_errors=True)
+
+    def fingerprint(self) -> str:
+        """A content hash of the store: geometry plus every slide's id, status and coords.
+
+        Two stores with the same tiles have the same fingerprint wherever they live; it goes
+        into registry cards and feature stores as lineage (``tiles:sha256:<hex>``).
+        """
+        digest = hashlib.sha256()
+        attrs = self.attrs
+        digest.update(json.dumps({k: attrs[k] for k in GEOMETRY_KEYS}, sort_keys=True).encode())
+        for tiles in self.iter_slides():
+            digest.update(f"{tiles.slide_id}\0{tiles.status}\0".encode())
+            digest.update(np.ascontiguousarray(tiles.coords, dtype="<i8").tobytes())
+        return "tiles:sha256:" + digest.hexdigest()
 
     # -- slides ---------------------------------------------------------------------------
     def slide_ids(self) -> list[str]:
