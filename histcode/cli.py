@@ -73,12 +73,14 @@ class CommandResult:
         result: the main result, printed as the final JSON line and kept in the summary.
         details: anything else for ``summary.json`` (per-item status, failures, …).
         exit_code: 0, or 1 when some inputs failed but the rest completed.
+        summary_name: file name of the summary (shards of one run each write their own).
     """
 
     out_dir: Path
     result: dict[str, Any]
     details: dict[str, Any] = field(default_factory=dict)
     exit_code: int = EXIT_OK
+    summary_name: str = "summary.json"
 
 
 #: Errors that mean "the arguments or inputs as given are unusable": exit 2, message only.
@@ -145,7 +147,7 @@ def write_summary(
         "result": outcome.result,
         **outcome.details,
     }
-    path = out_dir / "summary.json"
+    path = out_dir / outcome.summary_name
     tmp = path.with_name(f".summary.json.{id(summary)}.tmp")
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     tmp.replace(path)

@@ -1,0 +1,476 @@
+"""Run a frozen encoder over every tile of a tile store and write a feature store.
+
+DataLoader workers decode tiles straight from the slides (uint8, an LRU of open slides per
+worker); the accelerator normalises and runs the encoder in batches under autocast (bf16 on
+a GPU); features stream to ``features.zarr`` a chunk at a time, so memory stays flat whatever
+the slide size. Finished slides are skipped on rerun, a partial slide is redone, and slides
+that failed tiling are carried over as failed. ``--shard i/n`` splits the slides between
+processes or hosts, which may write one store at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from histcode.builders import UnknownNameError
+from histcode.cli import EXIT_OK, EXIT_PARTIAL, CommandResult, run_function
+from histcode.encoders import Encoder, create_encoder, encoders
+from histcode.featurestore import FeatureStore
+from histcode.registry import Registry
+from histcode.slide import SlideError
+from histcode.tilereader import TileDataset, TileIndex
+from histcode.tilestore import TileStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedEncoder:
+    """An encoder ready to embed, and where it came from.
+
+    Attributes:
+        module: the encoder, in eval mode.
+        ref: ``registry:name@N``, or ``zoo:name`` (random weights, with the seed), or
+            ``zoo:name+file:path`` (local weights).
+        sha256: identity of the weights (the registry card's, else a hash of the state).
+        embed_dim: embedding size ``D``.
+    """
+
+    module: Encoder
+    ref: str
+    sha256: str
+    embed_dim: int
+
+
+def state_sha256(module: nn.Module) -> str:
+    """A hash of a module's parameters and buffers (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(
+            t.numpy().tobytes()
+            if t.dtype != torch.bfloat16
+            else t.view(torch.int16).numpy().tobytes()
+        )
+    return digest.hexdigest()
+
+
+def load_encoder(
+    encoder: str,
+    *,
+    mpp: float,
+    tile_size: int,
+    weights: str | None = None,
+    registry: Registry | None = None,
+    seed: int = 0,
+    source: str = "tile store",
+) -> LoadedEncoder:
+    """Resolve ``--encoder``: a registry ref first, else a zoo name (random or local weights).
+
+    Args:
+        encoder: ``name``, ``name@3``, ``name@latest`` in the registry, or a zoo name
+            (``resnet50_trunc``, ``timm:…``) for baselines.
+        mpp: µm/px of the tiles to embed.
+        tile_size: tile side of the tiles to embed.
+        weights: a local weights file for a zoo encoder (ImageNet, a foundation model).
+        registry: where registry refs are looked up (default root if None).
+        seed: seed of random weights for a zoo encoder without ``weights``.
+        source: what the tiles come from, for messages.
+
+    Raises:
+        ValueError: a registry encoder made for other tiles (says what differs).
+        KeyError: neither a registry ref nor a zoo name (lists both).
+    """
+    registry = registry or Registry()
+    in_registry = weights is None and (
+        "@" in encoder or (registry.root.is_dir() and encoder in registry.names())
+    )
+    if in_registry:
+        module, card = registry.load(encoder)
+        spec = getattr(module, "input_spec", None) or card.input_spec
+        if spec is not None:
+            spec.check(mpp=mpp, tile_size=tile_size, source=source)
+        module.eval()
+        return LoadedEncoder(
+            module, f"registry:{card.name}@{card.version}", card.sha256, int(module.embed_dim)
+        )
+    name = encoder.removeprefix("zoo:")
+    if name not in encoders and not name.startswith("timm:"):
+        known = registry.names() if registry.root.is_dir() else []
+        raise UnknownNameError(
+            f"--encoder {encoder!r} is neither in the registry at {registry.root} (which has: "
+            f"{', '.join(known) or 'nothing'}) nor an encoder of the zoo "
+            f"({', '.join(encoders.names())}). Pretrain one with `histcode pretrain`, or pass "
+            "a zoo name for a baseline."
+        )
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {"mpp": mpp, "tile_size": tile_size}
+    if weights is not None:
+        kwargs["weights"] = weights
+    module = create_encoder(name, **kwargs).eval()
+    if weights is None:
+        log.warning(
+            "encoder %s has random weights (seed %d): a baseline, not a trained model", name, seed
+        )
+        ref = f"zoo:{name}#random-seed={seed}"
+    else:
+        ref = f"zoo:{name}+file:{Path(weights).resolve()}"
+    return LoadedEncoder(module, ref, state_sha256(module), int(module.embed_dim))
+
+
+class _SafeTiles(TileDataset):
+    """Tiles plus their flat index and read error ("" when fine): a damaged tile fails its
+    slide, not the run."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:  # type: ignore[override]
+        try:
+            return super().__getitem__(i), i, ""
+        except SlideError as err:
+            size = self.index.tile_size
+            return torch.zeros(3, size, size, dtype=torch.uint8), i, str(err)
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"i/n"`` → (i, n) with 0 ≤ i < n."""
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {shard!r}: expected i/n, e.g. 0/4 (shard 0 of 4)") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {shard!r}: need 0 ≤ i < n")
+    return i, n
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device here; use --device cpu")
+    return torch.device(device)
+
+
+@dataclass
+class EmbedReport:
+    """What an embedding run did, slide by slide."""
+
+    store: Path
+    encoder_ref: str
+    slides: list[dict[str, Any]] = field(default_factory=list)
+    tiles_embedded: int = 0
+    seconds_embedding: float = 0.0
+
+
+def embed_store(
+    tiles: Path | str,
+    out: Path | str,
+    encoder: str,
+    weights: str | None = None,
+    registry: str | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    dtype: Literal["float32", "float16"] = "float32",
+    device: str = "auto",
+    precision: Literal["auto", "32", "bf16"] = "auto",
+    shard: str = "0/1",
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> EmbedReport:
+    """Embed every tile of a tile store into a feature store (see :func:`embed`)."""
+    import time
+
+    if batch_size < 1 or workers < 0:
+        raise ValueError("--batch_size must be ≥ 1 and --workers ≥ 0")
+    shard_i, shard_n = parse_shard(shard)
+    tile_store = TileStore(tiles)
+    root = tile_store.attrs
+    dev = pick_device(device)
+    loaded = load_encoder(
+        encoder,
+        mpp=root["mpp"],
+        tile_size=root["tile_size"],
+        weights=weights,
+        registry=Registry(registry) if registry else None,
+        seed=seed,
+        source=str(tile_store.path),
+    )
+    store = FeatureStore(out)
+    attrs = {
+        "encoder_ref": loaded.ref,
+        "encoder_sha256": loaded.sha256,
+        "embed_dim": loaded.embed_dim,
+        "input_spec": loaded.module.input_spec.to_dict(),
+        "tiles": str(tile_store.path.resolve()),
+        "tiles_fingerprint": tile_store.fingerprint(),
+        "mpp": root["mpp"],
+        "tile_size": root["tile_size"],
+        "dtype": dtype,
+    }
+    with store.lock("-init"):
+        store.initialise(attrs, overwrite=overwrite and shard_n == 1)
+    report = EmbedReport(store.path, loaded.ref)
+    lock_name = f"-shard{shard_i}of{shard_n}" if shard_n > 1 else ""
+    with store.lock(lock_name):
+        all_ids = tile_store.slide_ids()
+        mine = [sid for k, sid in enumerate(all_ids) if k % shard_n == shard_i]
+        todo: list[str] = []
+        for sid in mine:
+            done = None if overwrite else store.status(sid)
+            if done in ("ok", "empty"):
+                report.slides.append(
+                    {
+                        "slide_id": sid,
+                        "status": done,
+                        "skipped": True,
+                        "tiles": int(store.group(sid).attrs.get("n_tiles", 0)),
+                        "error": None,
+                    }
+                )
+                continue
+            tiles_of = tile_store.read(sid)
+            base = {"path": str(tiles_of.path), "error": None}
+            if tiles_of.status == "ok":
+                todo.append(sid)
+            else:  # empty slides and slides that failed tiling are carried over
+                error = (
+                    None
+                    if tiles_of.status == "empty"
+                    else (f"tiling failed: {tiles_of.attrs.get('error')}")
+                )
+                store.write_empty(
+                    sid,
+                    loaded.embed_dim,
+                    dtype,
+                    {**base, "status": tiles_of.status, "error": error},
+                )
+                report.slides.append(
+                    {
+                        "slide_id": sid,
+                        "status": tiles_of.status,
+                        "skipped": False,
+                        "tiles": 0,
+                        "error": error,
+                    }
+                )
+        if todo:
+            start = time.perf_counter()
+            _embed_slides(
+                tile_store,
+                store,
+                todo,
+                loaded,
+                report,
+                batch_size,
+                workers,
+                dtype,
+                dev,
+                precision,
+                progress,
+            )
+            report.seconds_embedding = time.perf_counter() - start
+    report.slides.sort(key=lambda s: s["slide_id"])
+    return report
+
+
+def _embed_slides(
+    tile_store: TileStore,
+    store: FeatureStore,
+    slide_ids: Sequence[str],
+    loaded: LoadedEncoder,
+    report: EmbedReport,
+    batch_size: int,
+    workers: int,
+    dtype: str,
+    dev: torch.device,
+    precision: str,
+    progress: bool,
+) -> None:
+    index = TileIndex(tile_store, slide_ids)
+    module = loaded.module.to(dev)
+    cuda = dev.type == "cuda"
+    if cuda:
+        module = module.to(memory_format=torch.channels_last)
+    use_bf16 = precision == "bf16" or (precision == "auto" and cuda)
+    spec = module.input_spec
+    mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std, device=dev).view(1, 3, 1, 1) * 255
+    loader = DataLoader(
+        _SafeTiles(index),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    writers: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    bar = tqdm(
+        total=len(index),
+        desc="embedding",
+        unit="tile",
+        disable=not progress,
+        file=sys.stderr,
+        smoothing=0.05,
+    )
+
+    def finish(s: int) -> None:
+        sid = index.slides[s].slide_id
+        writer = writers.pop(s)
+        base = {"path": index.slides[s].path}
+        if s in errors:
+            log.error("%s failed: %s", sid, errors[s])
+            store.write_empty(
+                sid, loaded.embed_dim, dtype, {**base, "status": "failed", "error": errors[s]}
+            )
+            report.slides.append(
+                {
+                    "slide_id": sid,
+                    "status": "failed",
+                    "skipped": False,
+                    "tiles": 0,
+                    "error": errors[s],
+                }
+            )
+        else:
+            writer.close()
+            n = len(index.slide_range(s))
+            store.commit(writer.group, sid, {**base, "status": "ok", "error": None, "n_tiles": n})
+            report.slides.append(
+                {"slide_id": sid, "status": "ok", "skipped": False, "tiles": n, "error": None}
+            )
+        # a failed slide's staging group is dropped with the writer; the lock cleans leftovers
+
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autocast.*")
+        for batch, idx, errs in loader:
+            x = batch.to(dev, non_blocking=True).float().sub_(mean).div_(std)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                feats = module(x)
+            feats = feats.float().cpu().numpy().astype(dtype, copy=False)
+            idx = idx.numpy()
+            slide_of = index.slide_of[idx]
+            for s in np.unique(slide_of):
+                rows = slide_of == s
+                if s not in writers:
+                    writers[s] = store.writer(
+                        index.slides[s].slide_id,
+                        index.coords[index.slide_range(s)],
+                        loaded.embed_dim,
+                        dtype,
+                    )
+                bad = [e for e, r in zip(errs, rows, strict=True) if r and e]
+                if bad and s not in errors:
+                    errors[s] = bad[0]
+                writer = writers[s]
+                if s not in errors:
+                    writer.append(feats[rows])
+                last = int(idx[rows].max())
+                if last == index.slide_range(s)[-1]:
+                    finish(s)
+            report.tiles_embedded += len(idx)
+            bar.update(len(idx))
+    bar.close()
+
+
+def embed(
+    tiles: Path,
+    out: Path,
+    encoder: str,
+    weights: str | None = None,
+    registry: str | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    dtype: Literal["float32", "float16"] = "float32",
+    device: str = "auto",
+    precision: Literal["auto", "32", "bf16"] = "auto",
+    shard: str = "0/1",
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CommandResult:
+    """Run a frozen encoder over every tile of a tile store and write features.zarr.
+
+    Tiles are read straight from the slides at the tile store's pyramid level; features are
+    streamed to zarr per slide. Rerunning skips finished slides and redoes partial ones;
+    slides that failed tiling are carried over as failed (exit status 1).
+
+    Args:
+        tiles: the tile store (from ``histcode tile``).
+        out: the feature store to write (zarr v3 folder, e.g. features.zarr).
+        encoder: a registry ref (``name``, ``name@3``, ``name@latest``), or for baselines a
+            zoo name (``resnet18``, ``resnet50_trunc``, ``tiny``, ``timm:…``) with random
+            weights or the local ``--weights`` file. Registry names win over zoo names.
+        weights: local weights file for a zoo encoder (ImageNet or foundation-model weights).
+        registry: registry folder (default: $HISTCODE_REGISTRY, else ./registry).
+        batch_size: tiles per forward pass.
+        workers: DataLoader worker processes decoding tiles (0 reads in the main process).
+        dtype: storage type of the features.
+        device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda[:N]``.
+        precision: ``auto`` (bf16 autocast on a GPU, float32 on CPU), ``32`` or ``bf16``.
+        shard: ``i/n`` embeds every n-th slide starting at i; shards may run at once, on
+            several hosts, into one store; their union equals an unsharded run.
+        seed: seed of the random weights of a zoo encoder without ``--weights``.
+        overwrite: replace an existing store's slides (and its encoder).
+        progress: show a progress bar.
+    """
+    report = embed_store(
+        tiles,
+        out,
+        encoder,
+        weights,
+        registry,
+        batch_size,
+        workers,
+        dtype,
+        device,
+        precision,
+        shard,
+        seed,
+        overwrite,
+        progress,
+    )
+    counts = Counter(s["status"] for s in report.slides)
+    failed = [s["slide_id"] for s in report.slides if s["status"] == "failed"]
+    result = {
+        "out": str(report.store),
+        "encoder": report.encoder_ref,
+        "slides": len(report.slides),
+        **{k: counts.get(k, 0) for k in ("ok", "empty", "failed")},
+        "skipped": sum(s["skipped"] for s in report.slides),
+        "tiles_embedded": report.tiles_embedded,
+        "tiles_per_s": round(report.tiles_embedded / report.seconds_embedding, 1)
+        if report.seconds_embedding
+        else None,
+        "failed_slides": failed,
+    }
+    i, n = parse_shard(shard)
+    return CommandResult(
+        report.store,
+        result,
+        {"slides": report.slides},
+        EXIT_PARTIAL if failed else EXIT_OK,
+        summary_name="summary.json" if n == 1 else f"summary-shard{i}of{n}.json",
+    )
+
+
+def main(argv: Sequence[str], prog: str = "histcode embed") -> int:
+    """``histcode embed``."""
+    return run_function(embed, argv, prog, "embed")

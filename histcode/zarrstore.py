@@ -1,0 +1,165 @@
+"""What the tile and feature stores share: a zarr v3 group with one group per slide.
+
+Each slide's group is written under a hidden staging name inside the store and renamed into
+place when complete, so a partial write never looks finished: a reader sees the whole slide
+or nothing. A writing run holds a lock file so that two runs cannot write one store (or one
+shard of it) at once; staging folders left by an interrupted run are removed by the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from histcode.slide import check_slide_id
+
+FINAL_STATUSES = ("ok", "empty", "failed")
+STAGING_PREFIX = ".partial-"
+
+
+class StoreLockedError(RuntimeError):
+    """Another process is writing this store."""
+
+
+@contextlib.contextmanager
+def quiet_zarr() -> Iterator[None]:
+    """zarr warns about non-zarr entries (our summary.json, staging dirs); they are ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component.*")
+        yield
+
+
+class SlideStore:
+    """A zarr v3 folder holding one group per slide, each with a final ``status`` attribute.
+
+    Args:
+        path: the store folder.
+    """
+
+    #: value of the root attribute ``kind``; a subclass names its kind of store
+    kind = "histcode.store"
+    #: what makes this kind of store, for error messages
+    made_by = "histcode"
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return (self.path / "zarr.json").is_file()
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes."""
+        if not self.exists():
+            raise FileNotFoundError(
+                f"{self.path}: not a {self.kind} store (no zarr.json). Make one with "
+                f"`{self.made_by}`."
+            )
+        attrs = dict(zarr.open_group(self.path, mode="r").attrs)
+        if attrs.get("kind") != self.kind:
+            raise ValueError(
+                f"{self.path} is a {attrs.get('kind', 'foreign zarr')!r} store, not a "
+                f"{self.kind!r} store (made by `{self.made_by}`)"
+            )
+        return attrs
+
+    def create(self, attrs: dict[str, Any]) -> None:
+        """Create the root group with ``attrs`` (plus ``kind``), replacing its attributes."""
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(
+                f"{self.path} exists and is not a folder; choose another --out"
+            )
+        group = zarr.open_group(self.path, mode="a")
+        group.attrs.update({"kind": self.kind, **attrs})
+
+    @contextlib.contextmanager
+    def lock(self, name: str = "") -> Iterator[None]:
+        """Hold an exclusive lock for a writing run (``name`` distinguishes shards).
+
+        Raises:
+            StoreLockedError: another process holds it.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / f".lock{name}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                raise StoreLockedError(
+                    f"{self.path} is being written by another run (pid {holder}). Wait for it "
+                    "to finish, or write to another --out."
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            if not name:  # a whole-store writer may clean; a shard leaves others' staging be
+                for entry in self.path.glob(f"{STAGING_PREFIX}*"):
+                    shutil.rmtree(entry, ignore_errors=True)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def slide_ids(self) -> list[str]:
+        """Ids of all complete slide groups (any status), sorted."""
+        if not self.exists():
+            return []
+        with quiet_zarr():
+            keys = zarr.open_group(self.path, mode="r").group_keys()
+            return sorted(k for k in keys if not k.startswith("."))
+
+    def status(self, slide_id: str) -> str | None:
+        """Final status of a slide, or None if it is absent, unfinished or unreadable."""
+        if not (self.path / slide_id / "zarr.json").is_file():
+            return None
+        try:
+            status = zarr.open_group(self.path / slide_id, mode="r").attrs.get("status")
+        except Exception:  # a damaged group is treated as absent and redone
+            return None
+        return status if status in FINAL_STATUSES else None
+
+    def group(self, slide_id: str) -> zarr.Group:
+        """A complete slide's group (read only).
+
+        Raises:
+            KeyError: no such complete slide; the message lists what the store holds.
+        """
+        check_slide_id(slide_id, self.path)
+        if self.status(slide_id) is None:
+            known = self.slide_ids()
+            shown = ", ".join(known[:10]) + (" …" if len(known) > 10 else "")
+            raise KeyError(f"{self.path} has no slide {slide_id!r} (it holds: {shown or 'none'})")
+        return zarr.open_group(self.path / slide_id, mode="r")
+
+    def staging(self, slide_id: str) -> zarr.Group:
+        """A new hidden group to write a slide into; :meth:`commit` puts it in place."""
+        check_slide_id(slide_id, self.path)
+        return zarr.open_group(
+            self.path / f"{STAGING_PREFIX}{slide_id}-{uuid.uuid4().hex[:8]}", mode="w"
+        )
+
+    def commit(self, staged: zarr.Group, slide_id: str, attrs: dict[str, Any]) -> None:
+        """Set the slide's final attributes and rename its staging group into place."""
+        if attrs.get("status") not in FINAL_STATUSES:
+            raise ValueError(f"status must be one of {FINAL_STATUSES}, got {attrs.get('status')!r}")
+        staged.attrs.update(attrs)
+        source = Path(str(staged.store.root)) / staged.path
+        final = self.path / slide_id
+        if final.exists():  # replace: move the old one aside first, then swap in
+            trash = self.path / f"{STAGING_PREFIX}old-{slide_id}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+            os.rename(source, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(source, final)
