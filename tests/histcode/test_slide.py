@@ -60,7 +60,7 @@ def test_slide_ids() -> None:
 
 
 def test_reader_errors_name_the_file(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.svs"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.svs"):
         SlideReader(tmp_path / "missing.svs")
     bad = tmp_path / "bad.svs"
     bad.write_text("not a slide")
