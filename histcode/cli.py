@@ -172,9 +172,9 @@ def run_function(
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with options.")
     parser.add_function_arguments(function, fail_untyped=True, as_group=False)
     cfg = parser.parse_args(gather_list_options(argv, _list_parameters(function)))
-    config = json.loads(parser.dump(cfg, format="json", skip_none=False))
+    config = json.loads(json.dumps(cfg.as_dict(), default=str))
     config.pop("config", None)
-    kwargs = {k: v for k, v in parser.instantiate_classes(cfg).as_dict().items() if k != "config"}
+    kwargs = {k: v for k, v in parser.instantiate(cfg).as_dict().items() if k != "config"}
     start = time.perf_counter()
     try:
         outcome = function(**kwargs)

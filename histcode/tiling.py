@@ -48,7 +48,7 @@ class TilingParams:
 
     mpp: float = 0.5
     tile_size: int = 256
-    min_tissue: float = 0.4
+    min_tissue: float = 0.5
     seg_mpp: float = 8.0
     verify_tiles: int = 8
 
@@ -365,7 +365,7 @@ def tile(
     out: Path,
     mpp: float = 0.5,
     tile_size: int = 256,
-    min_tissue: float = 0.4,
+    min_tissue: float = 0.5,
     seg_mpp: float = 8.0,
     verify_tiles: int = 8,
     workers: int = 1,

@@ -14,7 +14,6 @@ import fcntl
 import os
 import shutil
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,6 @@ STAGING_PREFIX = ".partial-"
 
 class StoreLockedError(RuntimeError):
     """Another process is writing this store."""
-
-
-@contextlib.contextmanager
-def quiet_zarr() -> Iterator[None]:
-    """zarr warns about non-zarr entries (our summary.json, staging dirs); they are ours."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not recognized as a component.*")
-        yield
 
 
 class SlideStore:
@@ -112,12 +103,17 @@ class SlideStore:
             os.close(fd)  # closing releases the flock
 
     def slide_ids(self) -> list[str]:
-        """Ids of all complete slide groups (any status), sorted."""
+        """Ids of all complete slide groups (any status), sorted.
+
+        Unfinished (staging) and damaged groups are not listed; a rerun redoes them.
+        """
         if not self.exists():
             return []
-        with quiet_zarr():
-            keys = zarr.open_group(self.path, mode="r").group_keys()
-            return sorted(k for k in keys if not k.startswith("."))
+        return sorted(
+            p.name
+            for p in self.path.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and self.status(p.name) is not None
+        )
 
     def status(self, slide_id: str) -> str | None:
         """Final status of a slide, or None if it is absent, unfinished or unreadable."""

@@ -22,12 +22,20 @@ def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("small_cohort")
     slides = root / "slides"
     slides.mkdir()
-    write_test_slide(slides / "TCGA-S1-0001-01A-01-TS1.svs", width_um=1200, height_um=1000,
-                     mpp=0.5, seed=11)
-    write_test_slide(slides / "TCGA-S2-0002-11A-01-TS1.svs", width_um=1200, height_um=1000,
-                     mpp=0.25, seed=12)
-    write_test_slide(slides / "TCGA-S3-0003-01A-01-TS1.tiff", width_um=1200, height_um=1000,
-                     mpp=0.5, seed=13, fmt="tiff")
+    write_test_slide(
+        slides / "TCGA-S1-0001-01A-01-TS1.svs", width_um=1200, height_um=1000, mpp=0.5, seed=11
+    )
+    write_test_slide(
+        slides / "TCGA-S2-0002-11A-01-TS1.svs", width_um=1200, height_um=1000, mpp=0.25, seed=12
+    )
+    write_test_slide(
+        slides / "TCGA-S3-0003-01A-01-TS1.tiff",
+        width_um=1200,
+        height_um=1000,
+        mpp=0.5,
+        seed=13,
+        fmt="tiff",
+    )
     (slides / "broken.svs").write_text("not a slide")
     tiles = root / "tiles.zarr"
     tile_slides([slides], tiles, TilingParams(mpp=1.0, tile_size=64), progress=False)

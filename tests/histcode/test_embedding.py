@@ -27,8 +27,9 @@ def _direct_features(tiles_path: Path, sid: str, encoder: torch.nn.Module) -> np
     t = store.read(sid)
     geometry = SlideGeometry.from_tiles(t)
     with SlideReader(t.path) as reader:
-        batch = np.stack([read_tile(reader, geometry, xy, store.attrs["tile_size"])
-                          for xy in t.coords])
+        batch = np.stack(
+            [read_tile(reader, geometry, xy, store.attrs["tile_size"]) for xy in t.coords]
+        )
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
     spec = encoder.input_spec
     x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
@@ -38,11 +39,16 @@ def _direct_features(tiles_path: Path, sid: str, encoder: torch.nn.Module) -> np
 
 def test_features_match_a_direct_forward_pass(small_cohort, tmp_path: Path) -> None:
     out = tmp_path / "f.zarr"
-    report = embed_store(small_cohort["tiles"], out, "tiny", batch_size=7, workers=0,
-                         progress=False)
+    report = embed_store(
+        small_cohort["tiles"], out, "tiny", batch_size=7, workers=0, progress=False
+    )
     statuses = {s["slide_id"]: s["status"] for s in report.slides}
-    assert statuses == {"TCGA-S1-0001-01A-01-TS1": "ok", "TCGA-S2-0002-11A-01-TS1": "ok",
-                        "TCGA-S3-0003-01A-01-TS1": "ok", "broken": "failed"}
+    assert statuses == {
+        "TCGA-S1-0001-01A-01-TS1": "ok",
+        "TCGA-S2-0002-11A-01-TS1": "ok",
+        "TCGA-S3-0003-01A-01-TS1": "ok",
+        "broken": "failed",
+    }
     torch.manual_seed(0)
     reference = create_encoder("tiny", mpp=1.0, tile_size=64)
     store = FeatureStore(out)
@@ -55,16 +61,25 @@ def test_features_match_a_direct_forward_pass(small_cohort, tmp_path: Path) -> N
         assert f.features.dtype == np.float32
         assert np.array_equal(f.coords, TileStore(small_cohort["tiles"]).read(sid).coords)
         np.testing.assert_allclose(
-            f.features, _direct_features(small_cohort["tiles"], sid, reference),
-            rtol=1e-4, atol=1e-5)
+            f.features,
+            _direct_features(small_cohort["tiles"], sid, reference),
+            rtol=1e-4,
+            atol=1e-5,
+        )
     assert "tiling failed" in store.read("broken").attrs["error"]
 
 
 def test_float16_storage_and_workers(small_cohort, tmp_path: Path) -> None:
-    a = embed_store(small_cohort["tiles"], tmp_path / "a.zarr", "tiny", workers=0,
-                    progress=False)
-    b = embed_store(small_cohort["tiles"], tmp_path / "b.zarr", "tiny", workers=2,
-                    dtype="float16", batch_size=5, progress=False)
+    a = embed_store(small_cohort["tiles"], tmp_path / "a.zarr", "tiny", workers=0, progress=False)
+    b = embed_store(
+        small_cohort["tiles"],
+        tmp_path / "b.zarr",
+        "tiny",
+        workers=2,
+        dtype="float16",
+        batch_size=5,
+        progress=False,
+    )
     assert [s["tiles"] for s in a.slides] == [s["tiles"] for s in b.slides]
     fa, fb = FeatureStore(tmp_path / "a.zarr"), FeatureStore(tmp_path / "b.zarr")
     for sid in fa.slide_ids():
@@ -94,10 +109,8 @@ def test_shards_union_equals_unsharded(small_cohort, tmp_path: Path) -> None:
     whole = tmp_path / "whole.zarr"
     sharded = tmp_path / "sharded.zarr"
     embed_store(small_cohort["tiles"], whole, "tiny", workers=0, progress=False)
-    r0 = embed_store(small_cohort["tiles"], sharded, "tiny", shard="0/2", workers=0,
-                     progress=False)
-    r1 = embed_store(small_cohort["tiles"], sharded, "tiny", shard="1/2", workers=0,
-                     progress=False)
+    r0 = embed_store(small_cohort["tiles"], sharded, "tiny", shard="0/2", workers=0, progress=False)
+    r1 = embed_store(small_cohort["tiles"], sharded, "tiny", shard="1/2", workers=0, progress=False)
     ids0 = {s["slide_id"] for s in r0.slides}
     ids1 = {s["slide_id"] for s in r1.slides}
     assert ids0 and ids1 and not ids0 & ids1
@@ -126,8 +139,21 @@ def test_damaged_tile_data_fails_its_slide_only(small_cohort, tmp_path: Path) ->
         f.seek(offsets[0])
         f.write(b"\0" * (offsets[-1] + counts[-1] - offsets[0]))
     out = tmp_path / "f.zarr"
-    code = cli_main(["embed", "--tiles", str(tiles), "--out", str(out), "--encoder", "tiny",
-                     "--workers", "0", "--progress", "false"])
+    code = cli_main(
+        [
+            "embed",
+            "--tiles",
+            str(tiles),
+            "--out",
+            str(out),
+            "--encoder",
+            "tiny",
+            "--workers",
+            "0",
+            "--progress",
+            "false",
+        ]
+    )
     assert code == 1
     fs = FeatureStore(out)
     assert fs.read("TCGA-S1-0001-01A-01-TS1").status == "failed"
@@ -145,21 +171,50 @@ def test_registry_encoder_and_input_spec_check(small_cohort, tmp_path: Path) -> 
     registry.save("tiny-20x", wrong, encoder_card(wrong))
     loaded = load_encoder("tiny-enc", mpp=1.0, tile_size=64, registry=registry)
     assert loaded.ref == "registry:tiny-enc@1"
-    report = embed_store(small_cohort["tiles"], tmp_path / "f.zarr", "tiny-enc@latest",
-                         registry=str(registry.root), workers=0, progress=False)
+    report = embed_store(
+        small_cohort["tiles"],
+        tmp_path / "f.zarr",
+        "tiny-enc@latest",
+        registry=str(registry.root),
+        workers=0,
+        progress=False,
+    )
     assert report.encoder_ref == "registry:tiny-enc@1"
     with pytest.raises(ValueError, match=r"mpp: the encoder expects 0.5 µm/px, the tiles are 1"):
         load_encoder("tiny-20x", mpp=1.0, tile_size=64, registry=registry)
 
 
 def test_cli_errors(small_cohort, tmp_path: Path, capsys) -> None:
-    args = ["embed", "--tiles", str(small_cohort["tiles"]), "--out", str(tmp_path / "f.zarr"),
-            "--workers", "0", "--progress", "false", "--registry", str(tmp_path / "reg")]
+    args = [
+        "embed",
+        "--tiles",
+        str(small_cohort["tiles"]),
+        "--out",
+        str(tmp_path / "f.zarr"),
+        "--workers",
+        "0",
+        "--progress",
+        "false",
+        "--registry",
+        str(tmp_path / "reg"),
+    ]
     assert cli_main([*args, "--encoder", "resnet19"]) == 2
     assert "resnet18" in capsys.readouterr().err  # lists what exists
     assert cli_main([*args, "--encoder", "tiny"]) == 1  # the broken slide
     assert cli_main([*args, "--encoder", "resnet18"]) == 2  # another encoder, same store
     assert "holds other features" in capsys.readouterr().err
-    assert cli_main(["embed", "--tiles", str(tmp_path / "none.zarr"), "--out",
-                     str(tmp_path / "g.zarr"), "--encoder", "tiny"]) == 2
+    assert (
+        cli_main(
+            [
+                "embed",
+                "--tiles",
+                str(tmp_path / "none.zarr"),
+                "--out",
+                str(tmp_path / "g.zarr"),
+                "--encoder",
+                "tiny",
+            ]
+        )
+        == 2
+    )
     assert "not a histcode.tiles store" in capsys.readouterr().err
