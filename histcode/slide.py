@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,35 +326,56 @@ class SlideReader:
         Raises:
             SlideError: the tile data cannot be decoded (damaged file).
         """
+        return rgba_to_rgb(np.asarray(self._read_rgba(location, level, size)), self.background)
+
+    def _read_rgba(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> Image.Image:
+        """OpenSlide's RGBA image of a region; damaged data raises :class:`SlideError`."""
         try:
-            region = self._slide.read_region(location, level, size)
+            return self._slide.read_region(location, level, size)
         except openslide.OpenSlideError as err:
             raise SlideError(
                 f"{self.path}: tile data at level {level}, x={location[0]}, y={location[1]} "
                 f"cannot be read ({err}); the file is damaged. Re-export or re-copy it."
             ) from None
-        return rgba_to_rgb(np.asarray(region), self.background)
 
-    def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
-        """The whole slide at about ``mpp`` µm/px.
+    def thumbnail(
+        self, mpp: float, coarsen: float = 1.0, band_rows: int = 1024, threads: int = 2
+    ) -> tuple[np.ndarray, float]:
+        """The whole slide at about ``mpp`` µm/px, read band by band.
 
-        Reads the coarsest level at least as fine as ``mpp`` and shrinks it (box filter) to
-        ``mpp``; if the slide is coarser than ``mpp`` everywhere, returns level 0 as is.
+        Reads the coarsest level at least as fine as ``mpp`` (or up to ``coarsen`` times
+        coarser, to spare decoding a much larger level) and averages blocks of
+        ``f × f`` of its pixels, ``f`` the whole number nearest ``mpp / level_mpp`` (so the
+        result's µm/px is ``level_mpp × f``, within a few percent of ``mpp``). The level is
+        read in bands of about ``band_rows`` rows on ``threads`` threads, so memory stays at
+        a few bands plus the result whatever the slide size.
 
         Returns:
-            (H, W, 3) uint8 image and its actual µm/px.
+            (H, W, 3) uint8 image, and its µm/px: thumbnail pixel (i, j) covers level-0
+            pixels from (j, i) × that µm/px ÷ :attr:`mpp`. Partial blocks at the right and
+            bottom edges are averages of the pixels they have.
         """
-        level = self.level_for_mpp(mpp)
-        w, h = self.level_dimensions[level]
-        image = self.read_region((0, 0), level, (w, h))
+        level = self.level_for_mpp(mpp, tolerance=max(coarsen, 1.0) - 1.0 + 0.01)
         level_mpp = self.level_mpp(level)
-        scale = level_mpp / mpp
-        if scale >= 0.99:
-            return image, level_mpp
-        tw, th = self.dimensions[0] * self.mpp / mpp, self.dimensions[1] * self.mpp / mpp
-        size = (max(1, round(tw)), max(1, round(th)))
-        small = Image.fromarray(image).resize(size, Image.Resampling.BOX)
-        return np.asarray(small), self.dimensions[0] * self.mpp / size[0]
+        f = max(1, int(mpp / level_mpp + 0.5))
+        w, h = self.level_dimensions[level]
+        tw, th = -(-w // f), -(-h // f)
+        out = np.empty((th, tw, 3), np.uint8)
+        band = f * max(1, band_rows // f)
+        ds = self.level_downsamples[level]
+
+        def read_band(y: int) -> None:
+            rows = min(band, h - y)
+            image = self._read_rgba((0, round(y * ds)), level, (w, rows))
+            if f > 1:
+                image = image.reduce(f)  # box average in C; partial edge blocks averaged
+            out[y // f : y // f + image.height] = rgba_to_rgb(np.asarray(image), self.background)
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            list(pool.map(read_band, range(0, h, band)))
+        return out, level_mpp * f
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:

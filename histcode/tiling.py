@@ -43,6 +43,9 @@ class TilingParams:
         tile_size: tile side in pixels at the target µm/px.
         min_tissue: tiles with a smaller tissue fraction (0–1) are dropped.
         seg_mpp: µm/px of the thumbnail that tissue is segmented on.
+        seg_coarsen: a pyramid level up to this many times coarser than ``seg_mpp`` may be
+            segmented instead, when the next finer one would cost many times more decoding
+            (40x Aperio pyramids have 4 and 16 µm/px levels: 16 is used, not 4).
         verify_tiles: tiles per slide read back at the read level to detect damaged data.
     """
 
@@ -50,6 +53,7 @@ class TilingParams:
     tile_size: int = 256
     min_tissue: float = 0.5
     seg_mpp: float = 8.0
+    seg_coarsen: float = 2.0
     verify_tiles: int = 8
 
     def check(self) -> None:
@@ -62,6 +66,8 @@ class TilingParams:
             raise ValueError(f"--min_tissue {self.min_tissue}: a fraction, expected 0–1")
         if self.seg_mpp < self.mpp:
             raise ValueError(f"--seg_mpp {self.seg_mpp} must be ≥ --mpp {self.mpp}")
+        if self.seg_coarsen < 1:
+            raise ValueError(f"--seg_coarsen {self.seg_coarsen}: expected ≥ 1 (1 = never coarser)")
 
 
 @dataclass
@@ -194,9 +200,9 @@ def tile_slide(
                     f"{reader.mpp:.4g} µm/px) is smaller than one tile ({side:.0f} px). Use a "
                     "smaller --tile_size or a coarser --mpp."
                 )
-            thumb, thumb_mpp = reader.thumbnail(params.seg_mpp)
+            thumb, thumb_mpp = reader.thumbnail(params.seg_mpp, params.seg_coarsen)
             mask = segment_tissue(thumb, thumb_mpp, segmentation)
-            scale = (mask.shape[1] / reader.dimensions[0], mask.shape[0] / reader.dimensions[1])
+            scale = (reader.mpp / thumb_mpp, reader.mpp / thumb_mpp)  # mask px per level-0 px
             coords = tile_grid(*reader.dimensions, side)
             tissue = tissue_fractions(mask, scale, coords, side)
             keep = tissue >= max(params.min_tissue, 1e-6)
@@ -311,7 +317,7 @@ def tile_slides(
         root = {**asdict(params), "mpp_override": mpp_override}
         store.initialise(
             root,
-            must_match=("mpp", "tile_size", "min_tissue", "seg_mpp"),
+            must_match=("mpp", "tile_size", "min_tissue", "seg_mpp", "seg_coarsen"),
             overwrite_params=overwrite,
         )
         todo = []
@@ -367,6 +373,7 @@ def tile(
     tile_size: int = 256,
     min_tissue: float = 0.5,
     seg_mpp: float = 8.0,
+    seg_coarsen: float = 2.0,
     verify_tiles: int = 8,
     workers: int = 1,
     overwrite: bool = False,
@@ -387,13 +394,15 @@ def tile(
         tile_size: tile side in pixels at the target µm/px.
         min_tissue: drop tiles whose tissue fraction is below this (0–1).
         seg_mpp: µm/px of the thumbnail used for tissue segmentation.
+        seg_coarsen: segment a pyramid level up to this many times coarser than seg_mpp
+            when that spares decoding a much larger level (1 = never coarser).
         verify_tiles: tiles per slide read back to detect damaged tile data (0 to skip).
         workers: slides tiled in parallel.
         overwrite: redo slides already in the store.
         mpp_override: level-0 µm/px for slides whose metadata lacks it (applies to all).
         progress: show a progress bar.
     """
-    params = TilingParams(mpp, tile_size, min_tissue, seg_mpp, verify_tiles)
+    params = TilingParams(mpp, tile_size, min_tissue, seg_mpp, seg_coarsen, verify_tiles)
     report = tile_slides(slides, out, params, workers, overwrite, mpp_override, progress)
     counts = report.counts
     result = {
