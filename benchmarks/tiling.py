@@ -31,7 +31,7 @@ def _child(path: Path, repeats: int) -> dict:
     for _ in range(repeats):
         start = time.perf_counter()
         with SlideReader(path) as reader:
-            reader.thumbnail(params.seg_mpp)
+            reader.thumbnail(params.seg_mpp, params.seg_coarsen)
         thumb_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         result = tile_slide(path, params)
