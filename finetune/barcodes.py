@@ -1,0 +1,113 @@
+"""TCGA barcodes: patient, sample and sample type of a slide or an expression column.
+
+A TCGA barcode reads ``TCGA-<TSS>-<participant>-<sample type><vial>-…``, e.g. the slide
+``TCGA-S1-0001-01A-01-TS1``: patient ``TCGA-S1-0001`` (the first 12 characters), sample
+``TCGA-S1-0001-01A`` (16 characters with the vial letter, 15 without), sample type ``01``
+(characters 14–15). Sample types ``01``–``09`` are tumour, ``10``–``19`` normal and ``20``–``29``
+controls (GDC "Sample Type Codes").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+_BARCODE_RE = re.compile(
+    r"^(?P<patient>TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-(?P<type>\d{2})(?P<vial>[A-Z])?(?=$|[-._])",
+    re.IGNORECASE,
+)
+
+SampleKind = Literal["tumour", "normal", "control"]
+
+
+@dataclass(frozen=True)
+class TCGABarcode:
+    """The parts of a TCGA barcode that the labels need.
+
+    Attributes:
+        barcode: the full string as given.
+        patient: ``TCGA-XX-XXXX`` (upper case).
+        sample_type: the two-digit sample type code (1–29).
+        vial: the vial letter (``A``, ``B``, …) or ``""`` when the barcode stops before it.
+    """
+
+    barcode: str
+    patient: str
+    sample_type: int
+    vial: str
+
+    @property
+    def sample(self) -> str:
+        """The sample barcode with the vial letter when known (``TCGA-XX-XXXX-01A``)."""
+        return f"{self.patient}-{self.sample_type:02d}{self.vial}"
+
+    @property
+    def sample_no_vial(self) -> str:
+        """The 15-character sample barcode without vial (``TCGA-XX-XXXX-01``)."""
+        return f"{self.patient}-{self.sample_type:02d}"
+
+    @property
+    def kind(self) -> SampleKind:
+        """``tumour`` (types 01–09), ``normal`` (10–19) or ``control`` (20–29)."""
+        if 1 <= self.sample_type <= 9:
+            return "tumour"
+        if 10 <= self.sample_type <= 19:
+            return "normal"
+        return "control"
+
+    @property
+    def is_tumour(self) -> bool:
+        return self.kind == "tumour"
+
+    @property
+    def is_normal(self) -> bool:
+        return self.kind == "normal"
+
+
+def is_tcga(text: str) -> bool:
+    """Whether ``text`` starts with a TCGA patient and sample type (``TCGA-XX-XXXX-NN``)."""
+    match = _BARCODE_RE.match(text.strip())
+    return bool(match) and 1 <= int(match["type"]) <= 29
+
+
+def parse_barcode(text: str) -> TCGABarcode:
+    """Parse a TCGA sample, aliquot or slide barcode (or a slide file stem).
+
+    Args:
+        text: e.g. ``TCGA-S1-0001-01A-01-TS1`` or ``TCGA-S1-0001-11``.
+
+    Returns:
+        The parsed barcode.
+
+    Raises:
+        ValueError: ``text`` is not a TCGA barcode with a sample type in 01–29; says the
+            expected form.
+
+    Example:
+        >>> b = parse_barcode("TCGA-S1-0001-01A-01-TS1")
+        >>> b.patient, b.sample, b.kind
+        ('TCGA-S1-0001', 'TCGA-S1-0001-01A', 'tumour')
+    """
+    match = _BARCODE_RE.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(
+            f"{text!r} is not a TCGA barcode: expected 'TCGA-<TSS>-<participant>-<sample type>"
+            "<vial>…' such as 'TCGA-S1-0001-01A-01-TS1'. For other cohorts pass a labels CSV "
+            "with slide_id, patient_id and tumour columns."
+        )
+    sample_type = int(match["type"])
+    if not 1 <= sample_type <= 29:
+        raise ValueError(
+            f"{text!r}: sample type {match['type']!r} is not a TCGA sample type (01–09 tumour, "
+            "10–19 normal, 20–29 control)"
+        )
+    return TCGABarcode(
+        barcode=text,
+        patient=match["patient"].upper(),
+        sample_type=sample_type,
+        vial=(match["vial"] or "").upper(),
+    )
+
+
+__all__ = ["SampleKind", "TCGABarcode", "is_tcga", "parse_barcode"]

@@ -1,0 +1,446 @@
+"""Patient-grouped cross-validation without leakage.
+
+* Outer folds: ``StratifiedGroupKFold`` over patients (stratified by tumour label), so no
+  patient's slides are split between training and test.
+* Inside each training fold, a patient-grouped validation split chooses the epoch: early
+  stopping and the best weights follow the validation loss only.
+* The test fold is predicted once, with the selected weights, after training; it is never
+  used to select anything.
+* :func:`check_folds` proves, for every run, that test folds partition the patients and that
+  train, validation and test patients are disjoint (it raises :class:`LeakageError`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from histcode.finetune.bags import BagDataset, FeatureBags, bag_loader
+from histcode.finetune.labels import Labels, preview
+from histcode.finetune.module import MILModule, stack_predictions
+from histcode.finetune.options import CVOptions, DataOptions
+
+log = logging.getLogger(__name__)
+
+
+class LeakageError(RuntimeError):
+    """A patient would be in two of train / validation / test, or in two test folds."""
+
+
+@dataclass
+class Fold:
+    """Row positions (into a :class:`Labels`) of one fold's slides.
+
+    Attributes:
+        index: fold number (0-based); ``-1`` for a refit on every patient.
+        train: rows trained on.
+        val: rows that choose the epoch.
+        test: rows predicted once with the chosen weights (empty for a refit).
+    """
+
+    index: int
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def patients(self, labels: Labels) -> dict[str, list[str]]:
+        """Sorted patient ids of each part."""
+        pid = np.asarray(labels.patient_ids)
+        return {
+            part: sorted(set(pid[getattr(self, part)].tolist()))
+            for part in ("train", "val", "test")
+        }
+
+
+def strata(labels: Labels) -> np.ndarray:
+    """Stratification labels: tumour status (``-1`` unknown); with genes and no tumour label,
+    whether the slide has a gene target."""
+    if labels.tumour_mask.any():
+        return np.where(labels.tumour_mask, labels.tumour, -1).astype(int)
+    return labels.gene_mask.any(1).astype(int)
+
+
+def _grouped_split(
+    rows: np.ndarray, labels: Labels, n_splits: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = strata(labels)[rows]
+    groups = np.asarray(labels.patient_ids)[rows]
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "least populated class has only …" on tiny cohorts
+        warnings.filterwarnings("ignore", message=".*least populated class.*")
+        return [(rows[a], rows[b]) for a, b in splitter.split(rows, y, groups)]
+
+
+def validation_split(
+    rows: np.ndarray, labels: Labels, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``rows`` into (train, validation) by patient, ~``val_fraction`` of the patients
+    in validation, stratified by tumour label.
+
+    Raises:
+        ValueError: ``val_fraction`` is not in (0, 0.5], or fewer than 2 patients.
+    """
+    if not 0 < val_fraction <= 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
+    n_patients = len(set(np.asarray(labels.patient_ids)[rows].tolist()))
+    if n_patients < 2:
+        raise ValueError(
+            f"a validation split needs ≥ 2 patients in the training part, got {n_patients}; "
+            "use fewer folds or a larger cohort"
+        )
+    n_splits = min(max(2, round(1 / val_fraction)), n_patients)
+    train, val = _grouped_split(rows, labels, n_splits, seed)[0]
+    return train, val
+
+
+def make_folds(
+    labels: Labels, folds: int = 5, val_fraction: float = 0.2, seed: int = 0
+) -> list[Fold]:
+    """Patient-grouped, stratified outer folds, each with an inner validation split.
+
+    Args:
+        labels: the cohort.
+        folds: number of outer folds (≥ 2).
+        val_fraction: share of each training part's patients used for validation.
+        seed: seed of the splits.
+
+    Returns:
+        ``folds`` folds; their test parts partition the slides.
+
+    Raises:
+        ValueError: fewer patients than folds (or than folds + 1 for the validation split).
+        LeakageError: never, unless the splitter breaks (checked by :func:`check_folds`).
+    """
+    n_patients = len(set(labels.patient_ids))
+    if folds < 2:
+        raise ValueError(f"cross-validation needs ≥ 2 folds, got {folds}")
+    if n_patients < folds + 1:
+        raise ValueError(
+            f"{folds} patient-grouped folds need more patients than folds; the cohort has "
+            f"{n_patients}. Use --cv.folds {max(2, n_patients - 1)} or fewer."
+        )
+    rows = np.arange(len(labels))
+    out = []
+    for k, (trainval, test) in enumerate(_grouped_split(rows, labels, folds, seed)):
+        train, val = validation_split(trainval, labels, val_fraction, seed + 1 + k)
+        out.append(Fold(k, np.sort(train), np.sort(val), np.sort(test)))
+    check_folds(out, labels)
+    return out
+
+
+def check_folds(folds: list[Fold], labels: Labels) -> None:
+    """Prove that no patient leaks: within a fold train / val / test patients are disjoint;
+    across folds test patients are disjoint; every slide is tested once (refits excepted).
+
+    Raises:
+        LeakageError: naming the patients that leak.
+    """
+    seen: dict[str, int] = {}
+    tested: list[int] = []
+    for fold in folds:
+        parts = {k: set(v) for k, v in fold.patients(labels).items()}
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = parts[a] & parts[b]
+            if shared:
+                raise LeakageError(
+                    f"fold {fold.index}: patients in both {a} and {b}: {preview(sorted(shared))}"
+                )
+        for p in parts["test"]:
+            if p in seen:
+                raise LeakageError(
+                    f"patient {p} is in the test parts of folds {seen[p]} and {fold.index}"
+                )
+            seen[p] = fold.index
+        tested += fold.test.tolist()
+    if folds and folds[0].index >= 0 and sorted(tested) != list(range(len(labels))):
+        raise LeakageError("the test folds do not cover every slide exactly once")
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-Trainer chatter (device banners, tips, data-loader advice):
+    with one Trainer per fold it would drown the fold summaries."""
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for message in (
+                ".*does not have many workers.*",
+                ".*number of training batches.*",
+                ".*LeafSpec.*",
+                ".*litlogger.*",
+            ):
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+class BestState(pl.Callback):
+    """Keeps the weights of the best validation epoch in memory (no checkpoint files).
+
+    Args:
+        monitor: logged validation metric, lower is better.
+    """
+
+    def __init__(self, monitor: str = "val/loss") -> None:
+        self.monitor = monitor
+        self.best: float = math.inf
+        self.best_epoch: int = -1
+        self.state: dict[str, torch.Tensor] | None = None
+        self.history: list[float] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise ValueError(
+                f"monitor {self.monitor!r} was not logged (logged: "
+                f"{', '.join(sorted(trainer.callback_metrics))}); choose a metric of the tasks "
+                "being trained"
+            )
+        value = float(value)
+        self.history.append(value)
+        if value < self.best or self.state is None:
+            self.best, self.best_epoch = value, trainer.current_epoch
+            self.state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+
+
+@dataclass
+class FoldResult:
+    """What one fold produced.
+
+    Attributes:
+        fold: the split.
+        best_epoch: the epoch chosen on validation (0-based).
+        best_score: its validation ``monitor`` value.
+        history: validation ``monitor`` per epoch.
+        module: the trained module with the chosen weights.
+        predictions: test predictions (:meth:`MILModule.predict_step`, stacked); empty for a
+            refit.
+    """
+
+    fold: Fold
+    best_epoch: int
+    best_score: float
+    history: list[float]
+    module: MILModule
+    predictions: dict[str, Any] = field(default_factory=dict)
+
+
+def train_fold(
+    fold: Fold,
+    labels: Labels,
+    bags: FeatureBags,
+    make_module: Callable[[], MILModule],
+    data: DataOptions,
+    cv: CVOptions,
+    trainer_kwargs: dict[str, Any],
+) -> FoldResult:
+    """Train on ``fold.train``, choose the epoch on ``fold.val``, predict ``fold.test`` once.
+
+    Args:
+        fold: the split.
+        labels: the cohort.
+        bags: the features.
+        make_module: builds a fresh, untrained module.
+        data: batch size, ``max_tiles``, workers.
+        cv: monitor, patience, seed.
+        trainer_kwargs: keyword arguments of ``pl.Trainer`` (``callbacks`` are added to).
+
+    Returns:
+        A :class:`FoldResult`.
+    """
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    seed = cv.seed + 1000 * (fold.index + 1)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    module = make_module()
+    best = BestState(cv.monitor)
+    stopper = EarlyStopping(monitor=cv.monitor, mode="min", patience=cv.patience)
+    kwargs = dict(trainer_kwargs)
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), best, stopper]
+    with quiet_lightning():
+        trainer = pl.Trainer(**kwargs)
+
+    def loader(rows: np.ndarray, train: bool) -> Any:
+        dataset = BagDataset(bags, labels.subset(rows), data.max_tiles if train else None)
+        return bag_loader(dataset, data.batch_size, train, data.num_workers, seed)
+
+    with quiet_lightning():
+        trainer.fit(module, loader(fold.train, True), loader(fold.val, False))
+        if best.state is None:
+            raise RuntimeError(
+                f"fold {fold.index}: no validation epoch ran; check --trainer.max_epochs and "
+                "--trainer.limit_val_batches"
+            )
+        module.load_state_dict(best.state)
+        predictions: dict[str, Any] = {}
+        if len(fold.test):
+            predictions = predict(module, loader(fold.test, False), trainer)
+    module.cpu().eval()
+    return FoldResult(fold, best.best_epoch, best.best, best.history, module, predictions)
+
+
+def predict(module: MILModule, loader: Any, trainer: pl.Trainer | None = None) -> dict[str, Any]:
+    """Predict every bag of ``loader`` with ``module`` in eval mode, on the module's device.
+
+    Not ``Trainer.predict``: under a distributed strategy that would give each process a
+    shard of the test fold; here every process predicts all of it (rank 0 writes the outputs).
+    With ``trainer``, its precision (autocast, bf16 weights) applies.
+
+    Returns:
+        :meth:`MILModule.predict_step` outputs of all batches, stacked.
+    """
+    plugin = trainer.strategy.precision_plugin if trainer is not None else None
+    module.eval()
+    parts = []
+    with torch.inference_mode(), plugin.predict_step_context() if plugin else nullcontext():
+        for batch in loader:
+            batch = batch.to(module.device)
+            if plugin is not None:
+                batch = plugin.convert_input(batch)
+            parts.append(module.predict_step(batch))
+    return stack_predictions(parts)
+
+
+def predictions_frame(labels: Labels, results: list[FoldResult], tumour: bool) -> pd.DataFrame:
+    """One row per test slide: ids, fold, then predictions and truth of each task.
+
+    Columns (``DESIGN.md``): ``slide_id``, ``patient_id``, ``sample_id``, ``fold``,
+    ``tumour_prob``, ``tumour_true``, and per gene ``<GENE>_log2fc_pred``,
+    ``<GENE>_log2fc_true``, ``<GENE>_up_prob``, ``<GENE>_class_true`` (up / down / unchanged,
+    empty without target).
+    """
+    names = labels.class_names()
+    where = {s: i for i, s in enumerate(labels.slide_ids)}
+    rows = []
+    for result in results:
+        pred = result.predictions
+        for i, sid in enumerate(pred.get("slide_ids", [])):
+            r = where[sid]
+            row: dict[str, Any] = {
+                "slide_id": sid,
+                "patient_id": labels.patient_ids[r],
+                "sample_id": labels.sample_ids[r],
+                "fold": result.fold.index,
+            }
+            if tumour:
+                row["tumour_prob"] = float(pred["tumour_prob"][i])
+                row["tumour_true"] = labels.tumour[r]
+            for j, gene in enumerate(labels.genes):
+                row[f"{gene}_log2fc_pred"] = float(pred["log2fc"][i, j])
+                row[f"{gene}_log2fc_true"] = labels.log2fc[r, j]
+                row[f"{gene}_up_prob"] = float(pred["up_prob"][i, j])
+                row[f"{gene}_class_true"] = names[r, j]
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame = frame.sort_values(["fold", "slide_id"]).reset_index(drop=True)
+    return frame
+
+
+@dataclass
+class CVResult:
+    """Outer cross-validation results.
+
+    Attributes:
+        folds: one :class:`FoldResult` per fold.
+        predictions: out-of-fold test predictions (:func:`predictions_frame`).
+    """
+
+    folds: list[FoldResult]
+    predictions: pd.DataFrame
+
+
+def run_cv(
+    labels: Labels,
+    bags: FeatureBags,
+    make_module: Callable[[], MILModule],
+    data: DataOptions,
+    cv: CVOptions,
+    trainer_kwargs: dict[str, Any] | Callable[[], dict[str, Any]],
+    tumour: bool = True,
+) -> CVResult:
+    """Patient-grouped k-fold cross-validation (see the module docstring).
+
+    Args:
+        labels: the cohort (slides with features and labels).
+        bags: their features.
+        make_module: builds a fresh, untrained module.
+        data: batch and bag options.
+        cv: folds, validation share, seed, monitor, patience.
+        trainer_kwargs: ``pl.Trainer`` keyword arguments, or a function making fresh ones
+            for each fold (so that callbacks and loggers are not shared between folds).
+        tumour: whether the tumour task is trained (for the prediction columns).
+    """
+    folds = make_folds(labels, cv.folds, cv.val_fraction, cv.seed)
+    bags.preload(labels.slide_ids)
+    results = []
+    for fold in folds:
+        kwargs = trainer_kwargs() if callable(trainer_kwargs) else copy.copy(trainer_kwargs)
+        result = train_fold(fold, labels, bags, make_module, data, cv, kwargs)
+        log.info(
+            "fold %d/%d: %d train / %d val / %d test slides; best epoch %d (%s %.4f)",
+            fold.index + 1,
+            len(folds),
+            len(fold.train),
+            len(fold.val),
+            len(fold.test),
+            result.best_epoch,
+            cv.monitor,
+            result.best_score,
+        )
+        results.append(result)
+    return CVResult(results, predictions_frame(labels, results, tumour))
+
+
+def refit(
+    labels: Labels,
+    bags: FeatureBags,
+    make_module: Callable[[], MILModule],
+    data: DataOptions,
+    cv: CVOptions,
+    trainer_kwargs: dict[str, Any],
+) -> FoldResult:
+    """Train one model on every patient; a patient-grouped validation split (``val_fraction``)
+    chooses its epoch. Its honest performance is the cross-validation estimate."""
+    rows = np.arange(len(labels))
+    train, val = validation_split(rows, labels, cv.val_fraction, cv.seed)
+    fold = Fold(-1, np.sort(train), np.sort(val), np.zeros(0, dtype=np.int64))
+    check_folds([fold], labels)
+    return train_fold(fold, labels, bags, make_module, data, cv, trainer_kwargs)
+
+
+__all__ = [
+    "BestState",
+    "CVResult",
+    "Fold",
+    "FoldResult",
+    "LeakageError",
+    "check_folds",
+    "make_folds",
+    "predict",
+    "predictions_frame",
+    "quiet_lightning",
+    "refit",
+    "run_cv",
+    "strata",
+    "train_fold",
+    "validation_split",
+]

@@ -1,0 +1,238 @@
+"""Multi-task heads and the slide model: one aggregator, one head for every task.
+
+One model predicts the tumour logit and, for every gene at once, the log2 fold change
+(regression) and the class down / unchanged / up — not one model per gene. The head is a
+single linear layer on the slide embedding, so for attention pooling each tile's share of a
+slide prediction is exact: ``prediction = bias + Σ_i attention_i · W h_i``
+(:meth:`SlideModel.tile_scores`, the input of heatmaps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from histcode.finetune.aggregators import MILOutput, aggregators, create_aggregator, full_mask
+from torch import Tensor, nn
+
+from histcode.builders import Builders
+
+#: Order of the per-gene class logits: index = class code + 1 (see ``labels.CLASS_NAMES``).
+GENE_CLASSES = ("down", "unchanged", "up")
+
+
+@dataclass
+class HeadOutput:
+    """Raw outputs of :class:`MultiTaskHead` for leading dims ``*`` (``B`` or ``B, N``).
+
+    Attributes:
+        tumour_logit: (*) tumour logit, or None without the tumour task.
+        log2fc: (*, G) predicted log2 fold change, or None without genes.
+        gene_logits: (*, G, 3) logits of down / unchanged / up, or None without genes.
+    """
+
+    tumour_logit: Tensor | None
+    log2fc: Tensor | None
+    gene_logits: Tensor | None
+
+
+@dataclass
+class SlideOutput(HeadOutput):
+    """What :class:`SlideModel` returns for a batch of bags.
+
+    Attributes:
+        attention: (B, N) tile attention of the aggregator (None for max pooling).
+        instance_logits: (B, N) tile logits of an instance classifier (CLAM), or None.
+        embedding: (B, H) slide embeddings.
+    """
+
+    attention: Tensor | None = None
+    instance_logits: Tensor | None = None
+    embedding: Tensor | None = None
+
+    @property
+    def tumour_prob(self) -> Tensor | None:
+        """(B,) probability of tumour."""
+        return None if self.tumour_logit is None else torch.sigmoid(self.tumour_logit)
+
+    @property
+    def up_prob(self) -> Tensor | None:
+        """(B, G) probability that each gene is up-regulated (≥ threshold)."""
+        return None if self.gene_logits is None else torch.softmax(self.gene_logits, -1)[..., 2]
+
+    @property
+    def up_logits(self) -> Tensor | None:
+        """(B, G) logit of up vs the rest, ``log p(up) - log(1 - p(up))``."""
+        if self.gene_logits is None:
+            return None
+        log_p = torch.log_softmax(self.gene_logits, -1)
+        return log_p[..., 2] - torch.logsumexp(log_p[..., :2], -1)
+
+
+class MultiTaskHead(nn.Module):
+    """Linear heads on a slide embedding: tumour logit, per-gene log2FC and class logits.
+
+    Args:
+        in_dim: embedding size ``H``.
+        tumour: predict tumour vs normal.
+        n_genes: number of genes ``G`` (0 for none).
+        dropout: dropout on the embedding.
+    """
+
+    def __init__(self, in_dim: int, tumour: bool = True, n_genes: int = 0, dropout: float = 0.0):
+        super().__init__()
+        if not tumour and n_genes < 1:
+            raise ValueError("a head needs a task: tumour=True, or n_genes ≥ 1")
+        self.tumour, self.n_genes = tumour, n_genes
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(in_dim, int(tumour) + 4 * n_genes)
+
+    def split(self, raw: Tensor) -> HeadOutput:
+        """Split raw outputs (*, 1 + 4G) into a :class:`HeadOutput`."""
+        g, t = self.n_genes, int(self.tumour)
+        return HeadOutput(
+            tumour_logit=raw[..., 0] if self.tumour else None,
+            log2fc=raw[..., t : t + g] if g else None,
+            gene_logits=raw[..., t + g :].unflatten(-1, (g, 3)) if g else None,
+        )
+
+    def forward(self, embedding: Tensor) -> HeadOutput:
+        """Embeddings (*, H) → :class:`HeadOutput` with leading dims ``*``."""
+        return self.split(self.linear(self.dropout(embedding)))
+
+
+@dataclass
+class TileScores:
+    """Each tile's contribution to the slide's raw outputs (for heatmaps).
+
+    For attention and mean pooling, ``attention_i · W h_i`` — summed over a bag's tiles
+    plus the head's bias it gives the slide's logits exactly; for max pooling, each tile's own
+    prediction ``W h_i + b``; for the transformer, CLS attention × ``W h_i`` (approximate).
+
+    Attributes:
+        tumour: (B, N) contribution to the tumour logit, or None.
+        log2fc: (B, N, G) contribution to the predicted log2FC, or None.
+        up: (B, N, G) contribution to the up-class logit, or None.
+    """
+
+    tumour: Tensor | None
+    log2fc: Tensor | None
+    up: Tensor | None
+
+
+class SlideModel(nn.Module):
+    """An aggregator and a multi-task head.
+
+    Args:
+        aggregator: a module from :data:`~histcode.finetune.aggregators.aggregators`.
+        head: the :class:`MultiTaskHead` on its embedding.
+    """
+
+    def __init__(self, aggregator: nn.Module, head: MultiTaskHead) -> None:
+        super().__init__()
+        self.aggregator = aggregator
+        self.head = head
+
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> SlideOutput:
+        """Predict slides.
+
+        Args:
+            features: (B, N, D) tile features, padded.
+            mask: (B, N) bool, True for real tiles; ``None`` means no padding.
+
+        Returns:
+            :class:`SlideOutput`: tumour logit (B,), log2fc (B, G), gene logits (B, G, 3),
+            attention (B, N).
+        """
+        mask = full_mask(features) if mask is None else mask
+        pooled: MILOutput = self.aggregator(features, mask)
+        head = self.head(pooled.embedding)
+        return SlideOutput(
+            tumour_logit=head.tumour_logit,
+            log2fc=head.log2fc,
+            gene_logits=head.gene_logits,
+            attention=pooled.attention,
+            instance_logits=pooled.instance_logits,
+            embedding=pooled.embedding,
+        )
+
+    @torch.no_grad()
+    def tile_scores(self, features: Tensor, mask: Tensor | None = None) -> TileScores:
+        """Each tile's contribution to the slide predictions (see :class:`TileScores`).
+
+        Args:
+            features: (B, N, D) tile features, padded.
+            mask: (B, N) bool; padded tiles score 0.
+
+        Returns:
+            :class:`TileScores` (raw logit / log2FC units).
+        """
+        mask = full_mask(features) if mask is None else mask
+        pooled: MILOutput = self.aggregator(features, mask)
+        if pooled.tiles is None:
+            raise ValueError(f"{type(self.aggregator).__name__} exposes no tile embeddings")
+        raw = pooled.tiles @ self.head.linear.weight.T  # (B, N, outputs), no bias
+        if pooled.attention is not None:
+            raw = raw * pooled.attention[..., None]
+        else:
+            raw = raw + self.head.linear.bias
+        raw = raw * mask[..., None]
+        parts = self.head.split(raw)
+        up = None if parts.gene_logits is None else parts.gene_logits[..., 2]
+        return TileScores(tumour=parts.tumour_logit, log2fc=parts.log2fc, up=up)
+
+
+def build_slide_model(
+    architecture: str,
+    in_dim: int,
+    hidden: int = 128,
+    dropout: float = 0.25,
+    tumour: bool = True,
+    n_genes: int = 0,
+    options: dict[str, Any] | None = None,
+) -> SlideModel:
+    """A :class:`SlideModel` with the aggregator ``architecture`` (registry card arguments).
+
+    Args:
+        architecture: an aggregator name (``abmil``, ``clam_sb``, ``mean``, ``max``,
+            ``transformer``).
+        in_dim: tile feature size ``D``.
+        hidden: embedding size ``H``.
+        dropout: dropout of the aggregator and the head.
+        tumour: predict tumour vs normal.
+        n_genes: number of genes.
+        options: further keyword arguments of the aggregator (e.g. ``{"layers": 1}``).
+    """
+    aggregator = create_aggregator(
+        architecture, in_dim, hidden=hidden, dropout=dropout, **(options or {})
+    )
+    return SlideModel(aggregator, MultiTaskHead(aggregator.out_dim, tumour, n_genes, dropout))
+
+
+def slide_model_builders() -> Builders[SlideModel]:
+    """Builders of whole slide models, one per aggregator name, for ``Registry.load``.
+
+    Example:
+        >>> model, card = Registry().load("tumour-abmil@1", builders=slide_model_builders())
+    """
+    builders: Builders[SlideModel] = Builders("MIL slide model")
+    for name in aggregators.names():
+
+        def build(_name: str = name, **arguments: Any) -> SlideModel:
+            return build_slide_model(_name, **arguments)
+
+        builders.register(name)(build)
+    return builders
+
+
+__all__ = [
+    "GENE_CLASSES",
+    "HeadOutput",
+    "MultiTaskHead",
+    "SlideModel",
+    "SlideOutput",
+    "TileScores",
+    "build_slide_model",
+    "slide_model_builders",
+]

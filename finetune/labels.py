@@ -1,0 +1,859 @@
+"""Slide labels: tumour vs normal, and per-gene log2 fold change against normal tissue.
+
+Two sources, which combine:
+
+* **A labels CSV** (any cohort): one row per slide with ``slide_id``, ``patient_id`` and
+  optionally ``tumour`` (1/0, true/false, tumour/normal), ``sample_id`` (the expression column
+  of the slide) and ``<GENE>_log2fc`` columns (ready-made regression targets). Without a CSV
+  the slides of the feature store are the rows and TCGA barcodes give patient and tumour
+  status (:mod:`histcode.finetune.barcodes`).
+* **An expression matrix** (TSV/CSV, genes × samples, TPM or raw counts): the first column
+  names the gene, the others are samples (TCGA sample barcodes such as ``TCGA-S1-0001-01A``,
+  or slide ids). For each gene ``g`` and tumour sample ``s``::
+
+      log2FC[s, g] = log2((x[s, g] + pseudocount) / (mean over normal samples n of x[n, g]
+                                                       + pseudocount))
+
+  with counts first scaled to counts per million (CPM) by each sample's library size (the
+  column sum over all genes of the matrix). The normal mean is over every normal sample of the
+  matrix (TCGA sample types 10–19, or slides labelled normal), whether or not it has a slide:
+  HistCode's fold change of each tumour against normal tissue. ``|log2FC| ≥ threshold`` gives
+  the classes up / down, the rest are unchanged.
+
+Normal slides have tumour label 0 and no differential-expression target (masked).
+
+Every problem with the inputs — ids that do not match, genes missing from the matrix, NaN,
+negative or non-numeric values, no normal samples, duplicate ids — raises a ``ValueError``
+naming the offending rows, columns or ids and saying how to fix it.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import gzip
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from histcode.finetune.barcodes import is_tcga, parse_barcode
+
+log = logging.getLogger(__name__)
+
+#: Classes of a gene's differential expression, by their integer code in :attr:`Labels.classes`.
+CLASS_NAMES = {-1: "down", 0: "unchanged", 1: "up"}
+#: Column-name aliases accepted in a labels CSV (lower case) → canonical name.
+_ALIASES = {
+    "slide_id": ("slide_id", "slide", "slide_name", "slide_barcode", "id"),
+    "patient_id": ("patient_id", "patient", "case_id", "case", "case_submitter_id"),
+    "tumour": (
+        "tumour",
+        "tumor",
+        "is_tumour",
+        "is_tumor",
+        "label",
+        "tumour_label",
+        "tissue",
+        "sample_type",
+    ),
+    "sample_id": ("sample_id", "sample", "sample_barcode"),
+}
+_TRUE = {"1", "1.0", "true", "yes", "tumour", "tumor", "cancer", "t"}
+_FALSE = {"0", "0.0", "false", "no", "normal", "n"}
+LOG2FC_SUFFIX = "_log2fc"
+
+
+def preview(items: Iterable[object], n: int = 8) -> str:
+    """``a, b, c … (12 in all)``: a short list of ids for error messages."""
+    items = [str(i) for i in items]
+    shown = ", ".join(items[:n])
+    return f"{shown} … ({len(items)} in all)" if len(items) > n else shown
+
+
+# -- gene lists ---------------------------------------------------------------------------------
+
+
+def read_gene_list(path: Path | str) -> list[str]:
+    """Genes from a text file: one symbol per line; ``#`` starts a comment; blank lines skipped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file names no gene, or a gene twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"gene list {path} does not exist; pass a text file, one gene a line"
+        )
+    return _parse_gene_lines(path.read_text(encoding="utf-8").splitlines(), str(path))
+
+
+def default_genes() -> list[str]:
+    """The driver and immune genes shipped with histcode (``finetune/data/driver_genes.txt``)."""
+    text = resources.files("histcode.finetune").joinpath("data/driver_genes.txt").read_text("utf-8")
+    return _parse_gene_lines(text.splitlines(), "driver_genes.txt")
+
+
+def _parse_gene_lines(lines: Sequence[str], source: str) -> list[str]:
+    genes = [line.split("#")[0].strip() for line in lines]
+    genes = [g for g in genes if g]
+    if not genes:
+        raise ValueError(f"{source} names no gene; write one gene symbol a line")
+    dupes = sorted({g for g in genes if genes.count(g) > 1})
+    if dupes:
+        raise ValueError(
+            f"{source} names genes more than once: {preview(dupes)}; remove the repeats"
+        )
+    return genes
+
+
+def resolve_genes(
+    available: Sequence[str],
+    genes: Sequence[str] | None = None,
+    source: str = "the expression matrix",
+) -> list[str]:
+    """Which genes to model.
+
+    Args:
+        available: genes that have data (rows of the matrix, or ``<GENE>_log2fc`` columns).
+        genes: the genes asked for; ``None`` means the default driver list, of which only the
+            available genes are kept.
+        source: where ``available`` comes from, for messages.
+
+    Returns:
+        The genes, in the order asked for.
+
+    Raises:
+        ValueError: an asked-for gene is missing (lists them with close matches), or none of
+            the default genes is available.
+    """
+    have = set(available)
+    if genes is None:
+        chosen = [g for g in default_genes() if g in have]
+        if not chosen:
+            raise ValueError(
+                f"none of the {len(default_genes())} default driver genes is in {source} (it has "
+                f"{preview(sorted(have))}). Gene rows must be HGNC symbols such as TP53; pass "
+                "your genes with --data.genes or --data.genes_file."
+            )
+        log.info("%d of the default driver genes are in %s", len(chosen), source)
+        return chosen
+    genes = list(genes)
+    if not genes:
+        raise ValueError("the gene list is empty; name at least one gene or leave it unset")
+    dupes = sorted({g for g in genes if genes.count(g) > 1})
+    if dupes:
+        raise ValueError(f"genes asked for more than once: {preview(dupes)}")
+    missing = [g for g in genes if g not in have]
+    if missing:
+        hints = []
+        for g in missing[:8]:
+            close = difflib.get_close_matches(g, have, n=2, cutoff=0.6)
+            hints.append(f"{g} (did you mean {' or '.join(close)}?)" if close else g)
+        raise ValueError(
+            f"{len(missing)} gene(s) are not in {source}: {', '.join(hints)}"
+            f"{' …' if len(missing) > 8 else ''}. Remove them from the gene list, or use a matrix "
+            "that has them."
+        )
+    return genes
+
+
+# -- reading tables -----------------------------------------------------------------------------
+
+
+def _separator(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith((".tsv", ".txt", ".tab")):
+        return "\t"
+    if name.endswith(".csv"):
+        return ","
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        head = f.readline()
+    return "\t" if head.count("\t") >= head.count(",") else ","
+
+
+def _header(path: Path, sep: str) -> list[str]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        return [c.strip() for c in next(csv.reader(f, delimiter=sep), [])]
+
+
+def _read_table(path: Path | str, what: str) -> pd.DataFrame:
+    """Read a TSV/CSV as strings, refusing duplicate column names."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    sep = _separator(path)
+    header = _header(path, sep)
+    if not header or not any(header):
+        raise ValueError(f"{what} {path} is empty; it needs a header row")
+    dupes = sorted({c for c in header if header.count(c) > 1})
+    if dupes:
+        raise ValueError(
+            f"{what} {path} has duplicate columns {preview(dupes)}; each column must be unique"
+        )
+    frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def read_expression(path: Path | str) -> pd.DataFrame:
+    """Read an expression matrix: genes × samples, the first column (or ``gene``) naming genes.
+
+    Values are parsed as numbers; checks of NaN and sign come later, on the rows and columns
+    that are used (:func:`expression_log2fc`).
+
+    Returns:
+        A float64 frame indexed by gene, one column per sample; empty or non-numeric cells
+        are NaN.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: duplicate genes or samples, or no sample column; names them.
+    """
+    path = Path(path)
+    frame = _read_table(path, "expression matrix")
+    lower = [c.lower() for c in frame.columns]
+    gene_col = frame.columns[lower.index("gene")] if "gene" in lower else frame.columns[0]
+    if frame.shape[1] < 2:
+        raise ValueError(
+            f"expression matrix {path} has no sample columns; expected a genes × samples table "
+            "with a first column naming the gene and one column per sample"
+        )
+    genes = frame[gene_col].str.strip()
+    dupes = sorted(set(genes[genes.duplicated()]))
+    if dupes:
+        rows = [str(i + 2) for i in np.flatnonzero(genes.isin(dupes))[:8]]
+        raise ValueError(
+            f"expression matrix {path} names genes more than once: {preview(dupes)} (lines "
+            f"{', '.join(rows)}); merge or drop the repeated rows"
+        )
+    values = frame.drop(columns=[gene_col]).apply(
+        lambda col: pd.to_numeric(col.str.strip().replace({"": "nan", "NA": "nan"}), "coerce")
+    )
+    bad = (
+        frame.drop(columns=[gene_col]).apply(
+            lambda col: ~col.str.strip().str.lower().isin({"", "na", "nan"})
+        )
+        & values.isna()
+    )
+    if bad.to_numpy().any():
+        cells = [
+            f"{genes.iloc[r]}/{values.columns[c]}={frame.iloc[r, c + 1]!r}"
+            for r, c in zip(*np.nonzero(bad.to_numpy()), strict=True)
+        ]
+        raise ValueError(
+            f"expression matrix {path} has non-numeric values (gene/sample=value): "
+            f"{preview(cells, 6)}; expression must be numbers (TPM or counts)"
+        )
+    values.index = pd.Index(genes, name="gene")
+    return values.astype(np.float64)
+
+
+def read_label_table(path: Path | str) -> pd.DataFrame:
+    """Read a labels CSV into canonical columns.
+
+    Accepted columns (case-insensitive; aliases in brackets): ``slide_id`` (slide, id) required;
+    ``patient_id`` (patient, case_id) required unless the slide ids are TCGA barcodes;
+    ``tumour`` (tumor, label, tissue, sample_type) as 1/0, true/false, tumour/normal or a
+    TCGA sample type code (01–09 tumour, 10–19 normal); ``sample_id``
+    (the slide's expression column); ``<GENE>_log2fc`` numeric targets. Other columns are
+    ignored.
+
+    Returns:
+        A frame with ``slide_id``, ``patient_id``, ``tumour`` (float 1/0/NaN), ``sample_id``
+        (str or ``""``) and any ``<GENE>_log2fc`` (float) columns, one row per slide.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: no slide column, duplicate or empty slide ids, missing patient ids,
+            unreadable tumour labels or non-numeric log2FC; names the rows.
+    """
+    path = Path(path)
+    raw = _read_table(path, "labels file")
+    by_lower = {c.lower(): c for c in raw.columns}
+    found = {}
+    for canon, aliases in _ALIASES.items():
+        found[canon] = next((by_lower[a] for a in aliases if a in by_lower), None)
+    if found["slide_id"] is None:
+        raise ValueError(
+            f"labels file {path} has no slide column (columns: {preview(raw.columns)}); name "
+            "one 'slide_id' (the slide file's stem)"
+        )
+    out = pd.DataFrame({"slide_id": raw[found["slide_id"]].str.strip()})
+    line = pd.Series(np.arange(len(raw)) + 2, index=raw.index)  # 1-based, after the header
+    empty = out["slide_id"] == ""
+    if empty.any():
+        raise ValueError(f"labels file {path}: empty slide_id on lines {preview(line[empty])}")
+    dupes = out["slide_id"].duplicated(keep=False)
+    if dupes.any():
+        shown = [
+            f"{s} (line {n})" for s, n in zip(out["slide_id"][dupes], line[dupes], strict=True)
+        ]
+        raise ValueError(
+            f"labels file {path} lists slides more than once: {preview(shown)}; keep one row "
+            "per slide"
+        )
+    if found["patient_id"] is not None:
+        out["patient_id"] = raw[found["patient_id"]].str.strip()
+    else:
+        out["patient_id"] = ""
+    missing = out["patient_id"] == ""
+    if missing.any():
+        fill = [parse_barcode(s).patient if is_tcga(s) else "" for s in out["slide_id"][missing]]
+        out.loc[missing, "patient_id"] = fill
+        still = out["patient_id"] == ""
+        if still.any():
+            shown = [
+                f"{s} (line {n})" for s, n in zip(out["slide_id"][still], line[still], strict=True)
+            ]
+            raise ValueError(
+                f"labels file {path}: no patient id for {preview(shown)}. Add a 'patient_id' "
+                "column (slides of one patient must share it so that no patient is in two "
+                "folds)."
+            )
+    out["tumour"] = np.nan
+    if found["tumour"] is not None:
+        text = raw[found["tumour"]].str.strip().str.lower()
+        value = pd.Series(np.nan, index=raw.index)
+        value[text.isin(_TRUE)] = 1.0
+        value[text.isin(_FALSE)] = 0.0
+        code = pd.to_numeric(text.where(text.str.fullmatch(r"\d\d")), errors="coerce")
+        value[(code >= 1) & (code <= 9)] = 1.0  # TCGA sample type codes 01-09, 10-19
+        value[(code >= 10) & (code <= 19)] = 0.0
+        bad = value.isna() & ~text.isin({"", "na", "nan"})
+        if bad.any():
+            shown = [
+                f"{s}={v!r} (line {n})"
+                for s, v, n in zip(
+                    out["slide_id"][bad], raw[found["tumour"]][bad], line[bad], strict=True
+                )
+            ]
+            raise ValueError(
+                f"labels file {path}: column {found['tumour']!r} must be 1/0, true/false, "
+                f"tumour/normal or a TCGA sample type (01-19); got {preview(shown, 6)}"
+            )
+        out["tumour"] = value.to_numpy()
+    unknown = out["tumour"].isna()
+    if unknown.any():  # TCGA ids say it themselves
+        kinds = [parse_barcode(s).kind if is_tcga(s) else "" for s in out["slide_id"][unknown]]
+        out.loc[unknown, "tumour"] = [
+            1.0 if k == "tumour" else 0.0 if k == "normal" else np.nan for k in kinds
+        ]
+    out["sample_id"] = raw[found["sample_id"]].str.strip() if found["sample_id"] else ""
+    for col in raw.columns:
+        if col.lower().endswith(LOG2FC_SUFFIX) and len(col) > len(LOG2FC_SUFFIX):
+            gene = col[: -len(LOG2FC_SUFFIX)]
+            text = raw[col].str.strip()
+            values = pd.to_numeric(text.replace({"": "nan", "NA": "nan"}), errors="coerce")
+            bad = values.isna() & ~text.str.lower().isin({"", "na", "nan"})
+            bad |= np.isinf(values)
+            if bad.any():
+                shown = [
+                    f"{s} (line {n})" for s, n in zip(out["slide_id"][bad], line[bad], strict=True)
+                ]
+                raise ValueError(
+                    f"labels file {path}: column {col!r} must hold finite numbers (empty for "
+                    f"no target); bad values for {preview(shown, 6)}"
+                )
+            out[f"{gene}{LOG2FC_SUFFIX}"] = values.to_numpy(np.float64)
+    return out.reset_index(drop=True)
+
+
+def table_from_slide_ids(slide_ids: Sequence[str]) -> pd.DataFrame:
+    """A labels table from TCGA slide ids alone: patient and tumour status from the barcode.
+
+    Raises:
+        ValueError: some ids are not TCGA barcodes, or are controls (sample types 20–29);
+            names them and says to pass a labels CSV.
+    """
+    not_tcga = [s for s in slide_ids if not is_tcga(s)]
+    if not_tcga:
+        raise ValueError(
+            f"slide ids are not TCGA barcodes, so patient and tumour status cannot be read from "
+            f"them: {preview(not_tcga)}. Pass --labels a CSV with slide_id, patient_id and "
+            "tumour columns."
+        )
+    parsed = [parse_barcode(s) for s in slide_ids]
+    controls = [b.barcode for b in parsed if b.kind == "control"]
+    if controls:
+        raise ValueError(
+            f"slides with TCGA control sample types (20–29) are neither tumour nor normal: "
+            f"{preview(controls)}. Pass --labels a CSV listing the slides to use."
+        )
+    return pd.DataFrame(
+        {
+            "slide_id": list(slide_ids),
+            "patient_id": [b.patient for b in parsed],
+            "tumour": [1.0 if b.is_tumour else 0.0 for b in parsed],
+            "sample_id": "",
+        }
+    )
+
+
+# -- expression → targets -----------------------------------------------------------------------
+
+
+def match_samples(
+    slide_ids: Sequence[str], columns: Sequence[str], explicit: Mapping[str, str] | None = None
+) -> dict[str, str | None]:
+    """Map each slide to its expression column.
+
+    A slide matches the column equal to its ``sample_id`` (when given), else the column equal
+    to the slide id, else the column whose TCGA sample barcode (16 characters with vial, then
+    15 without) is the slide's.
+
+    Returns:
+        slide id → column, or None when no column matches.
+
+    Raises:
+        ValueError: a given ``sample_id`` is not a column, or a slide matches several columns
+            (e.g. two aliquots of one sample); names them.
+    """
+    explicit = dict(explicit or {})
+    cols = set(columns)
+    by_sample: dict[str, list[str]] = {}
+    by_sample15: dict[str, list[str]] = {}
+    for c in columns:
+        if is_tcga(c):
+            b = parse_barcode(c)
+            if b.vial:
+                by_sample.setdefault(b.sample, []).append(c)
+            by_sample15.setdefault(b.sample_no_vial, []).append(c)
+    out: dict[str, str | None] = {}
+    unknown, ambiguous = [], []
+    for sid in slide_ids:
+        given = explicit.get(sid, "")
+        if given:
+            if given not in cols:
+                unknown.append(f"{sid} → {given}")
+            out[sid] = given
+            continue
+        if sid in cols:
+            out[sid] = sid
+            continue
+        hits: list[str] = []
+        if is_tcga(sid):
+            b = parse_barcode(sid)
+            hits = by_sample.get(b.sample, []) if b.vial else []
+            if not hits:
+                vial_hits = by_sample15.get(b.sample_no_vial, [])
+                # a column without vial matches any vial; one with another vial does not
+                hits = [c for c in vial_hits if not b.vial or parse_barcode(c).vial in ("", b.vial)]
+        if len(hits) > 1:
+            ambiguous.append(f"{sid} → {', '.join(sorted(hits))}")
+        out[sid] = hits[0] if len(hits) == 1 else None
+    if unknown:
+        raise ValueError(
+            f"sample_id of these slides is not a column of the expression matrix: "
+            f"{preview(unknown)}; fix the sample_id column or the matrix"
+        )
+    if ambiguous:
+        raise ValueError(
+            f"slides match several expression columns (aliquots of one sample?): "
+            f"{preview(ambiguous, 5)}. Keep one column per sample, or set sample_id per slide "
+            "in the labels CSV."
+        )
+    return out
+
+
+def _check_values(values: pd.DataFrame, source: str) -> None:
+    """Refuse NaN and negative values in the part of the matrix that is used."""
+    arr = values.to_numpy()
+    for what, bad, fix in (
+        (
+            "missing or infinite (NaN/empty/inf)",
+            ~np.isfinite(arr),
+            "fill them, or drop those genes or samples",
+        ),
+        (
+            "negative",
+            arr < 0,
+            "TPM and counts are ≥ 0; pass linear (not log-transformed) expression",
+        ),
+    ):
+        if bad.any():
+            rows, cols = np.nonzero(bad)
+            cells = [
+                f"{values.index[r]}/{values.columns[c]}" for r, c in zip(rows, cols, strict=True)
+            ]
+            genes = sorted({values.index[r] for r in rows})
+            raise ValueError(
+                f"{source} has {bad.sum()} {what} value(s) (gene/sample): {preview(cells, 6)}; "
+                f"genes {preview(genes, 6)}. {fix[0].upper()}{fix[1:]}."
+            )
+
+
+def expression_log2fc(
+    expression: pd.DataFrame,
+    genes: Sequence[str],
+    tumour_samples: Sequence[str],
+    normal_samples: Sequence[str],
+    units: str = "tpm",
+    pseudocount: float = 1.0,
+    source: str = "expression matrix",
+) -> pd.DataFrame:
+    """Log2 fold change of each tumour sample against the mean of the normal samples.
+
+    Args:
+        expression: genes × samples (:func:`read_expression`), linear scale.
+        genes: the genes (rows) to compute.
+        tumour_samples: columns of tumour samples, one row of the result each.
+        normal_samples: columns of normal samples, averaged as the reference.
+        units: ``tpm`` (used as is; also FPKM or any normalised linear unit) or ``counts``
+            (scaled to CPM by each sample's column sum over all genes).
+        pseudocount: added to tumour and normal-mean values before the ratio.
+        source: for messages.
+
+    Returns:
+        Tumour samples × genes, float64.
+
+    Raises:
+        ValueError: no normal samples, unknown units, a negative pseudocount, or NaN /
+            negative values in the used rows and columns (named).
+    """
+    if units not in ("tpm", "counts"):
+        raise ValueError(f"units must be 'tpm' or 'counts', got {units!r}")
+    if not pseudocount >= 0:
+        raise ValueError(f"pseudocount must be ≥ 0 (e.g. 1.0), got {pseudocount!r}")
+    if not len(normal_samples):
+        raise ValueError(
+            f"{source} has no normal samples (TCGA sample types 10–19, or slides labelled normal) "
+            f"among its {expression.shape[1]} columns ({preview(expression.columns, 5)}): fold "
+            "change against normal tissue needs at least one. Add normal samples, or give "
+            "ready-made targets as <GENE>_log2fc columns of the labels CSV."
+        )
+    used = list(dict.fromkeys([*tumour_samples, *normal_samples]))
+    if units == "counts":
+        _check_values(expression[used], source)
+        library = expression[used].sum(axis=0)
+        empty = library.index[library <= 0].tolist()
+        if empty:
+            raise ValueError(f"{source}: samples with no counts at all: {preview(empty)}")
+        scaled = expression.loc[list(genes), used] / library * 1e6
+    else:
+        scaled = expression.loc[list(genes), used]
+        _check_values(scaled, source)
+    normal_mean = scaled[list(normal_samples)].mean(axis=1)
+    tumour = scaled[list(tumour_samples)]
+    if pseudocount == 0 and ((tumour == 0).to_numpy().any() or (normal_mean == 0).any()):
+        raise ValueError(
+            f"{source}: zero expression with pseudocount 0 gives an infinite fold change; use "
+            "a pseudocount > 0 (e.g. 1.0)"
+        )
+    ratio = (tumour + pseudocount).div(normal_mean + pseudocount, axis=0)
+    return np.log2(ratio).T.astype(np.float64)
+
+
+def classify(log2fc: np.ndarray, threshold: float) -> np.ndarray:
+    """Classes of log2 fold changes: 1 up (≥ threshold), -1 down (≤ -threshold), 0 unchanged.
+
+    NaN (no target) gives 0; use the target mask to tell them apart.
+    """
+    if not threshold > 0:
+        raise ValueError(
+            f"threshold must be a positive log2 fold change (e.g. 1.0), got {threshold}"
+        )
+    out = np.zeros(np.shape(log2fc), np.int8)
+    with np.errstate(invalid="ignore"):
+        out[np.asarray(log2fc) >= threshold] = 1
+        out[np.asarray(log2fc) <= -threshold] = -1
+    return out
+
+
+# -- Labels -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Labels:
+    """Targets of a cohort's slides, aligned by row.
+
+    Attributes:
+        slide_ids: (n,) slide ids (feature-store group names).
+        patient_ids: (n,) patient of each slide; folds never split a patient.
+        sample_ids: (n,) the expression sample (or slide) whose targets each slide carries;
+            slides of one sample share targets.
+        tumour: (n,) float32, 1 tumour, 0 normal, NaN unknown.
+        genes: (G,) gene symbols.
+        log2fc: (n, G) float32 log2 fold change against normal tissue; NaN where a slide has
+            no target (normal slides, missing expression).
+        threshold: ``|log2FC| ≥ threshold`` is up / down.
+        warnings: what was dropped or masked while building the labels.
+    """
+
+    slide_ids: list[str]
+    patient_ids: list[str]
+    sample_ids: list[str]
+    tumour: np.ndarray
+    genes: list[str] = field(default_factory=list)
+    log2fc: np.ndarray | None = None
+    threshold: float = 1.0
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.slide_ids)
+        self.tumour = np.asarray(self.tumour, np.float32).reshape(n)
+        if self.log2fc is None:
+            self.log2fc = np.full((n, len(self.genes)), np.nan, np.float32)
+        self.log2fc = np.asarray(self.log2fc, np.float32).reshape(n, len(self.genes))
+        if not (len(self.patient_ids) == len(self.sample_ids) == n):
+            raise ValueError("slide_ids, patient_ids and sample_ids must have one entry per slide")
+        if len(set(self.slide_ids)) != n:
+            dupes = sorted({s for s in self.slide_ids if self.slide_ids.count(s) > 1})
+            raise ValueError(f"slides listed more than once: {preview(dupes)}")
+        classify(np.zeros(1), self.threshold)  # validates the threshold
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    @property
+    def tumour_mask(self) -> np.ndarray:
+        """(n,) bool: the slide has a tumour label."""
+        return ~np.isnan(self.tumour)
+
+    @property
+    def gene_mask(self) -> np.ndarray:
+        """(n, G) bool: the slide has a log2FC target for the gene."""
+        return ~np.isnan(self.log2fc)
+
+    @property
+    def classes(self) -> np.ndarray:
+        """(n, G) int8: 1 up, -1 down, 0 unchanged (meaningless where :attr:`gene_mask` is off)."""
+        return classify(self.log2fc, self.threshold)
+
+    def class_names(self) -> np.ndarray:
+        """(n, G) object: ``up`` / ``down`` / ``unchanged``, ``""`` without target."""
+        names = np.vectorize(CLASS_NAMES.get, otypes=[object])(self.classes)
+        names[~self.gene_mask] = ""
+        return names
+
+    def index(self, slide_ids: Sequence[str]) -> np.ndarray:
+        """Row positions of ``slide_ids``."""
+        where = {s: i for i, s in enumerate(self.slide_ids)}
+        missing = [s for s in slide_ids if s not in where]
+        if missing:
+            raise KeyError(f"slides without labels: {preview(missing)}")
+        return np.array([where[s] for s in slide_ids], dtype=np.int64)
+
+    def subset(self, rows: Sequence[int] | np.ndarray) -> Labels:
+        """The labels of rows ``rows`` (positions), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Labels(
+            slide_ids=[self.slide_ids[i] for i in rows],
+            patient_ids=[self.patient_ids[i] for i in rows],
+            sample_ids=[self.sample_ids[i] for i in rows],
+            tumour=self.tumour[rows],
+            genes=list(self.genes),
+            log2fc=self.log2fc[rows],
+            threshold=self.threshold,
+            warnings=list(self.warnings),
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per slide: ids, ``tumour``, and ``<GENE>_log2fc`` / ``<GENE>_class``."""
+        frame = pd.DataFrame(
+            {
+                "slide_id": self.slide_ids,
+                "patient_id": self.patient_ids,
+                "sample_id": self.sample_ids,
+                "tumour": self.tumour,
+            }
+        )
+        names = self.class_names()
+        for j, g in enumerate(self.genes):
+            frame[f"{g}{LOG2FC_SUFFIX}"] = self.log2fc[:, j]
+            frame[f"{g}_class"] = names[:, j]
+        return frame
+
+
+def build_labels(
+    table: pd.DataFrame,
+    expression: pd.DataFrame | None = None,
+    genes: Sequence[str] | None = None,
+    threshold: float = 1.0,
+    units: str = "tpm",
+    pseudocount: float = 1.0,
+    strict: bool = True,
+    with_genes: bool = True,
+    source: str = "expression matrix",
+) -> Labels:
+    """Labels from a labels table and, for gene targets, an expression matrix.
+
+    Args:
+        table: from :func:`read_label_table` or :func:`table_from_slide_ids`.
+        expression: from :func:`read_expression`; ``None`` uses the table's ``<GENE>_log2fc``
+            columns (if any) as targets.
+        genes: genes to model; ``None`` is the default driver list ∩ what the data has.
+        threshold: log2FC threshold of the up / down classes.
+        units: ``tpm`` or ``counts`` (see :func:`expression_log2fc`).
+        pseudocount: see :func:`expression_log2fc`.
+        strict: tumour slides without an expression column are an error (``False``: a warning,
+            and their gene targets are masked).
+        with_genes: build gene targets (the ``genes`` task); ``False`` gives tumour labels only.
+        source: name of the expression matrix, for messages.
+
+    Raises:
+        ValueError: see the module docstring; every message names the offending ids.
+    """
+    slide_ids = table["slide_id"].tolist()
+    tumour = table["tumour"].to_numpy(np.float64)
+    samples = [s or sid for s, sid in zip(table["sample_id"], slide_ids, strict=True)]
+    warnings: list[str] = []
+    targets = np.zeros((len(table), 0))
+    chosen: list[str] = []
+    csv_genes = [c[: -len(LOG2FC_SUFFIX)] for c in table.columns if c.endswith(LOG2FC_SUFFIX)]
+    if with_genes and expression is not None:
+        chosen = resolve_genes(expression.index.tolist(), genes, source)
+        explicit = {sid: s for sid, s in zip(slide_ids, table["sample_id"], strict=True) if s}
+        mapping = match_samples(slide_ids, expression.columns.tolist(), explicit)
+        samples = [mapping[sid] or (explicit.get(sid) or sid) for sid in slide_ids]
+        kinds = _column_kinds(
+            expression.columns, mapping, dict(zip(slide_ids, tumour, strict=True))
+        )
+        unlabelled_tumour = [
+            sid for sid, t in zip(slide_ids, tumour, strict=True) if np.isnan(t) and mapping[sid]
+        ]
+        if unlabelled_tumour:
+            raise ValueError(
+                f"slides without a tumour/normal label: {preview(unlabelled_tumour)}; add a "
+                "'tumour' column (1/0) to the labels CSV"
+            )
+        tumour_slides = [sid for sid, t in zip(slide_ids, tumour, strict=True) if t == 1]
+        unmatched = [sid for sid in tumour_slides if mapping[sid] is None]
+        if tumour_slides and len(unmatched) == len(tumour_slides):
+            raise ValueError(
+                f"no tumour slide matches a column of the {source}: slides "
+                f"{preview(unmatched, 4)}; columns {preview(expression.columns, 4)}. Columns "
+                "must be TCGA sample barcodes (TCGA-XX-XXXX-01A) or slide ids, or set sample_id "
+                "per slide in the labels CSV."
+            )
+        if unmatched:
+            message = (
+                f"{len(unmatched)} tumour slide(s) have no column in the {source}: "
+                f"{preview(unmatched)}"
+            )
+            if strict:
+                raise ValueError(
+                    f"{message}. Add their samples to the matrix, drop them from the labels, or "
+                    "set --data.strict_ids false to keep them for the tumour task only."
+                )
+            log.warning("%s; their gene targets are masked", message)
+            warnings.append(message)
+        tumour_cols = sorted({mapping[s] for s in tumour_slides if mapping[s]})
+        normal_cols = [c for c in expression.columns if kinds.get(c) == "normal"]
+        if len(normal_cols) < 3 and normal_cols:
+            message = f"only {len(normal_cols)} normal sample(s) form the fold-change reference"
+            log.warning(message)
+            warnings.append(message)
+        fc = expression_log2fc(
+            expression, chosen, tumour_cols, normal_cols, units, pseudocount, source
+        )
+        targets = np.full((len(table), len(chosen)), np.nan)
+        for i, sid in enumerate(slide_ids):
+            if tumour[i] == 1 and mapping[sid]:
+                targets[i] = fc.loc[mapping[sid]].to_numpy()
+    elif with_genes and csv_genes:
+        chosen = resolve_genes(csv_genes, genes, "the labels CSV's <GENE>_log2fc columns")
+        targets = table[[f"{g}{LOG2FC_SUFFIX}" for g in chosen]].to_numpy(np.float64)
+        normal_with = [
+            sid
+            for sid, t, row in zip(slide_ids, tumour, targets, strict=True)
+            if t == 0 and not np.isnan(row).all()
+        ]
+        if normal_with:
+            message = (
+                f"log2FC targets of normal slides are ignored (normal tissue has no "
+                f"differential expression target): {preview(normal_with)}"
+            )
+            log.warning(message)
+            warnings.append(message)
+            targets[tumour == 0] = np.nan
+    elif with_genes:
+        raise ValueError(
+            "the genes task needs targets: pass --expression (a genes × samples matrix) or "
+            "<GENE>_log2fc columns in the labels CSV; or drop 'genes' from --data.tasks"
+        )
+    return Labels(
+        slide_ids=slide_ids,
+        patient_ids=table["patient_id"].tolist(),
+        sample_ids=samples,
+        tumour=tumour,
+        genes=chosen,
+        log2fc=targets,
+        threshold=threshold,
+        warnings=warnings,
+    )
+
+
+def _column_kinds(
+    columns: Sequence[str], mapping: Mapping[str, str | None], tumour: Mapping[str, float]
+) -> dict[str, str]:
+    """Tumour / normal status of expression columns: TCGA barcode, else the slides' labels."""
+    kinds: dict[str, str] = {}
+    for c in columns:
+        if is_tcga(c):
+            kinds[c] = parse_barcode(c).kind
+    conflicts = []
+    for sid, col in mapping.items():
+        if col is None or np.isnan(tumour[sid]):
+            continue
+        kind = "tumour" if tumour[sid] == 1 else "normal"
+        if kinds.setdefault(col, kind) != kind:
+            conflicts.append(f"{sid} ({kind}) → {col} ({kinds[col]})")
+    if conflicts:
+        raise ValueError(
+            f"slides labelled differently from their expression sample: {preview(conflicts, 5)}; "
+            "fix the tumour column of the labels CSV"
+        )
+    return kinds
+
+
+def load_labels(
+    labels: Path | str | None,
+    expression: Path | str | None,
+    slide_ids: Sequence[str],
+    genes: Sequence[str] | None = None,
+    threshold: float = 1.0,
+    units: str = "tpm",
+    pseudocount: float = 1.0,
+    strict: bool = True,
+    with_genes: bool = True,
+) -> Labels:
+    """Read labels from files (see :func:`build_labels`).
+
+    Args:
+        labels: a labels CSV, or ``None`` to label ``slide_ids`` from their TCGA barcodes.
+        expression: an expression matrix, or ``None``.
+        slide_ids: the slides with features (used when ``labels`` is ``None``).
+        genes, threshold, units, pseudocount, strict, with_genes: see :func:`build_labels`.
+    """
+    table = read_label_table(labels) if labels is not None else table_from_slide_ids(slide_ids)
+    matrix = read_expression(expression) if expression is not None and with_genes else None
+    source = f"expression matrix {expression}" if expression is not None else "expression matrix"
+    return build_labels(
+        table, matrix, genes, threshold, units, pseudocount, strict, with_genes, source
+    )
+
+
+__all__ = [
+    "CLASS_NAMES",
+    "LOG2FC_SUFFIX",
+    "Labels",
+    "build_labels",
+    "classify",
+    "default_genes",
+    "expression_log2fc",
+    "load_labels",
+    "match_samples",
+    "preview",
+    "read_expression",
+    "read_gene_list",
+    "read_label_table",
+    "resolve_genes",
+    "table_from_slide_ids",
+]

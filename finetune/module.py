@@ -1,0 +1,178 @@
+"""The LightningModule: a slide model, its multi-task losses and AdamW.
+
+Losses (each masked to the slides that have the target, weighted by :class:`LossOptions`):
+
+* tumour — binary cross-entropy with logits;
+* log2fc — Huber (or MSE) of the predicted log2 fold change, tumour slides only;
+* classes — cross-entropy of down / unchanged / up per gene, tumour slides only;
+* instance — CLAM's instance loss when the aggregator has one.
+
+Validation accumulates each loss over the whole validation set and logs ``val/loss`` (the
+weighted total) and ``val/<task>`` once per epoch; these alone choose the epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from histcode.finetune.bags import IGNORE_CLASS, BagBatch
+from histcode.finetune.heads import SlideModel, SlideOutput, build_slide_model
+from histcode.finetune.options import LossOptions, ModelOptions, OptimOptions
+from torch import Tensor
+
+TERMS = ("tumour", "log2fc", "classes", "instance")
+
+
+class MILModule(pl.LightningModule):
+    """Trains a :class:`~histcode.finetune.heads.SlideModel` on bags.
+
+    Args:
+        in_dim: tile feature size ``D`` (the feature store's ``embed_dim``).
+        tumour: predict tumour vs normal.
+        genes: genes of the differential-expression task (empty for none).
+        model: aggregator and head options.
+        loss: task weights.
+        optim: optimiser options.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        tumour: bool = True,
+        genes: list[str] | None = None,
+        model: ModelOptions | None = None,
+        loss: LossOptions | None = None,
+        optim: OptimOptions | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_dim, self.tumour, self.genes = in_dim, tumour, list(genes or [])
+        self.model_options = model or ModelOptions()
+        self.loss_options = loss or LossOptions()
+        self.optim_options = optim or OptimOptions()
+        self.model: SlideModel = build_slide_model(**self.model_arguments())
+        self._val_sums: dict[str, float] = {}
+
+    def model_arguments(self) -> dict[str, Any]:
+        """Arguments of :func:`build_slide_model` (the registry card's ``architecture`` and
+        ``arguments``)."""
+        m = self.model_options
+        return {
+            "architecture": m.aggregator,
+            "in_dim": self.in_dim,
+            "hidden": m.hidden,
+            "dropout": m.dropout,
+            "tumour": self.tumour,
+            "n_genes": len(self.genes),
+            "options": dict(m.options),
+        }
+
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> SlideOutput:
+        """Bags (B, N, D) with mask (B, N) → :class:`SlideOutput`."""
+        return self.model(features, mask)
+
+    # -- losses ---------------------------------------------------------------------------------
+
+    def losses(self, batch: BagBatch, out: SlideOutput) -> dict[str, tuple[Tensor, int]]:
+        """Each loss term as ``(mean over its targets, number of targets)``, if present."""
+        terms: dict[str, tuple[Tensor, int]] = {}
+        w = self.loss_options
+        if out.tumour_logit is not None and w.tumour > 0:
+            known = ~torch.isnan(batch.tumour)
+            if known.any():
+                terms["tumour"] = (
+                    F.binary_cross_entropy_with_logits(
+                        out.tumour_logit[known], batch.tumour[known]
+                    ),
+                    int(known.sum()),
+                )
+        if out.log2fc is not None and w.log2fc > 0:
+            known = ~torch.isnan(batch.log2fc)
+            if known.any():
+                pred, target = out.log2fc[known], batch.log2fc[known]
+                value = (
+                    F.huber_loss(pred, target, delta=w.huber_delta)
+                    if w.regression == "huber"
+                    else F.mse_loss(pred, target)
+                )
+                terms["log2fc"] = (value, int(known.sum()))
+        if out.gene_logits is not None and w.classes > 0:
+            known = batch.classes != IGNORE_CLASS
+            if known.any():
+                value = F.cross_entropy(
+                    out.gene_logits.reshape(-1, 3),
+                    batch.classes.reshape(-1),
+                    ignore_index=IGNORE_CLASS,
+                )
+                terms["classes"] = (value, int(known.sum()))
+        instance_loss = getattr(self.model.aggregator, "instance_loss", None)
+        if instance_loss is not None and out.instance_logits is not None and w.instance > 0:
+            value = instance_loss(out.attention, out.instance_logits, batch.mask, batch.tumour)
+            terms["instance"] = (value, len(batch))
+        return terms
+
+    def total(self, terms: dict[str, tuple[Tensor, int]], out: SlideOutput) -> Tensor:
+        """Weighted sum of the loss terms (a zero connected to the graph when none)."""
+        weights = {t: getattr(self.loss_options, t) for t in TERMS}
+        total = sum((weights[k] * v for k, (v, _) in terms.items()), start=out.embedding.sum() * 0)
+        return total  # type: ignore[return-value]
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def training_step(self, batch: BagBatch, batch_idx: int) -> Tensor:
+        out = self(batch.features, batch.mask)
+        terms = self.losses(batch, out)
+        loss = self.total(terms, out)
+        self.log("train/loss", loss, batch_size=len(batch), prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
+    def validation_step(self, batch: BagBatch, batch_idx: int) -> None:
+        out = self(batch.features, batch.mask)
+        for name, (value, count) in self.losses(batch, out).items():
+            s, n = self._val_sums.get(name, (0.0, 0))
+            self._val_sums[name] = (s + float(value) * count, n + count)
+
+    def on_validation_epoch_end(self) -> None:
+        means = {k: s / n for k, (s, n) in self._val_sums.items() if n}
+        total = sum(getattr(self.loss_options, k) * v for k, v in means.items())
+        # sync_dist: under DDP every process selects the same epoch (mean over processes)
+        self.log("val/loss", float(total), prog_bar=True, sync_dist=True)
+        for k, v in means.items():
+            self.log(f"val/{k}", float(v), sync_dist=True)
+
+    def predict_step(self, batch: BagBatch, batch_idx: int = 0) -> dict[str, Any]:
+        """Predictions of a batch as numpy arrays (``tumour_prob`` (B,), ``log2fc`` (B, G),
+        ``up_prob`` (B, G), ``class_prob`` (B, G, 3)) plus ``slide_ids``."""
+        out = self(batch.features, batch.mask)
+        result: dict[str, Any] = {"slide_ids": list(batch.slide_ids)}
+        if out.tumour_prob is not None:
+            result["tumour_prob"] = out.tumour_prob.float().cpu().numpy()
+        if out.gene_logits is not None and out.log2fc is not None:
+            result["log2fc"] = out.log2fc.float().cpu().numpy()
+            result["class_prob"] = torch.softmax(out.gene_logits.float(), -1).cpu().numpy()
+            result["up_prob"] = result["class_prob"][..., 2]
+        return result
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        o = self.optim_options
+        return torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def stack_predictions(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate :meth:`MILModule.predict_step` outputs of several batches."""
+    if not parts:
+        return {"slide_ids": []}
+    out: dict[str, Any] = {"slide_ids": [s for p in parts for s in p["slide_ids"]]}
+    for key in parts[0]:
+        if key != "slide_ids":
+            out[key] = np.concatenate([p[key] for p in parts])
+    return out
+
+
+__all__ = ["TERMS", "MILModule", "stack_predictions"]

@@ -1,0 +1,155 @@
+"""Typed options of ``histcode finetune``: each group is a dataclass, a section of the YAML.
+
+``configs/finetune/*.yaml`` set them (``data:``, ``model:``, ``loss:``, ``optim:``, ``cv:``,
+plus ``trainer:`` — every argument of ``pytorch_lightning.Trainer``); on the command line
+they are ``--data.genes``, ``--model.aggregator``, ``--trainer.max_epochs`` and so on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Task = Literal["tumour", "genes"]
+
+
+@dataclass
+class DataOptions:
+    """Labels, genes and bags.
+
+    Args:
+        tasks: what to predict: ``tumour`` (tumour vs normal) and/or ``genes`` (per-gene
+            log2 fold change and up / down class).
+        genes: genes to model; unset: the shipped driver-gene list, keeping the genes that
+            the expression matrix has.
+        genes_file: a text file with one gene a line (instead of ``genes``).
+        threshold: ``|log2FC| ≥ threshold`` is up / down, below is unchanged.
+        units: ``tpm`` (TPM, FPKM or other normalised linear values, used as is) or
+            ``counts`` (raw counts, scaled to CPM per sample).
+        pseudocount: added before the fold-change ratio (in TPM / CPM units).
+        strict_ids: tumour slides without an expression column are an error; ``false``: warn
+            and keep them for the tumour task only.
+        batch_size: bags per batch (padded to the largest, with a mask).
+        max_tiles: at most this many random tiles of a bag per training step (``null``: all);
+            validation and test always use every tile.
+        num_workers: DataLoader workers (0: bags are read once and cached in memory).
+        cache: keep bags in memory after the first read.
+    """
+
+    tasks: list[Task] = field(default_factory=lambda: ["tumour"])
+    genes: list[str] | None = None
+    genes_file: Path | None = None
+    threshold: float = 1.0
+    units: Literal["tpm", "counts"] = "tpm"
+    pseudocount: float = 1.0
+    strict_ids: bool = True
+    batch_size: int = 4
+    max_tiles: int | None = 4096
+    num_workers: int = 0
+    cache: bool = True
+
+
+@dataclass
+class ModelOptions:
+    """The slide model: an aggregator and a multi-task head.
+
+    Args:
+        aggregator: ``abmil`` (gated attention), ``clam_sb``, ``mean``, ``max`` or
+            ``transformer``.
+        hidden: slide embedding size.
+        dropout: dropout of the aggregator and the head.
+        options: further keyword arguments of the aggregator, e.g. ``{k: 8}`` for clam_sb,
+            ``{layers: 1, heads: 4}`` for transformer, ``{gated: false}`` for abmil.
+    """
+
+    aggregator: str = "abmil"
+    hidden: int = 128
+    dropout: float = 0.25
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossOptions:
+    """Weights of the task losses (a weight of 0 switches a loss off).
+
+    Args:
+        tumour: binary cross-entropy of tumour vs normal.
+        log2fc: regression of log2 fold change (masked: tumour slides only).
+        classes: cross-entropy of the down / unchanged / up class (masked).
+        instance: CLAM instance loss (clam_sb only).
+        regression: ``huber`` or ``mse`` for the log2FC regression.
+        huber_delta: where the Huber loss turns from quadratic to linear (log2 units).
+    """
+
+    tumour: float = 1.0
+    log2fc: float = 1.0
+    classes: float = 0.5
+    instance: float = 0.3
+    regression: Literal["huber", "mse"] = "huber"
+    huber_delta: float = 1.0
+
+
+@dataclass
+class OptimOptions:
+    """AdamW.
+
+    Args:
+        lr: learning rate.
+        weight_decay: decoupled weight decay.
+    """
+
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+
+
+@dataclass
+class CVOptions:
+    """Patient-grouped cross-validation, model selection and registration.
+
+    Args:
+        folds: outer folds; each fold's test patients are never used for training or
+            selection.
+        val_fraction: share of each training fold's patients held out as validation, which
+            alone chooses the epoch (early stopping and best weights).
+        seed: seed of the splits, the initialisation and the shuffling.
+        monitor: validation metric that selects the epoch (lower is better):
+            ``val/loss`` (weighted total), ``val/tumour``, ``val/log2fc`` or ``val/classes``.
+        patience: epochs without improvement of ``monitor`` before stopping.
+        alpha: false discovery rate for calling a gene's correlation significant.
+        register: what goes to the registry: ``refit`` (one model trained on all patients,
+            its epoch chosen on a validation split), ``folds`` (each fold's model), or
+            ``none``.
+    """
+
+    folds: int = 5
+    val_fraction: float = 0.2
+    seed: int = 0
+    monitor: Literal["val/loss", "val/tumour", "val/log2fc", "val/classes"] = "val/loss"
+    patience: int = 10
+    alpha: float = 0.05
+    register: Literal["refit", "folds", "none"] = "refit"
+
+
+#: Defaults of ``trainer:`` where histcode's differ from Lightning's.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 40,
+    "accelerator": "auto",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1,
+}
+
+__all__ = [
+    "TRAINER_DEFAULTS",
+    "CVOptions",
+    "DataOptions",
+    "LossOptions",
+    "ModelOptions",
+    "OptimOptions",
+    "Task",
+]

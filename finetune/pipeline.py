@@ -1,0 +1,453 @@
+"""A whole finetune run: slides and labels → cross-validation → outputs → registry.
+
+:func:`run_finetune` is the Python equivalent of ``histcode finetune``:
+
+1. choose the slides: status ``ok`` in the feature store and labelled (the rest is reported);
+2. build the labels (:mod:`histcode.finetune.labels`);
+3. patient-grouped cross-validation (:mod:`histcode.finetune.cv`);
+4. write ``predictions.csv``, ``metrics.json``, ``folds.json``, ``targets.csv`` and
+   ``plots/*.png`` into the output folder;
+5. register the selected model(s) with their lineage (encoder ref and feature store).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from histcode.finetune.labels import (
+    Labels,
+    build_labels,
+    preview,
+    read_expression,
+    read_gene_list,
+    read_label_table,
+    table_from_slide_ids,
+)
+from histcode.finetune.options import (
+    CVOptions,
+    DataOptions,
+    LossOptions,
+    ModelOptions,
+    OptimOptions,
+)
+
+from histcode.featurestore import FeatureStore
+from histcode.registry import Card, Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlideSelection:
+    """Which slides a run uses, and which it cannot.
+
+    Attributes:
+        used: slides with features (status ok) and labels.
+        no_features: labelled slides absent from the feature store.
+        not_ok: labelled slides whose features are ``empty`` or ``failed`` (id → status).
+        no_labels: slides with features but no labels.
+    """
+
+    used: list[str]
+    no_features: list[str] = field(default_factory=list)
+    not_ok: dict[str, str] = field(default_factory=dict)
+    no_labels: list[str] = field(default_factory=list)
+
+    def failed(self) -> list[str]:
+        """Labelled slides that could not be used: missing, or failed in the store."""
+        return sorted(self.no_features + [s for s, st in self.not_ok.items() if st == "failed"])
+
+
+def select_slides(store: FeatureStore, labelled: list[str] | None) -> SlideSelection:
+    """Match labelled slides with the feature store.
+
+    Args:
+        store: the feature store.
+        labelled: slide ids with labels; ``None`` means every slide of the store.
+
+    Raises:
+        ValueError: no slide has both features and labels (names a few ids of each side).
+    """
+    ids = store.slide_ids()
+    status = {sid: store.status(sid) for sid in ids}
+    ok = [s for s in ids if status[s] == "ok"]
+    if labelled is None:
+        labelled = ids
+    have = set(labelled)
+    selection = SlideSelection(
+        used=[s for s in labelled if status.get(s) == "ok"],
+        no_features=sorted(s for s in labelled if s not in status),
+        not_ok={s: str(status[s]) for s in labelled if s in status and status[s] != "ok"},
+        no_labels=sorted(s for s in ok if s not in have),
+    )
+    if not selection.used:
+        raise ValueError(
+            f"no slide has both features and labels: the feature store {store.path} holds "
+            f"{preview(ok, 4) or 'no usable slide'}; the labels name {preview(labelled, 4)}. "
+            "Slide ids must be the slide files' stems in both."
+        )
+    if selection.no_features:
+        log.warning(
+            "%d labelled slide(s) have no features (run histcode embed on them): %s",
+            len(selection.no_features),
+            preview(selection.no_features),
+        )
+    if selection.not_ok:
+        log.warning(
+            "%d labelled slide(s) are empty or failed in the feature store: %s",
+            len(selection.not_ok),
+            preview(f"{s} ({st})" for s, st in selection.not_ok.items()),
+        )
+    if selection.no_labels:
+        log.warning(
+            "%d slide(s) with features have no labels and are not used: %s",
+            len(selection.no_labels),
+            preview(selection.no_labels),
+        )
+    return selection
+
+
+def prepare_labels(
+    store: FeatureStore,
+    labels: Path | None,
+    expression: Path | None,
+    data: DataOptions,
+) -> tuple[Labels, SlideSelection]:
+    """Labels of the slides that have features, checked against the tasks.
+
+    Raises:
+        ValueError: see :mod:`histcode.finetune.labels`; also a tumour task without both
+            tumour and normal slides, or a genes task without any target.
+    """
+    tasks = list(dict.fromkeys(data.tasks))
+    if not tasks:
+        raise ValueError("--data.tasks is empty; use [tumour], [genes] or [tumour, genes]")
+    if data.genes is not None and data.genes_file is not None:
+        raise ValueError("pass --data.genes or --data.genes_file, not both")
+    genes = read_gene_list(data.genes_file) if data.genes_file is not None else data.genes
+    if labels is not None:
+        table = read_label_table(labels)
+        selection = select_slides(store, table["slide_id"].tolist())
+    else:
+        ok = [s for s in store.slide_ids() if store.status(s) == "ok"]
+        selection = select_slides(store, None)
+        table = table_from_slide_ids(ok)
+    table = table[table["slide_id"].isin(set(selection.used))].reset_index(drop=True)
+    matrix = read_expression(expression) if expression is not None and "genes" in tasks else None
+    built = build_labels(
+        table,
+        matrix,
+        genes,
+        data.threshold,
+        data.units,
+        data.pseudocount,
+        data.strict_ids,
+        with_genes="genes" in tasks,
+        source=f"expression matrix {expression}" if expression else "expression matrix",
+    )
+    if "tumour" in tasks:
+        known = built.tumour[built.tumour_mask]
+        if len(set(known.tolist())) < 2:
+            raise ValueError(
+                f"the tumour task needs tumour and normal slides; the {len(known)} labelled "
+                f"slide(s) are all {'tumour' if known.size and known[0] == 1 else 'of one kind'}."
+                " Add normal slides (TCGA sample types 10–19, or tumour=0), or use --data.tasks "
+                "[genes]."
+            )
+    if "genes" in tasks and not built.gene_mask.any():
+        raise ValueError("the genes task has no target on any slide with features")
+    if "tumour" not in tasks:  # without the tumour task, slides without gene targets teach nothing
+        keep = built.gene_mask.any(1)
+        if not keep.all():
+            log.info("genes task only: %d slide(s) without gene targets left out", (~keep).sum())
+            built = built.subset(np.flatnonzero(keep))
+    if expression is not None and "genes" not in tasks:
+        log.warning("--expression is ignored: 'genes' is not in --data.tasks")
+    return built, selection
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def lineage(store: FeatureStore) -> list[str]:
+    """Registry card parents: the encoder ref and the feature store with its fingerprints."""
+    attrs = store.attrs
+    encoder = str(attrs.get("encoder_ref", "unknown-encoder"))
+    sha = attrs.get("encoder_sha256")
+    parents = [f"{encoder}#sha256={sha}" if sha else encoder]
+    parts = [f"features:{store.path.resolve()}"]
+    if sha:
+        parts.append(f"encoder_sha256={sha}")
+    if attrs.get("tiles_fingerprint"):
+        parts.append(f"tiles_fingerprint={attrs['tiles_fingerprint']}")
+    parents.append("#".join(parts))
+    return parents
+
+
+@dataclass
+class FinetuneRun:
+    """What :func:`run_finetune` produced.
+
+    Attributes:
+        out: the output folder.
+        labels: the labels of the slides used.
+        selection: which slides were used, and which not.
+        predictions: out-of-fold predictions (``predictions.csv``).
+        metrics: the metrics (``metrics.json`` content, NaN kept as NaN).
+        registered: refs of the registered models.
+        files: files written.
+    """
+
+    out: Path
+    labels: Labels
+    selection: SlideSelection
+    predictions: pd.DataFrame
+    metrics: dict[str, Any]
+    registered: list[str]
+    files: list[Path]
+
+    def result(self) -> dict[str, Any]:
+        """The command's main result (its final JSON line)."""
+        from histcode.finetune.metrics import jsonable
+
+        m = self.metrics
+        auc = m.get("tumour", {}).get("auc", {})
+        return jsonable(
+            {
+                "out": str(self.out),
+                "slides": len(self.labels),
+                "patients": len(set(self.labels.patient_ids)),
+                "folds": m.get("folds"),
+                "tumour_auc": auc.get("mean"),
+                "tumour_auc_sd": auc.get("sd"),
+                "genes_evaluated": len(self.labels.genes),
+                "mean_gene_auc_up": m.get("mean_gene_auc_up"),
+                "significant_genes": len(m.get("significant_genes", [])),
+                "significant": m.get("significant_genes", [])[:20],
+                "registered": self.registered,
+                "failed_slides": self.selection.failed(),
+            }
+        )
+
+
+def run_finetune(
+    features: Path,
+    name: str,
+    labels: Path | None = None,
+    expression: Path | None = None,
+    out: Path | None = None,
+    registry: Path | None = None,
+    data: DataOptions | None = None,
+    model: ModelOptions | None = None,
+    loss: LossOptions | None = None,
+    optim: OptimOptions | None = None,
+    cv: CVOptions | None = None,
+    trainer: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+    config_text: str | None = None,
+) -> FinetuneRun:
+    """Cross-validate, report and register slide models (``histcode finetune`` in Python).
+
+    Args:
+        features: the feature store (``histcode embed``).
+        name: checkpoint name of the registered model(s) (``NAME@N``).
+        labels: labels CSV; ``None`` labels the store's slides from their TCGA barcodes.
+        expression: expression matrix (genes × samples) for the genes task.
+        out: output folder (default ``runs/finetune/NAME``).
+        registry: registry root (default ``$HISTCODE_REGISTRY``, else ``./registry``).
+        data, model, loss, optim, cv: option groups (:mod:`histcode.finetune.options`).
+        trainer: ``pl.Trainer`` keyword arguments, or a function making fresh ones (called
+            once per trained model).
+        config_text: the resolved config, written as ``config.yaml``.
+
+    Returns:
+        A :class:`FinetuneRun`.
+
+    Raises:
+        ValueError, FileNotFoundError: unusable inputs; the message says what and how to fix.
+    """
+    from histcode.finetune import cv as cvmod
+    from histcode.finetune.bags import FeatureBags
+    from histcode.finetune.metrics import compute_metrics
+    from histcode.finetune.module import MILModule
+    from histcode.finetune.options import TRAINER_DEFAULTS
+
+    from histcode.registry import check_name
+
+    data, model = data or DataOptions(), model or ModelOptions()
+    loss, optim, cv = loss or LossOptions(), optim or OptimOptions(), cv or CVOptions()
+    check_name(name)
+    out = Path(out) if out is not None else Path("runs") / "finetune" / name
+    store = FeatureStore(features)
+    attrs = store.attrs  # raises if it is not a feature store
+    in_dim = int(attrs["embed_dim"])
+    built, selection = prepare_labels(store, labels, expression, data)
+    tumour = "tumour" in data.tasks
+    genes = built.genes
+
+    def make_module() -> MILModule:
+        return MILModule(in_dim, tumour, genes, model, loss, optim)
+
+    make_module()  # unknown aggregator or option: fail before any training
+
+    def trainer_kwargs() -> dict[str, Any]:
+        made = trainer() if callable(trainer) else dict(trainer or TRAINER_DEFAULTS)
+        made.setdefault("default_root_dir", str(out))
+        return made
+
+    out.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "finetune %s: %d slides, %d patients, tasks %s, %d gene(s), %d folds, aggregator %s",
+        name,
+        len(built),
+        len(set(built.patient_ids)),
+        "+".join(data.tasks),
+        len(genes),
+        cv.folds,
+        model.aggregator,
+    )
+    bags = FeatureBags(store, cache=data.cache)
+    result = cvmod.run_cv(built, bags, make_module, data, cv, trainer_kwargs, tumour)
+    metrics = compute_metrics(result.predictions, genes, tumour, cv.alpha)
+
+    refitted = None
+    if cv.register == "refit":  # every process trains (distributed strategies need all)
+        refitted = cvmod.refit(built, bags, make_module, data, cv, trainer_kwargs())
+        log.info("refit on all %d slides: best epoch %d", len(built), refitted.best_epoch)
+    files: list[Path] = []
+    registered: list[str] = []
+    if _is_rank_zero():  # one process writes and registers
+        files = _write_outputs(out, result, metrics, built, tumour, config_text)
+        if cv.register != "none":
+            chosen = (
+                [(refitted, {"fold": "refit"})]
+                if refitted is not None
+                else [(r, {"fold": r.fold.index}) for r in result.folds]
+            )
+            reg = Registry(registry) if registry is not None else Registry()
+            registered = _register(reg, name, chosen, metrics, store, data, out)
+    return FinetuneRun(out, built, selection, result.predictions, metrics, registered, files)
+
+
+def _is_rank_zero() -> bool:
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _write_outputs(
+    out: Path,
+    result: Any,
+    metrics: dict[str, Any],
+    labels: Labels,
+    tumour: bool,
+    config_text: str | None,
+) -> list[Path]:
+    """``config.yaml``, ``predictions.csv``, ``targets.csv``, ``metrics.json``, ``folds.json``
+    and ``plots/`` (each file written atomically)."""
+    from histcode.finetune.metrics import jsonable
+    from histcode.finetune.plots import plot_all
+
+    files: list[Path] = []
+    if config_text is not None:
+        _write_text(out / "config.yaml", config_text)
+        files.append(out / "config.yaml")
+    _write_text(out / "predictions.csv", result.predictions.to_csv(index=False))
+    _write_text(out / "targets.csv", labels.to_frame().to_csv(index=False))
+    _write_text(out / "metrics.json", json.dumps(jsonable(metrics), indent=2) + "\n")
+    folds_info = [
+        {
+            "fold": r.fold.index,
+            "best_epoch": r.best_epoch,
+            "best_val": r.best_score,
+            "val_history": r.history,
+            "slides": {k: len(getattr(r.fold, k)) for k in ("train", "val", "test")},
+            "patients": r.fold.patients(labels),
+        }
+        for r in result.folds
+    ]
+    _write_text(out / "folds.json", json.dumps(jsonable(folds_info), indent=2) + "\n")
+    files += [out / f for f in ("predictions.csv", "targets.csv", "metrics.json", "folds.json")]
+    files += plot_all(result.predictions, metrics, labels.genes, tumour, out / "plots")
+    return files
+
+
+def _register(
+    registry: Registry,
+    name: str,
+    chosen: list[tuple[Any, dict[str, Any]]],
+    metrics: dict[str, Any],
+    store: FeatureStore,
+    data: DataOptions,
+    out: Path,
+) -> list[str]:
+    """Save each chosen model as the next version of ``name``, with CV metrics and lineage."""
+    from histcode.finetune.metrics import jsonable
+
+    refs = []
+    for fold_result, extra in chosen:
+        arguments = fold_result.module.model_arguments()
+        card = Card(
+            kind="mil",
+            architecture=arguments.pop("architecture"),
+            arguments=arguments,
+            metrics=jsonable(_card_metrics(metrics)),
+            parents=lineage(store),
+            extra=jsonable(
+                {
+                    "genes": list(fold_result.module.genes),
+                    "tasks": list(data.tasks),
+                    "threshold": data.threshold,
+                    "units": data.units,
+                    "run": str(out.resolve()),
+                    **extra,
+                    "best_epoch": fold_result.best_epoch,
+                    "trained_slides": len(fold_result.fold.train),
+                    "validation_slides": len(fold_result.fold.val),
+                }
+            ),
+        )
+        refs.append(registry.save(name, fold_result.module.model, card))
+    log.info("registered %s in %s", ", ".join(refs), registry.root)
+    return refs
+
+
+def _card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The cross-validation estimate for a registry card: mean ± sd of the headline metrics."""
+    card: dict[str, Any] = {"cv_folds": metrics.get("folds"), "slides": metrics.get("slides")}
+    for m, v in metrics.get("tumour", {}).items():
+        if m != "pooled":
+            card[f"tumour_{m}"] = {"mean": v["mean"], "sd": v["sd"]}
+    if "genes" in metrics:
+        card["genes_evaluated"] = len(metrics["genes"])
+        card["mean_gene_auc_up"] = metrics.get("mean_gene_auc_up")
+        card["significant_genes"] = metrics.get("significant_genes", [])
+        card["genes"] = {
+            g: {
+                "auc_up": {"mean": m["auc_up"]["mean"], "sd": m["auc_up"]["sd"]},
+                "pearson_r": {"mean": m["pearson_r"]["mean"], "sd": m["pearson_r"]["sd"]},
+                "pearson_q": m["pooled"]["pearson_q"],
+            }
+            for g, m in metrics["genes"].items()
+        }
+    return card
+
+
+__all__ = [
+    "FinetuneRun",
+    "SlideSelection",
+    "lineage",
+    "prepare_labels",
+    "run_finetune",
+    "select_slides",
+]

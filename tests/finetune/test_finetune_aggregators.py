@@ -1,0 +1,134 @@
+"""Every registered aggregator: forward / backward without NaN, padding-invariance, tile
+scores, the CLAM instance loss, and a registry round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from histcode.finetune.aggregators import (
+    CLAMSB,
+    MILOutput,
+    aggregators,
+    create_aggregator,
+    masked_softmax,
+)
+from histcode.finetune.heads import SlideModel, build_slide_model, slide_model_builders
+
+from histcode.builders import UnknownNameError
+from histcode.registry import Card, Registry
+
+NAMES = aggregators.names()
+TINY = {"transformer": {"heads": 2, "layers": 1}}
+
+
+def test_registry_has_the_issue_aggregators() -> None:
+    assert {"abmil", "clam_sb", "mean", "max", "transformer"} <= set(NAMES)
+    with pytest.raises(UnknownNameError, match="Did you mean 'abmil'"):
+        create_aggregator("abmi", in_dim=8)
+    with pytest.raises(ValueError, match="does not take"):
+        create_aggregator("mean", in_dim=8, heads=3)
+
+
+def _bags(
+    dim: int = 12, lengths: tuple[int, ...] = (9, 4, 1, 7)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    n = max(lengths)
+    features = torch.randn(len(lengths), n, dim)
+    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    features[~mask] = 123.0  # padding content must not matter
+    return features, mask
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_backward_no_nan(name: str) -> None:
+    model = build_slide_model(name, 12, hidden=16, n_genes=3, options=TINY.get(name))
+    features, mask = _bags()
+    out = model(features, mask)
+    assert out.tumour_logit.shape == (4,)
+    assert out.log2fc.shape == (4, 3) and out.gene_logits.shape == (4, 3, 3)
+    assert out.up_prob.shape == (4, 3) and out.up_logits.shape == (4, 3)
+    loss = out.tumour_logit.sum() + out.log2fc.square().sum() + out.gene_logits.logsumexp(-1).sum()
+    loss.backward()
+    for p in model.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+    assert all(torch.isfinite(t).all() for t in (out.tumour_logit, out.log2fc, out.gene_logits))
+    if out.attention is not None:
+        assert torch.allclose(out.attention.sum(-1), torch.ones(4), atol=1e-5)
+        assert (out.attention[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batched_with_masks_equals_one_by_one(name: str) -> None:
+    model = build_slide_model(name, 12, hidden=16, n_genes=2, options=TINY.get(name)).eval()
+    features, mask = _bags()
+    with torch.no_grad():
+        batched = model(features, mask)
+        for b in range(len(features)):
+            n = int(mask[b].sum())
+            alone = model(features[b : b + 1, :n])
+            torch.testing.assert_close(alone.tumour_logit[0], batched.tumour_logit[b])
+            torch.testing.assert_close(alone.log2fc[0], batched.log2fc[b])
+            torch.testing.assert_close(alone.gene_logits[0], batched.gene_logits[b])
+            if alone.attention is not None:
+                torch.testing.assert_close(alone.attention[0], batched.attention[b, :n])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tile_scores(name: str) -> None:
+    model = build_slide_model(name, 12, hidden=16, n_genes=2, options=TINY.get(name)).eval()
+    features, mask = _bags()
+    scores = model.tile_scores(features, mask)
+    assert scores.tumour.shape == mask.shape and scores.log2fc.shape == (*mask.shape, 2)
+    assert (scores.tumour[~mask] == 0).all()
+    if name in ("abmil", "clam_sb", "mean"):  # exact: bias + Σ attention_i W h_i
+        with torch.no_grad():
+            out = model(features, mask)
+        bias = model.head.linear.bias
+        torch.testing.assert_close(scores.tumour.sum(1) + bias[0], out.tumour_logit)
+        torch.testing.assert_close(scores.log2fc.sum(1) + bias[1:3], out.log2fc)
+
+
+def test_masked_softmax_ignores_masked_scores() -> None:
+    scores = torch.tensor([[1.0, 2.0, 1e9], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    weights = masked_softmax(scores, mask)
+    torch.testing.assert_close(weights[0], torch.tensor([0.2689, 0.7311, 0.0]), atol=1e-4, rtol=0)
+    assert (weights[1] == 0).all()
+
+
+def test_clam_instance_loss_pseudo_labels() -> None:
+    clam = CLAMSB(4, hidden=8, k=2)
+    attention = torch.tensor([[0.4, 0.3, 0.2, 0.1, 0.0], [0.1, 0.2, 0.3, 0.4, 0.0]])
+    mask = torch.tensor([[True] * 4 + [False], [True] * 4 + [False]])
+    logits = torch.zeros(2, 5, requires_grad=True)
+    loss = clam.instance_loss(attention, logits, mask, torch.tensor([1.0, 0.0]))
+    loss.backward()
+    # tumour slide: top-2 (tiles 0, 1) pushed up, bottom-2 (2, 3) down; normal slide: its
+    # top-2 (tiles 3, 2) pushed down; padding untouched
+    grad = logits.grad
+    assert (grad[0, :2] < 0).all() and (grad[0, 2:4] > 0).all()
+    assert (grad[1, 2:4] > 0).all() and (grad[1, :2] == 0).all() and (grad[:, 4] == 0).all()
+    nothing = clam.instance_loss(attention, logits, mask, torch.tensor([float("nan")] * 2))
+    assert nothing.item() == 0.0
+
+
+def test_mil_output_is_a_dataclass() -> None:
+    out = aggregators.create("abmil", in_dim=6, hidden=8)(torch.randn(2, 5, 6))
+    assert isinstance(out, MILOutput) and out.embedding.shape == (2, 8)
+
+
+def test_registry_round_trip(tmp_path: Path) -> None:
+    model = build_slide_model("transformer", 12, hidden=16, n_genes=2, options={"layers": 1})
+    arguments = {"in_dim": 12, "hidden": 16, "dropout": 0.25, "tumour": True, "n_genes": 2}
+    arguments["options"] = {"layers": 1}
+    registry = Registry(tmp_path)
+    ref = registry.save(
+        "mil", model, Card(kind="mil", architecture="transformer", arguments=arguments)
+    )
+    loaded, card = registry.load(ref, builders=slide_model_builders())
+    assert isinstance(loaded, SlideModel) and card.kind == "mil"
+    features, mask = _bags()
+    torch.testing.assert_close(loaded(features, mask).log2fc, model.eval()(features, mask).log2fc)

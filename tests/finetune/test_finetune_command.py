@@ -1,0 +1,147 @@
+"""``histcode finetune`` end to end through the CLI dispatcher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from histcode.finetune.heads import SlideModel, slide_model_builders
+
+from histcode import cli
+from histcode.registry import Registry
+from tests.finetune.finetune_cohort import SignalCohort
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
+
+
+def _last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_listed_in_histcode_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("finetune"))
+    assert "attention-MIL" in line
+
+
+def test_help_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["finetune", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--features", "--data.genes", "--model.aggregator", "--trainer.max_epochs"):
+        assert option in text
+    with pytest.raises(SystemExit) as exit_:
+        argv = ["--features", "f.zarr", "--name", "x", "--trainer.max_epochs", "7"]
+        cli.main(["finetune", "--config", str(CONFIGS / "deg.yaml"), *argv, "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "aggregator: abmil" in printed and "max_epochs: 7" in printed
+    assert "- genes" in printed  # tasks: [tumour, genes]
+
+
+def test_end_to_end(
+    small_signal_cohort: SignalCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = small_signal_cohort
+    out, registry = tmp_path / "run", tmp_path / "registry"
+    argv = [
+        "finetune",
+        "--config", str(CONFIGS / "deg.yaml"),
+        "--config", str(CONFIGS / "cpu_smoke.yaml"),
+        "--features", str(c.features),
+        "--labels", str(c.labels),
+        "--expression", str(c.expression),
+        "--name", "e2e-deg",
+        "--out", str(out),
+        "--registry", str(registry),
+        "--data.genes", "MYC", "CD8A", "TP53",
+        "--cv.folds", "2",
+        "--trainer.max_epochs", "2",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert result["genes_evaluated"] == 3 and result["folds"] == 2
+    assert result["registered"] == ["e2e-deg@1"] and result["failed_slides"] == []
+    assert 0 <= result["tumour_auc"] <= 1
+
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == len(c.slides)  # every slide tested once
+    for column in ("slide_id", "patient_id", "fold", "tumour_prob", "tumour_true"):
+        assert column in predictions
+    for suffix in ("log2fc_pred", "log2fc_true", "up_prob", "class_true"):
+        assert f"MYC_{suffix}" in predictions
+    assert set(predictions["MYC_class_true"].dropna()) <= {"up", "down", "unchanged"}
+    by_patient = predictions.groupby("patient_id")["fold"].nunique()
+    assert (by_patient == 1).all()  # no patient in two test folds
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tumour"]["auc"]) >= {"mean", "sd", "folds"}
+    assert set(metrics["genes"]["MYC"]["pooled"]) >= {"pearson_q", "spearman_q", "pearson_p"}
+    assert {p.name for p in (out / "plots").iterdir()} == {
+        "tumour_roc.png",
+        "genes_auc_up.png",
+        "genes_pearson_r.png",
+        "log2fc_scatter.png",
+    }
+    assert (out / "targets.csv").is_file() and (out / "folds.json").is_file()
+    config = (out / "config.yaml").read_text()
+    assert "max_epochs: 2" in config and "hidden: 64" in config  # smoke override applied
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_code"] == 0 and summary["result"] == result
+
+    model, card = Registry(registry).load("e2e-deg@1", builders=slide_model_builders())
+    assert isinstance(model, SlideModel) and card.architecture == "abmil"
+    assert card.parents[0] == "test-encoder@1#sha256=" + "ab" * 32
+    assert (
+        card.parents[1].startswith("features:") and "tiles_fingerprint=fp-test" in card.parents[1]
+    )
+    assert card.extra["genes"] == ["MYC", "CD8A", "TP53"] and card.extra["fold"] == "refit"
+    assert card.metrics["tumour_auc"]["mean"] == pytest.approx(result["tumour_auc"])
+
+
+def test_missing_features_exit_1_and_bad_arguments_exit_2(
+    small_signal_cohort: SignalCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = small_signal_cohort
+    labels = pd.read_csv(c.labels)
+    extra = {"slide_id": "TCGA-S1-0999-01A-01-TS1", "patient_id": "TCGA-S1-0999", "tumour": 1}
+    labels = pd.concat([labels, pd.DataFrame([extra])])
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    base = [
+        "finetune",
+        "--config", str(CONFIGS / "tumour.yaml"),
+        "--config", str(CONFIGS / "cpu_smoke.yaml"),
+        "--features", str(c.features),
+        "--name", "partial",
+        "--out", str(tmp_path / "run"),
+        "--cv.folds", "2",
+        "--cv.register", "none",
+        "--trainer.max_epochs", "1",
+    ]  # fmt: skip
+    assert cli.main([*base, "--labels", str(tmp_path / "labels.csv")]) == 1
+    result = _last_json(capsys.readouterr().out)
+    assert result["failed_slides"] == ["TCGA-S1-0999-01A-01-TS1"] and result["registered"] == []
+
+    assert cli.main([*base, "--model.aggregator", "attention"]) == 2
+    assert "unknown aggregator 'attention'" in capsys.readouterr().err
+    assert cli.main([*base[:6], str(tmp_path / "nope.zarr"), *base[7:]]) == 2
+    assert "not a histcode.features store" in capsys.readouterr().err
+    assert cli.main([*base, "--labels", str(tmp_path / "absent.csv")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main([*base, "--cv.monitor", "val/log2fc"]) == 2  # no gene task: never logged
+    assert "'val/log2fc' was not logged" in capsys.readouterr().err
+
+
+def test_imports_stay_light_and_never_touch_pretrain() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, histcode.finetune.command as c; assert 'torch' not in sys.modules, 'torch';"
+        "import histcode.finetune.pipeline, histcode.finetune.plots, histcode.finetune.cv;"
+        "assert not [m for m in sys.modules if m.startswith('histcode.pretrain')], 'pretrain'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
