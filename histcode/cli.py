@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,7 +100,8 @@ def _list_parameters(function: Callable[..., Any]) -> set[str]:
     names = set()
     for name in inspect.signature(function).parameters:
         hint = hints.get(name)
-        options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = typing.get_args(hint) if union else (hint,)
         if any(typing.get_origin(o) in (list, Sequence) or o is list for o in options):
             names.add(name)
     return names

@@ -36,7 +36,7 @@ class SegmentationParams:
     max_saturation: float = 0.12
     min_brightness: int = 20
     min_area_um2: float = 5_000.0
-    max_hole_um2: float = 20_000.0
+    max_hole_um2: float = 2_000.0
     smooth_um: float = 8.0
 
 
