@@ -27,12 +27,11 @@ def _pure_forward(encoder, x_uint8: torch.Tensor, batch_size: int, dev, use_bf16
     spec = encoder.input_spec
     mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1) * 255
     std = torch.tensor(spec.std, device=dev).view(1, 3, 1, 1) * 255
-    x_uint8 = x_uint8.to(dev)
+    # channels-last, as embed feeds it (faster on CPU too): the fair best case of the encoder
+    x_uint8 = x_uint8.to(dev).contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
         x = x_uint8.float().sub_(mean).div_(std)
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             encoder(x).float().cpu()
 
@@ -108,7 +107,7 @@ def main() -> None:
         for i in range(0, n, args.batch_size):
             batch = np.stack([read_tile(reader, geometry, xy, args.tile_size)
                               for xy in t.coords[i:i + args.batch_size]])
-            xb = torch.from_numpy(batch).permute(0, 3, 1, 2).to(dev).float()
+            xb = torch.from_numpy(batch).permute(0, 3, 1, 2).to(dev).float()  # channels-last
             xb = xb.sub_(mean).div_(std)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 encoder(xb).float().cpu()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 import warnings
 from collections import Counter
@@ -32,7 +33,7 @@ from histcode.encoders import Encoder, create_encoder, encoders
 from histcode.featurestore import FeatureStore
 from histcode.registry import Registry
 from histcode.slide import SlideError
-from histcode.tilereader import TileDataset, TileIndex
+from histcode.tilereader import TileDataset, TileIndex, collate_tiles
 from histcode.tilestore import TileStore
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,11 @@ def load_encoder(
     else:
         ref = f"zoo:{name}+file:{Path(weights).resolve()}"
     return LoadedEncoder(module, ref, state_sha256(module), int(module.embed_dim))
+
+
+def _collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    tiles, idx, errors = zip(*items, strict=True)
+    return collate_tiles(tiles), torch.tensor(idx), list(errors)
 
 
 class _SafeTiles(TileDataset):
@@ -315,9 +321,51 @@ def _embed_slides(
         shuffle=False,
         num_workers=workers,
         pin_memory=cuda,
+        collate_fn=_collate,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
+    threads_before = torch.get_num_threads()
+    if not cuda and workers:
+        # on CPU the encoder gets the cores the decoding workers leave: oversubscribed
+        # cores stall torch's threads (measured: 238 vs 174 tiles/s on 2 cores, 1 worker)
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - workers))
+    try:
+        _run_batches(
+            loader,
+            index,
+            module,
+            store,
+            loaded,
+            report,
+            dtype,
+            dev,
+            cuda,
+            use_bf16,
+            mean,
+            std,
+            progress,
+        )
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_batches(
+    loader: DataLoader,
+    index: TileIndex,
+    module: nn.Module,
+    store: FeatureStore,
+    loaded: LoadedEncoder,
+    report: EmbedReport,
+    dtype: str,
+    dev: torch.device,
+    cuda: bool,
+    use_bf16: bool,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    progress: bool,
+) -> None:
+    """Forward every batch and stream each slide's features to its writer."""
     writers: dict[int, Any] = {}
     errors: dict[int, str] = {}
     bar = tqdm(

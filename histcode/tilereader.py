@@ -150,6 +150,23 @@ class TileIndex:
         return range(int(self.offsets[i]), int(self.offsets[i + 1]))
 
 
+def collate_tiles(tiles: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack tiles from :class:`TileDataset` into a channels-last batch, without transposing.
+
+    Each tile is a (3, H, W) view of (H, W, 3) pixels; stacking those views directly costs a
+    strided uint8 copy (~8 ms a tile on CPU), while stacking the (H, W, 3) memory is a plain
+    copy. The result is a (B, 3, H, W) view in channels-last memory format, which
+    convolutions (CPU and CUDA) take as is.
+
+    Args:
+        tiles: (3, H, W) uint8 tensors.
+
+    Returns:
+        (B, 3, H, W) uint8, channels-last strides.
+    """
+    return torch.stack([t.permute(1, 2, 0) for t in tiles]).permute(0, 3, 1, 2)
+
+
 class TileDataset(Dataset):
     """Tiles of a tile store as uint8 tensors, read straight from the slides.
 
@@ -158,7 +175,8 @@ class TileDataset(Dataset):
         cache_size: open slide handles kept per worker process.
 
     Returns (per item):
-        (3, tile_size, tile_size) uint8 tensor.
+        (3, tile_size, tile_size) uint8 tensor, a view of (H, W, 3) pixels; batch with
+        :func:`collate_tiles` (channels-last, no transpose).
     """
 
     def __init__(self, index: TileIndex, cache_size: int = 16) -> None:
