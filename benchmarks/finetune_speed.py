@@ -66,6 +66,7 @@ def _pipeline(
 ) -> float:
     """Slides/s of Trainer.fit through the real data path (epochs after the first)."""
     import pytorch_lightning as pl
+
     from histcode.finetune.bags import BagDataset, FeatureBags, bag_loader
     from histcode.finetune.cv import quiet_lightning
     from histcode.finetune.labels import build_labels, table_from_slide_ids

@@ -68,13 +68,27 @@ def main() -> None:
     write_s = None
     if not path.exists():
         start = time.perf_counter()
-        write_test_slide(path, width_um=args.width * args.mpp, height_um=args.height * args.mpp,
-                         mpp=args.mpp, seed=0)
+        write_test_slide(
+            path,
+            width_um=args.width * args.mpp,
+            height_um=args.height * args.mpp,
+            mpp=args.mpp,
+            seed=0,
+        )
         write_s = round(time.perf_counter() - start, 1)
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.tiling", "--child", str(path), "--repeats",
-         str(args.repeats)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.tiling",
+            "--child",
+            str(path),
+            "--repeats",
+            str(args.repeats),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     child = json.loads(out.stdout.strip().splitlines()[-1])
     result = {

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from histcode.finetune.labels import Labels
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from histcode.featurestore import FeatureStore
+from histcode.finetune.labels import Labels
 
 log = logging.getLogger(__name__)
 

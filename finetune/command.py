@@ -31,6 +31,8 @@ def build_parser(prog: str = "histcode finetune") -> Any:
     from pathlib import Path
 
     import pytorch_lightning as pl
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
     from histcode.finetune.options import (
         TRAINER_DEFAULTS,
         CVOptions,
@@ -39,7 +41,6 @@ def build_parser(prog: str = "histcode finetune") -> Any:
         ModelOptions,
         OptimOptions,
     )
-    from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog=prog, description=DESCRIPTION, exit_on_error=True)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with options.")

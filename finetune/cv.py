@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+
 from histcode.finetune.bags import BagDataset, FeatureBags, bag_loader
 from histcode.finetune.labels import Labels, preview
 from histcode.finetune.module import MILModule, stack_predictions

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from histcode.finetune.aggregators import MILOutput, aggregators, create_aggregator, full_mask
 from torch import Tensor, nn
 
 from histcode.builders import Builders
+from histcode.finetune.aggregators import MILOutput, aggregators, create_aggregator, full_mask
 
 #: Order of the per-gene class logits: index = class code + 1 (see ``labels.CLASS_NAMES``).
 GENE_CLASSES = ("down", "unchanged", "up")

@@ -167,10 +167,9 @@ def heatmap(
     """
     import json
 
-    from histcode.finetune.heads import slide_model_builders
-
     from histcode.cli import CommandResult
     from histcode.featurestore import FeatureStore
+    from histcode.finetune.heads import slide_model_builders
     from histcode.heatmaps import draw_heatmap, draw_montage, tiles_geojson, write_geojson
     from histcode.registry import Registry
     from histcode.slide import SlideReader, slide_id

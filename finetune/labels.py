@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from histcode.finetune.barcodes import is_tcga, parse_barcode
 
 log = logging.getLogger(__name__)

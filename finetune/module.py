@@ -19,10 +19,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from histcode.finetune.bags import IGNORE_CLASS, BagBatch
 from histcode.finetune.heads import SlideModel, SlideOutput, build_slide_model
 from histcode.finetune.options import LossOptions, ModelOptions, OptimOptions
-from torch import Tensor
 
 TERMS = ("tumour", "log2fc", "classes", "instance")
 

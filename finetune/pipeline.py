@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from histcode.featurestore import FeatureStore
 from histcode.finetune.labels import (
     Labels,
     build_labels,
@@ -38,8 +40,6 @@ from histcode.finetune.options import (
     ModelOptions,
     OptimOptions,
 )
-
-from histcode.featurestore import FeatureStore
 from histcode.registry import Card, Registry
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,6 @@ def run_finetune(
     from histcode.finetune.metrics import compute_metrics
     from histcode.finetune.module import MILModule
     from histcode.finetune.options import TRAINER_DEFAULTS
-
     from histcode.registry import check_name
 
     data, model = data or DataOptions(), model or ModelOptions()

@@ -122,6 +122,7 @@ def plot_log2fc_scatter(
 ) -> Path | None:
     """Predicted vs true log2FC (pooled test folds) of up to 9 genes with the best Pearson r."""
     import seaborn as sns
+
     from histcode.finetune.metrics import sample_level
 
     def score(g: str) -> float:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from histcode.builders import UnknownNameError
 from histcode.finetune.aggregators import (
     CLAMSB,
     MILOutput,
@@ -15,8 +17,6 @@ from histcode.finetune.aggregators import (
     masked_softmax,
 )
 from histcode.finetune.heads import SlideModel, build_slide_model, slide_model_builders
-
-from histcode.builders import UnknownNameError
 from histcode.registry import Card, Registry
 
 NAMES = aggregators.names()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from histcode.finetune.bags import IGNORE_CLASS, BagDataset, FeatureBags, collate_bags
 from histcode.finetune.cv import LeakageError, check_folds, make_folds, validation_split
 from histcode.finetune.labels import Labels
-
 from tests.finetune.finetune_cohort import SignalCohort
 
 

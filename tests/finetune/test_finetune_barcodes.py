@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from histcode.finetune.barcodes import is_tcga, parse_barcode
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from histcode.finetune.heads import SlideModel, slide_model_builders
 
 from histcode import cli
+from histcode.finetune.heads import SlideModel, slide_model_builders
 from histcode.registry import Registry
 from tests.finetune.finetune_cohort import SignalCohort
 

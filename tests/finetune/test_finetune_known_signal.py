@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from histcode.finetune.options import (
     TRAINER_DEFAULTS,
     CVOptions,
@@ -18,7 +19,6 @@ from histcode.finetune.options import (
     OptimOptions,
 )
 from histcode.finetune.pipeline import FinetuneRun, run_finetune
-
 from tests.finetune.finetune_cohort import (
     GENES,
     LYMPH_GENES,

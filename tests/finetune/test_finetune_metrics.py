@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pandas as pd
+
 from histcode.finetune.metrics import (
     bh_fdr,
     binary_metrics,

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from histcode.finetune.heads import build_slide_model, slide_model_builders
-from histcode.finetune.heatmap import compute_maps
-from histcode.finetune.pipeline import lineage
 
 from histcode.cli import main as cli_main
 from histcode.embedding import embed_store
 from histcode.featurestore import FeatureStore
+from histcode.finetune.heads import build_slide_model, slide_model_builders
+from histcode.finetune.heatmap import compute_maps
+from histcode.finetune.pipeline import lineage
 from histcode.registry import Card, Registry
 
 SLIDE = "TCGA-S1-0001-01A-01-TS1"

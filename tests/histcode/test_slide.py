@@ -21,8 +21,11 @@ def test_mpp_from_openslide_properties() -> None:
     ("unit", "res", "mpp"), [("centimeter", 40000.0, 0.25), ("inch", 50800.0, 0.5)]
 )
 def test_mpp_from_tiff_resolution(unit: str, res: float, mpp: float) -> None:
-    props = {"tiff.ResolutionUnit": unit, "tiff.XResolution": str(res),
-             "tiff.YResolution": str(res)}
+    props = {
+        "tiff.ResolutionUnit": unit,
+        "tiff.XResolution": str(res),
+        "tiff.YResolution": str(res),
+    }
     got = resolve_mpp(props, "s.tiff")
     assert got.mpp == pytest.approx(mpp) and got.source == "tiff-resolution"
 
@@ -41,8 +44,10 @@ def test_mpp_from_objective_power_warns(caplog: pytest.LogCaptureFixture) -> Non
 
 
 def test_override_wins_and_is_checked() -> None:
-    assert resolve_mpp({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25"}, "s",
-                       0.5).source == "override"
+    assert (
+        resolve_mpp({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25"}, "s", 0.5).source
+        == "override"
+    )
     with pytest.raises(ValueError, match="not a plausible"):
         resolve_mpp({}, "s", 250.0)
 

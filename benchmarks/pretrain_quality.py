@@ -1,0 +1,286 @@
+"""Pretraining quality: a linear probe on SimCLR features against the same encoder untrained.
+
+On the hard synthetic cohort (per-site stain casts, small subtle tumour foci):
+
+1. ``make_cohort(difficulty="hard")`` and ``histcode tile`` (low resolution tiles, to be fast);
+2. ``histcode pretrain`` for a fixed budget of steps (the real command, through the registry);
+3. tile labels from the truth masks: the tile's centre on tumour → 1; a tile with no tumour
+   under it → 0 (tiles on a tumour border whose centre is not tumour are left out);
+4. features of those tiles from the pretrained encoder and from the same architecture with
+   random weights (both in eval mode, as ``histcode embed`` runs them), the latter also with
+   its BatchNorm statistics recalibrated on the tiles (a fairer untrained baseline);
+5. a linear probe (standardised features, logistic regression) evaluated with patient-grouped
+   folds: the probe never sees a test patient's tiles.
+
+Prints one JSON line with both AUCs (pooled out-of-fold, and per fold). Labels are used only by
+the probe; pretraining sees every tile of every slide without labels.
+
+    python benchmarks/pretrain_quality.py [--steps 150] [--encoder resnet18] [--work DIR]
+
+Defaults (ResNet-18, 32 px tiles at 2 µm/px, 150 steps of 64 tiles) take about 3 minutes on
+two CPU cores once the cohort is made (about 1.5 minutes, cached in ``--work``). Measured
+there: AUC 0.860 pretrained vs 0.725 random weights (0.656 with recalibrated BatchNorm); 300
+steps give 0.879.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def make_data(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The hard cohort and its tile store (cached in ``--work``)."""
+    from histcode.synth import make_cohort
+    from histcode.tiling import TilingParams, tile_slides
+
+    cohort = make_cohort(
+        args.work / "cohort",
+        patients=args.patients,
+        seed=args.seed,
+        difficulty="hard",
+        slide_mm=(args.slide_mm, args.slide_mm * 0.75),
+        progress=False,
+        workers=min(4, os.cpu_count() or 1),
+    )
+    tiles = args.work / f"tiles_{args.mpp:g}_{args.tile_size}.zarr"
+    slides = [cohort.out / row["path"] for row in cohort.slides]
+    params = TilingParams(mpp=args.mpp, tile_size=args.tile_size)
+    try:
+        tile_slides(slides, tiles, params, progress=False)
+    except ValueError:  # a cached store made by another histcode version: redo it
+        tile_slides(slides, tiles, params, overwrite=True, progress=False)
+    return cohort.out, tiles
+
+
+def tile_labels(cohort: Path, tiles: Path, max_neg_per_slide: int, seed: int):
+    """Labelled tiles: flat indices into the TileIndex, labels, patient of each tile."""
+    from histcode.synth import SlideTruth
+    from histcode.tilereader import TileIndex
+
+    index = TileIndex(tiles)
+    rng = np.random.default_rng(seed)
+    chosen, labels, patients = [], [], []
+    for s, geometry in enumerate(index.slides):
+        truth = SlideTruth.load(cohort / "truth" / f"{geometry.slide_id}.npz")
+        rows = index.slide_range(s)
+        coords = index.coords[rows.start : rows.stop]
+        store_tiles = index.store.read(geometry.slide_id)
+        side, mpp0 = store_tiles.attrs["tile_size_level0"], store_tiles.attrs["mpp_level0"]
+        scale = mpp0 / truth.mask_mpp  # mask px per level-0 px
+        h, w = truth.tumour.shape
+        centre = np.clip(((coords + side / 2) * scale).astype(int), 0, [w - 1, h - 1])
+        on_tumour = truth.tumour[centre[:, 1], centre[:, 0]]
+        # any tumour under the tile (mask pixels overlapping it)
+        x0 = np.clip(np.floor(coords[:, 0] * scale).astype(int), 0, w - 1)
+        y0 = np.clip(np.floor(coords[:, 1] * scale).astype(int), 0, h - 1)
+        x1 = np.clip(np.ceil((coords[:, 0] + side) * scale).astype(int), 1, w)
+        y1 = np.clip(np.ceil((coords[:, 1] + side) * scale).astype(int), 1, h)
+        any_tumour = np.array(
+            [truth.tumour[a:b, c:d].any() for a, b, c, d in zip(y0, y1, x0, x1, strict=True)]
+        )
+        pos = np.flatnonzero(on_tumour)
+        neg = np.flatnonzero(~any_tumour)
+        neg = rng.choice(neg, min(len(neg), max_neg_per_slide), replace=False)
+        patient = geometry.slide_id[:12]
+        for local, label in [(pos, 1), (neg, 0)]:
+            chosen += [rows.start + int(i) for i in local]
+            labels += [label] * len(local)
+            patients += [patient] * len(local)
+    return index, np.array(chosen), np.array(labels), np.array(patients)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(encoder, index, batches: int, batch_size: int, device: str, seed: int):
+    """Give an untrained encoder BatchNorm statistics of the tiles (no weight changes).
+
+    Freshly initialised BatchNorm layers hold mean 0 / variance 1, which in eval mode leaves
+    activations uncalibrated; a fair untrained baseline gets its running statistics from the
+    data, as the pretrained encoder did while training.
+    """
+    from torch import nn
+
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return encoder
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(index), min(len(index), batches * batch_size), replace=False)
+    encoder.train()
+    features(encoder, index, sample, batch_size, device, train_mode=True)
+    return encoder.eval()
+
+
+@torch.no_grad()
+def features(
+    encoder, index, chosen: np.ndarray, batch_size: int, device: str, train_mode: bool = False
+) -> np.ndarray:
+    """Embeddings ``(N, D)`` of the chosen tiles, normalised with the encoder's input spec."""
+    from torch.utils.data import DataLoader, Subset
+
+    from histcode.tilereader import TileDataset
+
+    spec = encoder.input_spec
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+    encoder = encoder.to(device).train(train_mode)
+    loader = DataLoader(Subset(TileDataset(index), chosen.tolist()), batch_size=batch_size)
+    out = []
+    for tiles in loader:
+        x = (tiles.to(device).float() / 255 - mean) / std
+        out.append(encoder(x).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int, c: float) -> dict:
+    """Patient-grouped cross-validated linear probe: pooled and per-fold ROC AUC."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    oof = np.zeros(len(y))
+    per_fold = []
+    for train, test in GroupKFold(n_splits=folds).split(x, y, groups):
+        assert not set(groups[train]) & set(groups[test])
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+        model.fit(x[train], y[train])
+        oof[test] = model.predict_proba(x[test])[:, 1]
+        if len(set(y[test])) == 2:
+            per_fold.append(round(float(roc_auc_score(y[test], oof[test])), 4))
+    return {
+        "auc": round(float(roc_auc_score(y, oof)), 4),
+        "auc_per_fold": per_fold,
+        "auc_fold_mean": round(float(np.mean(per_fold)), 4),
+    }
+
+
+def pretrain(args: argparse.Namespace, tiles: Path) -> dict:
+    """Run ``histcode pretrain`` (the real command); returns its result line."""
+    from histcode.cli import main as cli_main
+
+    configs = Path(__file__).parents[1] / "configs" / "pretrain"
+    argv = [
+        "pretrain",
+        "--config", str(configs / "simclr.yaml"),
+        "--config", str(configs / "cpu_smoke.yaml"),
+        "--data.tiles", str(tiles),
+        "--name", "quality",
+        "--registry", str(args.work / "registry"),
+        "--out", str(args.work / "run"),
+        "--resume", "false",
+        "--model.encoder", args.encoder,
+        "--model.encoder_kwargs", args.encoder_kwargs,
+        "--model.projection_dim", "128",
+        "--model.lr", str(args.lr),
+        "--model.warmup_steps", str(max(1, args.steps // 20)),
+        "--model.temperature", str(args.temperature),
+        "--model.augmentation.hed_sigma", str(args.hed_sigma),
+        "--data.batch_size", str(args.batch_size),
+        "--data.num_workers", str(args.workers),
+        "--trainer.max_steps", str(args.steps),
+        "--trainer.enable_progress_bar", "false",
+        "--checkpoint.every_n_train_steps", str(args.steps),
+    ]  # fmt: skip
+    if args.device == "cuda":
+        argv += ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli_main(argv)
+    if code != 0:
+        raise RuntimeError(f"histcode pretrain failed with exit status {code}")
+    return json.loads(stdout.getvalue().strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--encoder-kwargs", default="{}", help="JSON, e.g. '{\"embed_dim\": 128}'")
+    parser.add_argument("--steps", type=int, default=150, help="pretraining steps (the budget)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--hed-sigma", type=float, default=0.05)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--patients", type=int, default=12)
+    parser.add_argument("--slide-mm", type=float, default=4.0, help="slide width (height 3/4)")
+    parser.add_argument("--mpp", type=float, default=2.0)
+    parser.add_argument("--tile-size", type=int, default=32)
+    parser.add_argument("--max-neg-per-slide", type=int, default=60)
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--probe-c", type=float, default=0.1, help="inverse L2 strength")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench/pretrain_quality"))
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    from histcode.encoders import create_encoder
+    from histcode.registry import Registry
+
+    cohort, tiles = make_data(args)
+    t_data = time.perf_counter() - t0
+    index, chosen, y, groups = tile_labels(cohort, tiles, args.max_neg_per_slide, args.seed)
+    t1 = time.perf_counter()
+    result = pretrain(args, tiles)
+    t_pretrain = time.perf_counter() - t1
+    trained, card = Registry(args.work / "registry").load(result["ref"])
+    torch.manual_seed(args.seed)
+    random = create_encoder(card.architecture, **card.arguments)  # same architecture, untrained
+    torch.manual_seed(args.seed)
+    calibrated = calibrate_batchnorm(
+        create_encoder(card.architecture, **card.arguments), index, 20, 128, args.device, args.seed
+    )
+    scores = {}
+    encoders = [("pretrained", trained), ("random", random), ("random_bn_calibrated", calibrated)]
+    for name, encoder in encoders:
+        x = features(encoder, index, chosen, 256, args.device)
+        scores[name] = probe(x, y, groups, args.folds, args.probe_c)
+    out = {
+        "benchmark": "pretrain_quality",
+        "cohort": {"difficulty": "hard", "patients": args.patients, "slides": len(index.slides)},
+        "tiles": {"mpp": args.mpp, "tile_size": args.tile_size, "total": len(index)},
+        "probe_tiles": {"tumour": int(y.sum()), "normal": int((1 - y).sum())},
+        "probe": f"StandardScaler + LogisticRegression(C={args.probe_c}), "
+        f"{args.folds}-fold GroupKFold by patient",
+        "encoder": args.encoder,
+        "encoder_arguments": card.arguments,
+        "pretrain": {
+            "ref": result["ref"],
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "final_loss": result["final_loss"],
+            "lr": args.lr,
+            "temperature": args.temperature,
+            "hed_sigma": args.hed_sigma,
+            "seconds": round(t_pretrain, 1),
+        },
+        "auc_pretrained": scores["pretrained"]["auc"],
+        "auc_random": scores["random"]["auc"],
+        "auc_random_bn_calibrated": scores["random_bn_calibrated"]["auc"],
+        **scores,
+        "pretrained_beats_random": scores["pretrained"]["auc"]
+        > max(scores["random"]["auc"], scores["random_bn_calibrated"]["auc"]),
+        "device": args.device,
+        "seconds_data": round(t_data, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,244 @@
+"""SimCLR as a LightningModule: zoo backbone + lightly's projection head and NT-Xent loss.
+
+Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
+Representations", ICML 2020. Glue only: the loss (``NTXentLoss``, negatives gathered across
+processes), the head (``SimCLRProjectionHead``), ``LARS`` and the warm-up/cosine schedule
+(``CosineWarmupScheduler``) are lightly's; the backbone comes from :mod:`histcode.encoders`;
+the views from :class:`~histcode.pretrain.augment.TileAugmentation`, run on the device in
+:meth:`SimCLRModule.on_after_batch_transfer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+from lightly.utils.lars import LARS
+from lightly.utils.scheduler import CosineWarmupScheduler
+
+from histcode.encoders import Encoder, create_encoder
+from histcode.registry import Registry
+
+from .augment import AugmentConfig, TileAugmentation
+
+#: default augmentation (a module-level instance: dataclass defaults must not be calls)
+DEFAULT_AUGMENTATION = AugmentConfig()
+#: steps over which ``final_loss`` is averaged
+LOSS_WINDOW = 50
+
+
+class SimCLRModule(pl.LightningModule):
+    """SimCLR pretraining of a tile encoder of the zoo.
+
+    Args:
+        encoder: encoder zoo name (``resnet18``, ``resnet50_trunc``, ``tiny``, ``timm:…``).
+        encoder_kwargs: the builder's other arguments (e.g. ``{"embed_dim": 64}`` for
+            ``tiny``, ``{"weights": "imagenet.safetensors"}``, ``mean``/``std``).
+        mpp: µm/px of the tiles; the command sets it from the tile store.
+        tile_size: tile side in pixels; the command sets it from the tile store.
+        init_from: registry ref of an encoder to start from (continued pretraining); it must
+            have the same architecture.
+        registry: registry root for ``init_from`` (default ``$HISTCODE_REGISTRY`` or
+            ``./registry``).
+        projection_hidden_dim: hidden width of the projection head (default: embed_dim).
+        projection_dim: output size of the projection head.
+        temperature: NT-Xent temperature.
+        optimizer: ``adamw``, ``lars`` (lightly's, as SimCLR) or ``sgd``.
+        lr: peak learning rate (after warm-up); per 256 tiles of global batch when
+            ``scale_lr``.
+        scale_lr: multiply ``lr`` by global batch size / 256 (SimCLR's linear scaling: with
+            ``lars``, ``lr: 0.3`` gives 0.3 at 256 tiles a step and 1.2 at 1024).
+        weight_decay: weight decay of weights (not of biases and norm parameters).
+        momentum: momentum of ``lars`` and ``sgd``.
+        warmup_steps: linear warm-up steps, then cosine decay to the end of training.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        augmentation: every parameter of the view generator.
+        channels_last: use channels-last memory format on CUDA.
+
+    Shapes:
+        batch (after :meth:`on_after_batch_transfer`): two views, ``(batch_size, 3, S, S)``
+        each; :meth:`forward`: ``(N, 3, S, S)`` → projections ``(N, projection_dim)``.
+    """
+
+    def __init__(
+        self,
+        encoder: str = "resnet18",
+        encoder_kwargs: dict[str, Any] | None = None,
+        mpp: float | None = None,
+        tile_size: int | None = None,
+        init_from: str | None = None,
+        registry: str | None = None,
+        projection_hidden_dim: int | None = None,
+        projection_dim: int = 128,
+        temperature: float = 0.1,
+        optimizer: Literal["adamw", "lars", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        scale_lr: bool = False,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 0.01,
+        augmentation: AugmentConfig = DEFAULT_AUGMENTATION,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(augmentation, dict):  # from a checkpoint's hyperparameters
+            augmentation = AugmentConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in augmentation.items()}
+            )
+        augmentation.check()
+        self.save_hyperparameters(ignore=["augmentation"])
+        self.hparams["augmentation"] = augmentation.to_dict()
+        spec = {k: v for k, v in (("mpp", mpp), ("tile_size", tile_size)) if v is not None}
+        self.encoder: Encoder = create_encoder(encoder, **{**(encoder_kwargs or {}), **spec})
+        dim = self.encoder.embed_dim
+        self.head = SimCLRProjectionHead(dim, projection_hidden_dim or dim, projection_dim)
+        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=True)
+        s = self.encoder.input_spec
+        self.augment = TileAugmentation(augmentation, s.mean, s.std, crop_size=s.tile_size)
+        self.augmentation = augmentation
+        self.parent_ref: str | None = None  # "name@v#sha256=…" of init_from, once loaded
+        self._val_batches = 0
+        self.register_buffer("recent_losses", torch.full((LOSS_WINDOW,), float("nan")))
+        # optimiser steps taken, kept with the weights (ddp_spawn returns weights, not loops)
+        self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Projections of normalised views, ``(N, 3, S, S)`` → ``(N, projection_dim)``."""
+        return self.head(self.encoder(x))
+
+    # -- setup -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Check the tiles fit the encoder; load ``init_from`` (a checkpoint overrides it)."""
+        data = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if data is not None and hasattr(data, "tile_size"):
+            self.encoder.input_spec.check(mpp=data.mpp, tile_size=data.tile_size, source=data.tiles)
+        if self.hparams.init_from and self.parent_ref is None:
+            state, card = Registry(self.hparams.registry).load_state(self.hparams.init_from)
+            if card.kind != "encoder" or card.architecture != self.encoder.architecture:
+                raise ValueError(
+                    f"--model.init_from {card.ref} is a {card.kind} {card.architecture!r}, but "
+                    f"--model.encoder is {self.encoder.architecture!r}; set --model.encoder "
+                    f"{card.architecture} (and its encoder_kwargs {card.arguments})"
+                )
+            try:
+                self.encoder.load_state_dict(state, strict=True)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"the weights of {card.ref} do not fit --model.encoder "
+                    f"{self.encoder.architecture} with {self.hparams.encoder_kwargs}: {err}"
+                ) from None
+            self.parent_ref = f"{card.ref}#sha256={card.sha256}"
+
+    def on_fit_start(self) -> None:
+        if self.hparams.channels_last and self.device.type == "cuda":
+            self.encoder.to(memory_format=torch.channels_last)
+
+    # -- steps -------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> Any:
+        """Augment on the device: uint8 tiles ``(B, 3, H, W)`` → two views ``(B, 3, S, S)``.
+
+        Validation batches get the same views every time (seeded by their position), so the
+        validation loss is comparable from one evaluation to the next.
+        """
+        if self._trainer is None or self.trainer.training:
+            return self.augment.two_views(batch)
+        self._val_batches += 1
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(self._val_batches)
+            return self.augment.two_views(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_batches = 0
+
+    def _loss(self, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(views)
+        if self.hparams.channels_last and x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        z0, z1 = self(x).chunk(2)
+        with torch.autocast(x.device.type, enabled=False):  # the loss in float32 under bf16
+            return self.criterion(z0.float(), z1.float())
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.recent_losses[self.global_step % LOSS_WINDOW] = loss.detach()  # no host sync
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.trained_steps.fill_(self.global_step)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> None:
+        self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
+
+    def final_loss(self) -> float:
+        """Mean training loss over the last ``LOSS_WINDOW`` steps (this process)."""
+        recent = self.recent_losses[~torch.isnan(self.recent_losses)]
+        return float(recent.mean()) if len(recent) else float("nan")
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        decay = [p for p in self.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.parameters() if p.ndim <= 1]  # biases and norms
+        groups = [
+            {"params": decay, "weight_decay": h.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},  # also exempt from LARS scaling
+        ]
+        lr = self.peak_lr()
+        if h.optimizer == "adamw":
+            optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr)
+        elif h.optimizer == "lars":
+            optimizer = LARS(groups, lr=lr, momentum=h.momentum)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=h.momentum)
+        total = self.trainer.estimated_stepping_batches
+        if not 0 < total < float("inf"):
+            raise ValueError(
+                "the learning-rate schedule needs a finite length: set --trainer.max_steps"
+            )
+        scheduler = CosineWarmupScheduler(
+            optimizer,
+            warmup_epochs=min(h.warmup_steps, int(total)),
+            max_epochs=int(total),
+            end_value=h.min_lr_ratio,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def peak_lr(self) -> float:
+        """``lr``, scaled by global batch size / 256 when ``scale_lr`` (needs the trainer)."""
+        if not self.hparams.scale_lr:
+            return float(self.hparams.lr)
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("model.scale_lr needs a datamodule with batch_size; set it false")
+        global_batch = batch_size * self.trainer.world_size
+        global_batch *= self.trainer.accumulate_grad_batches
+        return float(self.hparams.lr) * global_batch / 256
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["histcode"] = {"parent_ref": self.parent_ref}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore lineage, and reseed so that a resumed run draws fresh shuffles and views.
+
+        Without reseeding, a run seeded like the interrupted one would replay its first
+        batches (the same permutation and augmentations). Under DDP, Lightning's
+        ``DistributedSampler`` orders each epoch by (seed, epoch) alone, so there the
+        interrupted epoch's tile order restarts; the views still differ.
+        """
+        self.parent_ref = checkpoint.get("histcode", {}).get("parent_ref", self.parent_ref)
+        step = int(checkpoint.get("global_step", 0))
+        torch.manual_seed((torch.initial_seed() + 1_000_003 * step) % 2**63)
+
+    def augmentation_config(self) -> dict[str, Any]:
+        """The augmentation as a JSON-able dict, with the crop size and blur kernel resolved."""
+        return {**self.augmentation.to_dict(), **self.augment.resolved()}

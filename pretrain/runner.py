@@ -1,0 +1,324 @@
+"""The ``histcode pretrain`` run: LightningCLI wiring, resume, registration, summary.
+
+:class:`PretrainCLI` is a ``LightningCLI`` over :class:`~histcode.pretrain.module.SimCLRModule`
+and :class:`~histcode.pretrain.data.TileDataModule` with four extra options (``--name``,
+``--registry``, ``--out``, ``--resume``), a configurable ``ModelCheckpoint`` (``--checkpoint.*``)
+and links that make the encoder's input spec follow the tile store (``data.mpp`` →
+``model.mpp``, ``data.tile_size`` → ``model.tile_size``), so the registered card says which
+tiles the encoder was trained on. :func:`run` parses, resumes from ``<out>/checkpoints/
+last.ckpt`` when it exists, trains, and registers the encoder on process 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from histcode.cli import USAGE_ERRORS, CommandResult, write_summary
+from histcode.encoders import encoder_card
+from histcode.registry import Registry, check_name, default_root
+
+from .data import TileDataModule
+from .module import SimCLRModule
+
+log = logging.getLogger("histcode.pretrain")
+
+LAST = "last.ckpt"
+#: steps between progress-bar refreshes (unless --trainer.callbacks sets a progress bar)
+PROGRESS_EVERY = 10
+
+
+class SaveConfigToOut(SaveConfigCallback):
+    """Write the resolved config as ``<out>/config.yaml`` (the run folder, not a log version)."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        path = Path(trainer.default_root_dir) / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(path), skip_unset=False, overwrite=True)
+
+
+class SaveOnInterrupt(Callback):
+    """On Ctrl-C in a single-process run, save ``last.ckpt`` so a rerun loses no steps.
+
+    (Multi-process runs rely on the periodic ``ModelCheckpoint``: saving from one process
+    after an interrupt would wait forever for the others.)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exc: BaseException
+    ) -> None:
+        if isinstance(exc, KeyboardInterrupt) and trainer.world_size == 1 and trainer.global_step:
+            trainer.save_checkpoint(self.path)
+            log.info("saved %s at step %d", self.path, trainer.global_step)
+
+
+class PretrainCLI(LightningCLI):
+    """``LightningCLI`` for SimCLR pretraining with histcode's run folder and registry."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--name",
+            type=str,
+            required=True,
+            help="Registry name of the encoder (e.g. simclr-r18).",
+        )
+        parser.add_argument(
+            "--registry",
+            type=str | None,
+            default=None,
+            help="Registry root (default: $HISTCODE_REGISTRY, else ./registry).",
+        )
+        parser.add_argument(
+            "--out",
+            type=str | None,
+            default=None,
+            help="Run folder: config, checkpoints, logs, summary.json (runs/pretrain/NAME).",
+        )
+        parser.add_argument(
+            "--resume",
+            type=bool,
+            default=True,
+            help="Resume from <out>/checkpoints/last.ckpt when it exists (false: start over).",
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 0,
+                "checkpoint.every_n_train_steps": 500,
+            }
+        )
+        parser.link_arguments("data.mpp", "model.mpp", apply_on="instantiate")
+        parser.link_arguments("data.tile_size", "model.tile_size", apply_on="instantiate")
+        parser.link_arguments("registry", "model.registry")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        check_name(config.name)
+        out = Path(config.out or Path("runs") / "pretrain" / config.name)
+        config.out = str(out)
+        if config.trainer.default_root_dir is None:
+            config.trainer.default_root_dir = str(out)
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(out / "checkpoints")
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return Path(self.config.checkpoint.dirpath) / LAST
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        callbacks = [*self._listed_callbacks(), SaveOnInterrupt(self.last_checkpoint)]
+        wants_bar = self.config.trainer.enable_progress_bar is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # the bar reads the loss from the device: refreshing every step would stall the
+            # accelerator's queue on a host sync each step
+            callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_EVERY))
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+    def _listed_callbacks(self) -> list[Callback]:
+        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        return list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+
+
+#: Lightning warnings that say nothing to a histcode user (we chose these on purpose).
+QUIET_WARNINGS = (
+    ".*LightningCLI's args parameter.*",  # we pass argv explicitly; sys.argv is the dispatcher's
+    ".*`tensorboardX` has been removed.*",  # the CSV logger is our default
+    ".*Total length of `list` across ranks is zero.*",  # no validation slides asked for
+    ".*overridden `on_after_batch_transfer` in `LightningModule`.*",  # augmentation lives there
+    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",  # Lightning internals vs torch
+    # Lightning 2.6 calls jsonargparse APIs deprecated in 4.49
+    "(?s).*(deprecated in v4.49.0|JsonargparseDeprecationWarning per type).*",
+    # a resumed run restarts the interrupted epoch's loader: harmless for self-supervision (and
+    # SimCLRModule.on_load_checkpoint reseeds, so the shuffle and the views are fresh draws)
+    ".*resuming from a checkpoint that ended before the epoch ended.*",
+)
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def _quiet() -> None:
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoTips())
+
+
+def _parse(argv: list[str], prog: str) -> PretrainCLI:
+    with warnings.catch_warnings():
+        _quiet()
+        return PretrainCLI(
+            SimCLRModule,
+            TileDataModule,
+            run=False,
+            args=argv,
+            save_config_callback=SaveConfigToOut,
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+            parser_kwargs={"prog": prog, "description": _description(), "default_env": False},
+            auto_configure_optimizers=False,
+            trainer_defaults={"max_epochs": -1},
+            seed_everything_default=0,
+        )
+
+
+def _description() -> str:
+    from histcode.pretrain import command
+
+    return (command.__doc__ or "").strip().split("\n\n")[0]
+
+
+def _ckpt_step(path: Path) -> int:
+    """Global step stored in a Lightning checkpoint (read without unpickling objects)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a damaged checkpoint: Lightning will report it when resuming
+        return -1
+    return int(ckpt.get("global_step", -1))
+
+
+def _already_registered(out: Path, registry: Registry, steps: int) -> dict[str, Any] | None:
+    """The result of an earlier run that registered this very state, if any (idempotent rerun).
+
+    Called only when the run resumed from a checkpoint at ``steps`` and trained no further.
+    """
+    try:
+        previous = json.loads((out / "summary.json").read_text())["result"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if previous.get("steps") != steps or previous.get("registry") != str(registry.root):
+        return None
+    try:
+        registry.resolve(previous["ref"])
+    except (KeyError, ValueError):
+        return None
+    return previous
+
+
+def _trainer_summary(trainer: Trainer, data: TileDataModule) -> dict[str, Any]:
+    return {
+        "precision": str(trainer.precision),
+        "strategy": type(trainer.strategy).__name__,
+        "accelerator": type(trainer.accelerator).__name__,
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "max_steps": trainer.max_steps,
+        "batch_size": data.batch_size,
+        "global_batch_size": data.batch_size * trainer.world_size,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+    }
+
+
+def trained_steps(trainer: Trainer, model: SimCLRModule) -> int:
+    """Optimiser steps of the run (under ddp_spawn the parent's trainer does not see them)."""
+    return max(int(trainer.global_step), int(model.trained_steps))
+
+
+def register(
+    model: SimCLRModule, data: TileDataModule, trainer: Trainer, name: str, registry: Registry
+) -> dict[str, Any]:
+    """Register the trained encoder as the next version of ``name``.
+
+    Returns:
+        The result: ``ref``, ``steps``, ``final_loss``, ``tiles_seen`` and where things are.
+    """
+    steps = trained_steps(trainer, model)
+    final_loss = model.final_loss()
+    metrics = {
+        "final_loss": None if math.isnan(final_loss) else round(final_loss, 6),
+        "steps": steps,
+        "tiles_seen": steps * data.batch_size * trainer.world_size,
+    }
+    if "val_loss" in trainer.callback_metrics:
+        metrics["val_loss"] = round(float(trainer.callback_metrics["val_loss"]), 6)
+    parents = [data.fingerprint, *([model.parent_ref] if model.parent_ref else [])]
+    hp = model.hparams
+    extra = {
+        "method": "simclr",
+        "tiles": str(Path(data.tiles).resolve()),
+        "augmentation": model.augmentation_config(),
+        "projection": {
+            "hidden_dim": hp.projection_hidden_dim or model.encoder.embed_dim,
+            "output_dim": hp.projection_dim,
+        },
+        "loss": {"name": "ntxent", "temperature": hp.temperature, "gather_distributed": True},
+        "optimizer": {
+            **{k: hp[k] for k in ("optimizer", "lr", "scale_lr", "weight_decay", "momentum")},
+            **{k: hp[k] for k in ("warmup_steps", "min_lr_ratio")},
+            "peak_lr": model.peak_lr(),
+        },
+        "trainer": _trainer_summary(trainer, data),
+        "run": str(Path(trainer.default_root_dir).resolve()),
+    }
+    card = encoder_card(model.encoder, metrics=metrics, parents=parents, extra=extra)
+    ref = registry.save(name, model.encoder.cpu(), card)
+    return {"ref": ref, **metrics, "registry": str(registry.root)}
+
+
+def run(argv: list[str], prog: str) -> int:
+    """Parse, train (resuming when possible), register on process 0, print one JSON line."""
+    start = time.perf_counter()
+    try:
+        cli = _parse(argv, prog)
+    except SystemExit as done:  # --help, --print_config, or a parse error (jsonargparse)
+        return int(done.code or 0) if isinstance(done.code, int) else 2
+    except USAGE_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    out = Path(cli.config.out)
+    registry = Registry(cli.config.registry or default_root())
+    ckpt = cli.last_checkpoint
+    ckpt_path, resumed_at = None, None
+    if cli.config.resume and ckpt.is_file():
+        ckpt_path, resumed_at = str(ckpt), _ckpt_step(ckpt)
+        log.info("resuming from %s (step %d)", ckpt, resumed_at)
+    try:
+        with warnings.catch_warnings():
+            _quiet()
+            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    except USAGE_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit:  # Lightning exits after a KeyboardInterrupt
+        print(
+            f"{prog}: interrupted; rerun the same command to resume from {ckpt}.", file=sys.stderr
+        )
+        return 130
+    if trainer.interrupted:
+        print(
+            f"{prog}: interrupted; rerun the same command to resume from {ckpt}.", file=sys.stderr
+        )
+        return 130
+    if not trainer.is_global_zero:
+        return 0
+    result = None
+    if resumed_at == trained_steps(trainer, model):  # nothing trained since the checkpoint
+        result = _already_registered(out, registry, resumed_at)
+    if result is not None:
+        log.info("this state (step %d) is already registered as %s", result["steps"], result["ref"])
+    else:
+        result = register(model, data, trainer, cli.config.name, registry)
+        log.info("registered %s in %s", result["ref"], registry.root)
+    result = {**result, "out": str(out), "checkpoint": str(ckpt)}
+    config = json.loads(cli.parser.dump(cli.config, format="json", skip_unset=False))
+    config.pop("config", None)
+    outcome = CommandResult(out_dir=out, result=result)
+    write_summary(out, "pretrain", config, outcome, time.perf_counter() - start)
+    print(json.dumps(result, default=str), flush=True)
+    return 0

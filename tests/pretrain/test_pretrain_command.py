@@ -1,0 +1,221 @@
+"""``histcode pretrain`` end to end: registers the encoder, loss falls, resumes, DDP on CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from histcode.cli import main as cli_main
+from histcode.pretrain.module import SimCLRModule
+from histcode.registry import Registry
+from histcode.tilestore import TileStore
+
+
+def _losses(out: Path) -> np.ndarray:
+    """Per-step train_loss of the run's CSV logs (all versions, in step order)."""
+    rows = []
+    for path in sorted(out.glob("lightning_logs/version_*/metrics.csv")):
+        with path.open() as f:
+            rows += [
+                (int(r["step"]), float(r["train_loss"]))
+                for r in csv.DictReader(f)
+                if r.get("train_loss")
+            ]
+    return np.array([loss for _, loss in sorted(rows)])
+
+
+def _last_json(text: str) -> dict:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(pretrain_tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One 50-step CPU run through ``histcode.cli.main`` (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("smoke_run")
+    configs = Path(__file__).parents[2] / "configs" / "pretrain"
+    argv = [
+        "pretrain",
+        "--config", str(configs / "simclr.yaml"),
+        "--config", str(configs / "cpu_smoke.yaml"),
+        "--data.tiles", str(pretrain_tiles),
+        "--name", "smoke",
+        "--registry", str(root / "registry"),
+        "--out", str(root / "run"),
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli_main(argv)
+    return {"code": code, "stdout": stdout.getvalue(), "root": root, "tiles": pretrain_tiles}
+
+
+def test_run_registers_the_encoder_with_its_card(smoke_run: dict) -> None:
+    assert smoke_run["code"] == 0
+    result = _last_json(smoke_run["stdout"])
+    assert result["ref"] == "smoke@1" and result["steps"] == 50
+    registry = Registry(smoke_run["root"] / "registry")
+    encoder, card = registry.load("smoke@1")
+    assert card.metrics["steps"] == 50 and card.metrics["final_loss"] == result["final_loss"]
+    assert card.metrics["tiles_seen"] == 50 * 16
+    assert TileStore(smoke_run["tiles"]).fingerprint() in card.parents
+    assert card.input_spec.mpp == 2.0 and card.input_spec.tile_size == 64  # from the store
+    aug = card.extra["augmentation"]
+    assert aug["hed_sigma"] == 0.05 and aug["crop_size"] == 64 and aug["blur_kernel_size"] == 7
+    assert card.extra["trainer"]["max_steps"] == 50 and card.extra["tiles"] == str(
+        smoke_run["tiles"].resolve()
+    )
+    assert encoder(torch.randn(2, 3, 64, 64)).shape == (2, 64)
+
+
+def test_run_folder_holds_config_checkpoint_and_summary(smoke_run: dict) -> None:
+    run = smoke_run["root"] / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["command"] == "histcode pretrain" and summary["exit_code"] == 0
+    assert summary["result"]["ref"] == "smoke@1"
+    assert summary["config"]["model"]["encoder"] == "tiny"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert "encoder: tiny" in (run / "config.yaml").read_text()
+
+
+def test_loss_falls_over_50_steps(smoke_run: dict) -> None:
+    losses = _losses(smoke_run["root"] / "run")
+    assert len(losses) == 50 and np.isfinite(losses).all()
+    first, last = losses[:10].mean(), losses[-10:].mean()
+    assert last < first - 0.2, f"loss did not fall: first 10 steps {first:.3f}, last 10 {last:.3f}"
+
+
+def test_rerun_of_a_finished_run_registers_nothing_new(smoke_run: dict, capsys) -> None:
+    configs = Path(__file__).parents[2] / "configs" / "pretrain"
+    argv = [
+        "pretrain",
+        "--config", str(configs / "simclr.yaml"),
+        "--config", str(configs / "cpu_smoke.yaml"),
+        "--data.tiles", str(smoke_run["tiles"]),
+        "--name", "smoke",
+        "--registry", str(smoke_run["root"] / "registry"),
+        "--out", str(smoke_run["root"] / "run"),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert _last_json(capsys.readouterr().out)["ref"] == "smoke@1"
+    assert Registry(smoke_run["root"] / "registry").versions("smoke") == [1]
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(
+    smoke_args: list[str], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "run"
+    argv = ["pretrain", *smoke_args, "--name", "resumed", "--out", str(out)]
+    argv += ["--trainer.max_steps", "20", "--checkpoint.every_n_train_steps", "5"]
+    original = SimCLRModule.on_train_batch_end
+
+    def interrupt_at_13(self, outputs, batch, batch_idx):  # Ctrl-C after step 13
+        if self.global_step == 13:
+            raise KeyboardInterrupt
+        return original(self, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(SimCLRModule, "on_train_batch_end", interrupt_at_13)
+    assert cli_main(argv) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 13  # saved on the interrupt, not only every 5 steps
+    assert not (tmp_path / "registry" / "resumed").exists()  # nothing registered
+
+    monkeypatch.setattr(SimCLRModule, "on_train_batch_end", original)
+    assert cli_main(argv) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert result["ref"] == "resumed@1" and result["steps"] == 20
+    registry = Registry(tmp_path / "registry")
+    assert registry.versions("resumed") == [1]
+    steps = sorted(
+        int(r["step"])
+        for p in out.glob("lightning_logs/version_*/metrics.csv")
+        for r in csv.DictReader(p.open())
+    )
+    assert steps[-1] == 19 and len(list(out.glob("lightning_logs/version_*"))) == 2
+    # the second run continued the first: the optimiser's step count is the global one
+    assert registry.card("resumed@1").metrics["tiles_seen"] == 20 * 16
+
+
+def test_resume_false_starts_over_and_registers_a_new_version(
+    smoke_args: list[str], tmp_path: Path, capsys
+) -> None:
+    argv = ["pretrain", *smoke_args, "--name", "again", "--out", str(tmp_path / "run")]
+    argv += ["--trainer.max_steps", "3"]
+    assert cli_main(argv) == 0
+    first = _last_json(capsys.readouterr().out)
+    assert cli_main([*argv, "--resume", "false", "--model.lr", "0.01"]) == 0
+    second = _last_json(capsys.readouterr().out)
+    assert (first["ref"], second["ref"]) == ("again@1", "again@2") and second["steps"] == 3
+    registry = Registry(tmp_path / "registry")
+    assert registry.card("again@2").extra["optimizer"]["lr"] == 0.01
+
+
+def test_help_and_print_config(capsys, pretrain_tiles: Path) -> None:
+    assert cli_main(["pretrain", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--trainer.devices", "--trainer.strategy", "--model.augmentation.hed_sigma",
+                   "--data.tiles", "--name", "--checkpoint.every_n_train_steps"):  # fmt: skip
+        assert option in text
+    configs = Path(__file__).parents[2] / "configs" / "pretrain"
+    argv = ["pretrain", "--config", str(configs / "simclr.yaml"), "--print_config"]
+    code = cli_main([*argv, "--data.tiles", str(pretrain_tiles), "--name", "x"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "encoder: resnet50_trunc" in printed and "hed_sigma: 0.05" in printed
+    assert "precision: bf16-mixed" in printed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--name", "x", "--data.tiles", "/nonexistent/tiles.zarr"], "histcode tile"),
+        (["--name", "bad/name"], "invalid checkpoint name"),
+        (["--model.init_from", "nothere@1"], "no checkpoint named 'nothere'"),
+    ],
+)
+def test_unusable_arguments_exit_2_with_a_message(
+    smoke_args: list[str], tmp_path: Path, capsys, args: list[str], message: str
+) -> None:
+    argv = ["pretrain", *smoke_args, "--out", str(tmp_path / "run"), "--name", "ok", *args]
+    assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ddp_with_two_cpu_processes_registers_one_encoder(
+    smoke_args: list[str], tmp_path: Path
+) -> None:
+    """``--trainer.strategy ddp --trainer.devices 2`` on CPU (gloo), as a user types it.
+
+    Lightning's ddp relaunches the command for rank 1 (``python -m histcode.cli …``), so it
+    runs in a subprocess; each process reads its own shard, and NT-Xent gathers the other
+    process's projections as negatives.
+    """
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "histcode.cli", "pretrain", *smoke_args, "--name", "ddp"]
+    argv += ["--out", str(out), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    argv += ["--trainer.max_steps", "4", "--data.batch_size", "8"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _last_json(done.stdout)
+    assert result["ref"] == "ddp@1" and result["steps"] == 4
+    assert done.stdout.count('"ref"') == 1  # only process 0 registers and prints
+    card = Registry(tmp_path / "registry").card("ddp@1")
+    trainer = card.extra["trainer"]
+    assert trainer["world_size"] == 2 and trainer["strategy"] == "DDPStrategy"
+    assert trainer["global_batch_size"] == 16 and card.metrics["tiles_seen"] == 4 * 16
+    assert "distributed_backend=gloo" in done.stderr + done.stdout
