@@ -12,7 +12,6 @@ slide size. Slides are written atomically (:mod:`histcode.zarrstore`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,13 +135,6 @@ class FeatureStore(SlideStore):
             np.asarray(group["features"][:]),
             np.asarray(group["coords"][:]),
         )
-
-    def iter_slides(self, status: str | None = None) -> Iterator[SlideFeatures]:
-        """All complete slides, optionally only those with ``status``."""
-        for sid in self.slide_ids():
-            feats = self.read(sid)
-            if status is None or feats.status == status:
-                yield feats
 
     def writer(
         self, slide_id: str, coords: np.ndarray, dim: int, dtype: str, chunk_rows: int = 4096

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,13 +138,6 @@ class TileStore(SlideStore):
             np.asarray(group["coords"][:]),
             np.asarray(group["tissue"][:]),
         )
-
-    def iter_slides(self, status: str | None = None) -> Iterator[SlideTiles]:
-        """All complete slides, optionally only those with ``status``."""
-        for sid in self.slide_ids():
-            tiles = self.read(sid)
-            if status is None or tiles.status == status:
-                yield tiles
 
     def write(
         self, slide_id: str, attrs: dict[str, Any], coords: np.ndarray, tissue: np.ndarray

@@ -115,6 +115,17 @@ class SlideStore:
             if p.is_dir() and not p.name.startswith(".") and self.status(p.name) is not None
         )
 
+    def read(self, slide_id: str) -> Any:
+        """One complete slide's entry; each kind of store defines what it holds."""
+        raise NotImplementedError
+
+    def iter_slides(self, status: str | None = None) -> Iterator[Any]:
+        """Every complete slide's entry (:meth:`read`), optionally only those with ``status``."""
+        for sid in self.slide_ids():
+            entry = self.read(sid)
+            if status is None or entry.status == status:
+                yield entry
+
     def status(self, slide_id: str) -> str | None:
         """Final status of a slide, or None if it is absent, unfinished or unreadable."""
         if not (self.path / slide_id / "zarr.json").is_file():
