@@ -11,6 +11,7 @@ last.ckpt`` when it exists, trains, and registers the encoder on process 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -289,7 +290,9 @@ def run(argv: list[str], prog: str) -> int:
         ckpt_path, resumed_at = str(ckpt), _ckpt_step(ckpt)
         log.info("resuming from %s (step %d)", ckpt, resumed_at)
     try:
-        with warnings.catch_warnings():
+        # progress bars and Lightning's tables go to stderr: stdout carries only the final
+        # JSON line (the CLI contract); Lightning's TQDM bar writes to stdout by default
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             _quiet()
             trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     except USAGE_ERRORS as err:
