@@ -151,9 +151,16 @@ def resolve_mpp(
 def slide_id(path: Path | str) -> str:
     """The slide id of a file: its name without the extension (``TCGA-…-01A.svs`` → ``TCGA-…-01A``).
 
+    A DICOM whole-slide image is a folder of ``.dcm`` files (one per level): its id is the
+    folder's name, whichever of its files is given.
+
     Raises:
         ValueError: the id is empty, hidden or would escape a folder (``..``).
     """
+    if Path(path).suffix.lower() == ".dcm":
+        sid = Path(path).resolve().parent.name
+        check_slide_id(sid, path)
+        return sid
     sid = Path(path).name
     for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
         if sid.lower().endswith(ext):

@@ -258,7 +258,7 @@ def discover_slides(inputs: Iterable[str]) -> list[Path]:
         )
     by_id: dict[str, Path] = {}
     for p in found:
-        sid = p.parent.name if p.suffix.lower() == ".dcm" else slide_id(p)
+        sid = slide_id(p)
         if sid in by_id and by_id[sid].resolve() != p.resolve():
             raise ValueError(
                 f"two slides share the id {sid!r}: {by_id[sid]} and {p}. Slide ids are file "
@@ -322,7 +322,7 @@ def tile_slides(
         )
         todo = []
         for p in paths:
-            sid = slide_id(p) if p.suffix.lower() != ".dcm" else p.parent.name
+            sid = slide_id(p)
             status = None if overwrite else store.status(sid)
             if status in ("ok", "empty"):
                 n = len(store.read(sid))

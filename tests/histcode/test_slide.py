@@ -62,6 +62,8 @@ def test_slide_ids() -> None:
     assert slide_id("b/x.ome.tiff") == "x.ome"
     with pytest.raises(ValueError, match="cannot name an output"):
         slide_id("/a/.hidden.svs")
+    # a DICOM slide is a folder of .dcm files (one per level): the folder names it
+    assert slide_id("/data/TCGA-AA-0002-01A/level-0.dcm") == "TCGA-AA-0002-01A"
 
 
 def test_reader_errors_name_the_file(tmp_path) -> None:

@@ -13,7 +13,7 @@ import tifffile
 import zarr
 
 from histcode.cli import main as cli_main
-from histcode.slide import SlideReader
+from histcode.slide import SlideReader, slide_id
 from histcode.synth import write_test_slide
 from histcode.tilestore import StoreLockedError, TileStore
 from histcode.tiling import TilingParams, discover_slides, tile_grid, tile_slides, tissue_fractions
@@ -274,6 +274,16 @@ def test_discover_rejects_duplicate_ids(tmp_path: Path) -> None:
         discover_slides([str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="no such file"):
         discover_slides([str(tmp_path / "missing.svs")])
+
+
+def test_a_dicom_folder_is_one_slide_named_after_it(tmp_path: Path) -> None:
+    dicom = tmp_path / "TCGA-AA-0003-01A"
+    dicom.mkdir()
+    for level in range(3):
+        (dicom / f"level-{level}.dcm").write_bytes(b"DICM")
+    (tmp_path / "other.svs").write_bytes(b"x")
+    found = discover_slides([str(tmp_path)])
+    assert [slide_id(p) for p in found] == ["TCGA-AA-0003-01A", "other"]
 
 
 def test_cli_help_config_and_json_line(slides, tmp_path: Path, capsys) -> None:
