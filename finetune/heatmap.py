@@ -236,7 +236,7 @@ def heatmap(
             SlideGeometry.from_tiles(tiles),
             maps.coords,
             maps.maps[main],
-            int(TileStore(attrs["tiles"]).attrs["tile_size"]),
+            int(attrs["tile_size"]),  # the feature store records the tile store's tile size
             out / f"{_safe(sid)}_montage_{_safe(main)}.png",
             f"{sid} — top and bottom {top_k} tiles by {main} (model {ref})",
             k=top_k,

@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 
 from histcode import __version__
-from histcode.zarrstore import SlideStore
+from histcode.zarrstore import SlideStore, write_coords
 
 #: root attrs that an existing store must share with a run that adds slides to it
 IDENTITY_KEYS = ("encoder_sha256", "tiles_fingerprint", "dtype", "embed_dim")
@@ -141,8 +141,7 @@ class FeatureStore(SlideStore):
     ) -> FeatureWriter:
         """Start writing a slide: a staging group with its coords and an empty features array."""
         group = self.staging(slide_id)
-        coords = np.asarray(coords, np.int64).reshape(-1, 2)
-        group.create_array("coords", data=coords, chunks=(max(1, min(len(coords), 65536)), 2))
+        coords = write_coords(group, coords)
         return FeatureWriter(group, len(coords), dim, dtype, chunk_rows)
 
     def write_empty(self, slide_id: str, dim: int, dtype: str, attrs: dict[str, Any]) -> None:

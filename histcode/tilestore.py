@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from histcode import __version__
-from histcode.zarrstore import FINAL_STATUSES, SlideStore, StoreLockedError
+from histcode.zarrstore import FINAL_STATUSES, SlideStore, StoreLockedError, write_coords
 
 __all__ = ["FINAL_STATUSES", "SlideTiles", "StoreLockedError", "TileStore"]
 
@@ -155,7 +155,6 @@ class TileStore(SlideStore):
         if len(coords) != len(tissue):
             raise ValueError(f"{len(coords)} coords but {len(tissue)} tissue fractions")
         group = self.staging(slide_id)
-        chunk = max(1, min(len(coords), 65536))
-        group.create_array("coords", data=coords, chunks=(chunk, 2))
-        group.create_array("tissue", data=tissue, chunks=(chunk,))
+        write_coords(group, coords)
+        group.create_array("tissue", data=tissue, chunks=(max(1, min(len(tissue), 65536)),))
         self.commit(group, slide_id, attrs)

@@ -18,12 +18,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 
 from histcode.slide import check_slide_id
 
 FINAL_STATUSES = ("ok", "empty", "failed")
 STAGING_PREFIX = ".partial-"
+
+
+def write_coords(group: zarr.Group, coords: np.ndarray) -> np.ndarray:
+    """Write a slide's ``coords`` (N, 2) int64 level-0 corners, the array both stores share.
+
+    Returns:
+        The coordinates as written.
+    """
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    group.create_array("coords", data=coords, chunks=(max(1, min(len(coords), 65536)), 2))
+    return coords
 
 
 class StoreLockedError(RuntimeError):
