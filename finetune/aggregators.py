@@ -17,7 +17,9 @@ Aggregators are registered in :data:`aggregators` (``create_aggregator("abmil", 
 * ``clam_sb`` — CLAM single branch (Lu et al. 2021, "Data-efficient and weakly supervised
   computational pathology on whole-slide images"): gated attention plus an instance classifier
   trained on the top-k / bottom-k attended tiles (:meth:`CLAMSB.instance_loss`).
-* ``mean`` and ``max`` — pooling baselines.
+* ``mean`` and ``max`` — pooling baselines (a tile MLP, then the mean or maximum).
+* ``linear`` — the naive baseline: the mean of the raw features and the linear head, i.e. a
+  linear model on mean-pooled features.
 * ``transformer`` — a small transformer MIL: a CLS token and 1–2 pre-norm self-attention
   layers with a key padding mask; attention is the CLS token's attention in the last layer.
 """
@@ -245,6 +247,57 @@ class MeanMIL(nn.Module):
         return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
 
 
+class LinearMIL(nn.Module):
+    """The naive baseline: the mean of the standardised raw tile features, no tile layer.
+
+    With the linear head on top, the slide model is a linear model on mean-pooled features
+    (logistic regression for tumour, linear regression for log2FC) — the baseline every MIL
+    model should beat. Features are standardised per dimension with the mean and variance of
+    the training tiles (accumulated in training mode, fixed in eval mode — a StandardScaler
+    fitted online; without it random-encoder features of very different scales stall the
+    optimiser). ``tiles`` are the standardised features, so a tile's contribution to a
+    prediction is exactly ``W h_i / n_tiles``; ``attention`` holds the uniform weights.
+
+    Args:
+        in_dim: tile feature size ``D`` (also the embedding size).
+        hidden: ignored (the embedding is the features' mean); accepted so that every
+            aggregator takes the same arguments.
+        dropout: ignored (the head's dropout still applies).
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.25) -> None:
+        super().__init__()
+        del hidden, dropout
+        self.in_dim, self.out_dim = in_dim, in_dim
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("total", torch.zeros(in_dim, dtype=torch.float64))
+        self.register_buffer("total_sq", torch.zeros(in_dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def _update(self, features: Tensor, mask: Tensor) -> None:
+        tiles = features[mask].double()
+        self.count += tiles.shape[0]
+        self.total += tiles.sum(0)
+        self.total_sq += tiles.square().sum(0)
+
+    def _standardise(self, features: Tensor) -> Tensor:
+        if self.count < 2:
+            return features
+        mean = self.total / self.count
+        std = (self.total_sq / self.count - mean.square()).clamp(min=1e-12).sqrt()
+        return (features - mean.to(features.dtype)) / (std.to(features.dtype) + 1e-6)
+
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> MILOutput:
+        """Pool bags (B, N, D) with mask (B, N) → :class:`MILOutput` with embedding (B, D)."""
+        mask = full_mask(features) if mask is None else mask
+        if self.training:
+            self._update(features, mask)
+        tiles = self._standardise(features) * mask[..., None]
+        weights = mask.to(features.dtype) / mask.sum(-1, keepdim=True).clamp(min=1)
+        embedding = torch.einsum("bn,bnd->bd", weights, tiles)
+        return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
+
+
 class MaxMIL(nn.Module):
     """Max pooling baseline: the per-feature maximum of tile embeddings (no attention).
 
@@ -379,6 +432,11 @@ def _mean(in_dim: int, hidden: int = 128, dropout: float = 0.25) -> MeanMIL:
     return MeanMIL(in_dim, hidden, dropout)
 
 
+@aggregators.register("linear")
+def _linear(in_dim: int, hidden: int = 128, dropout: float = 0.25) -> LinearMIL:
+    return LinearMIL(in_dim, hidden, dropout)
+
+
 @aggregators.register("max")
 def _max(in_dim: int, hidden: int = 128, dropout: float = 0.25) -> MaxMIL:
     return MaxMIL(in_dim, hidden, dropout)
@@ -412,6 +470,7 @@ __all__ = [
     "CLAMSB",
     "AttentionMIL",
     "GatedAttention",
+    "LinearMIL",
     "MILOutput",
     "MaxMIL",
     "MeanMIL",

@@ -55,8 +55,9 @@ class ModelOptions:
     """The slide model: an aggregator and a multi-task head.
 
     Args:
-        aggregator: ``abmil`` (gated attention), ``clam_sb``, ``mean``, ``max`` or
-            ``transformer``.
+        aggregator: ``abmil`` (gated attention), ``clam_sb``, ``mean``, ``max``,
+            ``transformer``, or ``linear`` (the naive baseline: a linear model on the mean of
+            the raw features).
         hidden: slide embedding size.
         dropout: dropout of the aggregator and the head.
         options: further keyword arguments of the aggregator, e.g. ``{k: 8}`` for clam_sb,

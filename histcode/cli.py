@@ -16,6 +16,7 @@ import importlib
 import inspect
 import json
 import logging
+import re
 import sys
 import time
 import types
@@ -37,6 +38,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("histcode.synth.command", "write a synthetic cohort: slides, expression, truth"),
     "tile": ("histcode.tiling", "segment tissue and lay a tile grid at a target µm/px"),
     "embed": ("histcode.embedding", "run a frozen encoder over every tile → features.zarr"),
+    "demo": ("histcode.demo", "the whole pipeline on a small synthetic cohort vs the naive baseline"),
     "registry": ("histcode.registry_cli", "list, show and verify checkpoints in the registry"),
 }
 
@@ -84,15 +86,67 @@ class CommandResult:
     summary_name: str = "summary.json"
 
 
+class OutputBusyError(RuntimeError):
+    """An output is being written by another run (it holds the lock): exit 2, message only."""
+
+
 #: Errors that mean "the arguments or inputs as given are unusable": exit 2, message only.
 USAGE_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     FileNotFoundError,
     NotADirectoryError,
+    IsADirectoryError,
     FileExistsError,
     PermissionError,
     KeyError,
+    OutputBusyError,
 )
+
+
+_UNKNOWN_OPTION = re.compile(
+    r"Group '(?P<group>[^']+)' does not accept option '(?P<key>[^']+)'"
+    r"|Option '(?P<option>[^']+)' is not accepted"
+    r"|unrecognized arguments: --(?P<arg>[^\s=]+)"
+)
+
+
+def option_hint(message: str, keys: Sequence[str]) -> str:
+    """``" Did you mean 'trainer.max_steps'?"`` for a parser error about an unknown option.
+
+    Args:
+        message: the parser's error message.
+        keys: the options the parser accepts (dotted, without ``--``).
+
+    Returns:
+        The hint, or ``""`` when the message is about something else or nothing is close.
+    """
+    found = _UNKNOWN_OPTION.search(message)
+    if not found:
+        return ""
+    key = f"{found['group']}.{found['key']}" if found["group"] else found["option"] or found["arg"]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return f". Did you mean {close[0]!r}?" if close else ""
+
+
+def with_option_hints(parser: Any) -> Any:
+    """Make a jsonargparse parser's errors about unknown options suggest the closest option.
+
+    Returns:
+        The same parser.
+    """
+    error = parser.error
+
+    def hinted(message: str, ex: Exception | None = None) -> typing.NoReturn:
+        keys = [
+            a.dest
+            for a in parser._actions
+            if a.dest not in ("help", "config") and not a.dest.endswith(".help")
+        ]
+        error(message + option_hint(message, keys), ex)
+        raise AssertionError("unreachable: the parser's error exits or raises")
+
+    parser.error = hinted
+    return parser
 
 
 def _list_parameters(function: Callable[..., Any]) -> set[str]:
@@ -171,6 +225,7 @@ def run_function(
 
     doc = inspect.getdoc(function) or ""
     parser = ArgumentParser(prog=prog, description=doc.split("\n\n")[0], exit_on_error=True)
+    with_option_hints(parser)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with options.")
     parser.add_function_arguments(function, fail_untyped=True, as_group=False)
     cfg = parser.parse_args(gather_list_options(argv, _list_parameters(function)))

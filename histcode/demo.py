@@ -1,0 +1,551 @@
+"""run the whole pipeline on a small synthetic cohort and compare it with the naive baseline.
+
+``histcode demo --out DIR``
+
+synth → tile → pretrain (SimCLR) → embed (the pretrained encoder, and a random-weight one for
+the baseline) → finetune (gated attention MIL for tumour vs normal and driver-gene log2FC; the
+naive baseline: mean pooling + a linear model on the random encoder's features) → heatmaps of
+every tumour slide by the model that never saw it, scored against the cohort's truth masks.
+
+Each step is the real command a user would type (the demo prints it), writing the real
+artefact under ``DIR``: ``cohort/``, ``tiles.zarr``, ``registry/``, ``features/*.zarr``,
+``finetune/*/`` (metrics.json, predictions.csv, plots), ``maps/*/`` (PNG, GeoJSON). The demo
+itself writes ``DIR/configs/`` (the YAML configs it passed), ``DIR/results.md`` and
+``DIR/results.json`` (the table it prints) and ``DIR/demo.json`` (which steps are done:
+rerunning the same command skips them, so an interrupted demo resumes).
+
+The core runs the stages through the ``histcode`` command table (entry points), so this
+module imports neither ``pretrain`` nor ``finetune``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+#: Names of the two arms compared in the results table.
+PIPELINE, BASELINE = "simclr", "naive"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What the demo runs with; stored in ``demo.json`` so that a rerun resumes the same run."""
+
+    patients: int
+    difficulty: str
+    slide_mm: tuple[float, float]
+    mpp: float
+    tile_size: int
+    pretrain_steps: int
+    batch_size: int
+    epochs: int
+    folds: int
+    baseline_encoder: str
+    aggregator: str
+    seed: int
+
+
+#: Column titles of the aggregators.
+AGGREGATOR_NAMES = {
+    "abmil": "gated attention",
+    "clam_sb": "CLAM-SB",
+    "transformer": "transformer MIL",
+    "mean": "mean pooling (MLP)",
+    "max": "max pooling (MLP)",
+}
+
+
+class DemoStepError(RuntimeError):
+    """A step's command failed; the message names the step and how to resume."""
+
+
+def _pretrain_config(o: DemoOptions) -> dict[str, Any]:
+    """SimCLR on CPU: a small CNN (``tiny``), short schedule, float32."""
+    return {
+        "seed_everything": o.seed,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "strategy": "auto",
+            "precision": "32-true",
+            "max_steps": o.pretrain_steps,
+            "log_every_n_steps": 10,
+            "val_check_interval": max(o.pretrain_steps // 4, 1),
+            "enable_model_summary": False,
+            "benchmark": False,
+        },
+        "model": {
+            "encoder": "tiny",
+            "encoder_kwargs": {"embed_dim": 64, "width": 16},
+            "projection_dim": 32,
+            "optimizer": "adamw",
+            "lr": 0.002,
+            "scale_lr": False,
+            "weight_decay": 1.0e-4,
+            "warmup_steps": 10,
+            "min_lr_ratio": 0.01,
+        },
+        "data": {"batch_size": o.batch_size, "num_workers": 0},
+        "checkpoint": {"every_n_train_steps": max(o.pretrain_steps // 4, 1)},
+    }
+
+
+def _finetune_config(o: DemoOptions) -> dict[str, Any]:
+    """One multi-task model (tumour + every gene), patient-grouped CV, one model per fold."""
+    return {
+        "data": {"tasks": ["tumour", "genes"], "batch_size": 4, "max_tiles": 4096},
+        "model": {"aggregator": o.aggregator, "hidden": 64, "dropout": 0.25},
+        "optim": {"lr": 0.001, "weight_decay": 0.01},
+        "cv": {"folds": o.folds, "patience": 30, "seed": o.seed, "register": "folds"},
+        "trainer": {
+            "accelerator": "cpu",
+            "max_epochs": o.epochs,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+        },
+    }
+
+
+def _write_yaml(path: Path, config: dict[str, Any], header: str) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text + yaml.safe_dump(config, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+class _Runner:
+    """Runs the demo's steps, prints progress, records finished steps in ``demo.json``."""
+
+    def __init__(self, out: Path, options: DemoOptions, total: int) -> None:
+        self.out, self.options, self.total = out, options, total
+        self.state_path = out / "demo.json"
+        self.k = 0
+        self.start = time.perf_counter()
+        self.state: dict[str, Any] = {"options": asdict(options), "steps": {}}
+        if self.state_path.is_file():
+            old = json.loads(self.state_path.read_text())
+            if old.get("options") != json.loads(json.dumps(asdict(options))):
+                raise ValueError(
+                    f"{out} holds a demo run with other options ({old.get('options')}); "
+                    "rerun with those, pass --restart true to start it again, or choose "
+                    "another --out"
+                )
+            self.state = old
+
+    def _save(self) -> None:
+        tmp = self.state_path.with_name(f".demo.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+        tmp.replace(self.state_path)
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def step(self, key: str, title: str, argv: list[str]) -> dict[str, Any]:
+        """Run ``histcode *argv`` as step ``key`` unless done; return its final JSON line."""
+        from histcode.cli import main
+
+        self.k += 1
+        elapsed = time.perf_counter() - self.start
+        head = f"[{self.k}/{self.total}] {title}"
+        done = self.state["steps"].get(key)
+        if done is not None:
+            self.say(f"{head}: done in an earlier run, skipped")
+            return done
+        shown = " ".join(a if " " not in a else repr(a) for a in argv)
+        self.say(f"\n{head}   (demo time {elapsed / 60:.1f} min)\n  $ histcode {shown}")
+        t0 = time.perf_counter()
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = main(argv)
+        lines = buffer.getvalue().strip().splitlines()
+        if code != 0 or not lines:
+            raise DemoStepError(
+                f"step {self.k} ({title}) failed: `histcode {shown}` exited {code}; its "
+                "message is above. Fix it and rerun the same `histcode demo` command: finished "
+                "steps are skipped."
+            )
+        result = json.loads(lines[-1])
+        result["_seconds"] = round(time.perf_counter() - t0, 1)
+        self.say(f"  done in {result['_seconds']:.0f} s")
+        self.state["steps"][key] = result
+        self._save()
+        return result
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(statistics.mean(values), 3) if values else None
+
+
+def _gene_summary(metrics: dict[str, Any], roles: dict[str, str]) -> dict[str, Any]:
+    """Per role (tumour-burden, lymphocyte, noise genes): mean Pearson r over genes, and the
+    genes significant after FDR."""
+    by_role: dict[str, list[float]] = {}
+    for gene, m in metrics.get("genes", {}).items():
+        r = (m.get("pearson_r") or {}).get("mean")
+        if r is not None:
+            by_role.setdefault(roles.get(gene, "other"), []).append(r)
+    significant = list(metrics.get("significant_genes", []))
+    signal = [g for g in significant if roles.get(g) in ("tumour", "lymphocyte")]
+    return {
+        "pearson_r": {role: _mean(v) for role, v in sorted(by_role.items())},
+        "significant": significant,
+        "significant_with_signal": len(signal),
+        "significant_noise": len(significant) - len(signal),
+        "genes": len(metrics.get("genes", {})),
+    }
+
+
+def _format(value: float | None, sd: float | None = None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if sd is None else f"{value:.2f} ± {sd:.2f}"
+
+
+def results_table(
+    arms: dict[str, dict[str, Any]], signal_genes: dict[str, int], aggregator: str = "abmil"
+) -> str:
+    """The demo's results as a markdown table, one column per arm.
+
+    Args:
+        arms: arm name → ``{"tumour_auc", "tumour_auc_sd", "genes": _gene_summary(...),
+            "localisation": {...}}``.
+        signal_genes: role → number of genes with that role (for "of N").
+        aggregator: the pipeline's aggregator (column title).
+    """
+    names = {
+        PIPELINE: f"histcode: SimCLR encoder + {AGGREGATOR_NAMES.get(aggregator, aggregator)}",
+        BASELINE: "naive: random encoder + mean pooling + linear",
+    }
+    cols = [a for a in (PIPELINE, BASELINE) if a in arms]
+    n_signal = signal_genes.get("tumour", 0) + signal_genes.get("lymphocyte", 0)
+    rows: list[tuple[str, list[str]]] = [
+        (
+            "tumour vs normal AUC (test folds, mean ± sd)",
+            [_format(arms[a].get("tumour_auc"), arms[a].get("tumour_auc_sd")) for a in cols],
+        ),
+        (
+            f"genes significant at FDR 5 % (of {n_signal} with signal / noise genes)",
+            [
+                f"{arms[a]['genes']['significant_with_signal']} / "
+                f"{arms[a]['genes']['significant_noise']}"
+                for a in cols
+            ],
+        ),
+    ]
+    for role, label in (
+        ("tumour", "tumour-burden"),
+        ("lymphocyte", "lymphocyte"),
+        ("noise", "noise"),
+    ):
+        rows.append(
+            (
+                f"Pearson r of predicted vs true log2FC, {label} genes",
+                [_format(arms[a]["genes"]["pearson_r"].get(role)) for a in cols],
+            )
+        )
+    for key, label in (
+        ("attention_vs_tumour_mask", "map AUROC: attention vs true tumour"),
+        ("tumour_vs_tumour_mask", "map AUROC: tumour contribution vs true tumour"),
+        ("lymphocyte_genes_vs_lymphocyte_mask", "map AUROC: lymphocyte genes vs true lymphocytes"),
+    ):
+        rows.append((label, [_format(arms[a]["localisation"].get(key)) for a in cols]))
+    lines = [
+        "| | " + " | ".join(names[a] for a in cols) + " |",
+        "|---|" + "---|" * len(cols),
+        *(f"| {label} | " + " | ".join(values) + " |" for label, values in rows),
+    ]
+    return "\n".join(lines)
+
+
+def demo(
+    out: Path = Path("demo_out"),
+    patients: int = 20,
+    difficulty: Literal["easy", "hard"] = "easy",
+    slide_mm: tuple[float, float] = (2.5, 2.0),
+    pretrain_steps: int = 200,
+    epochs: int = 100,
+    folds: int = 3,
+    aggregator: str = "abmil",
+    workers: int = 2,
+    baseline_encoder: str = "resnet18",
+    seed: int = 0,
+    restart: bool = False,
+) -> Any:
+    """Run the whole pipeline on a small synthetic cohort (about 10 minutes on 2 CPU cores).
+
+    Prints each step's command as it runs it (they are the commands of the README), then a
+    results table: tumour AUC, genes predicted and heatmap localisation, each next to the
+    naive baseline (random-weight encoder, mean pooling, linear model); and where the plots
+    and maps are. Rerunning the same command resumes after the last finished step.
+
+    Args:
+        out: Output folder; everything the demo makes is under it.
+        patients: Patients in the synthetic cohort (each has a tumour slide, half a normal
+            one too).
+        difficulty: Synthetic cohort difficulty, 'easy' or 'hard' (see ``histcode synth``).
+        slide_mm: Width and height of each synthetic slide in mm.
+        pretrain_steps: SimCLR steps (batches of 32 tiles).
+        epochs: Most finetuning epochs per fold (early stopping on the validation split).
+        folds: Patient-grouped cross-validation folds.
+        aggregator: MIL aggregator of the pipeline: abmil (gated attention), clam_sb,
+            transformer, mean or max.
+        workers: Processes for synth, tiling and tile decoding.
+        baseline_encoder: Zoo encoder whose random weights make the naive baseline.
+        seed: Random seed of the cohort, pretraining and finetuning.
+        restart: Forget the steps a previous run of this folder finished and redo them all.
+    """
+    from histcode.cli import CommandResult
+
+    if patients < 2 * folds:
+        raise ValueError(
+            f"--patients {patients} is too few for {folds} patient-grouped folds with a "
+            f"validation split; use at least {2 * folds}"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = DemoOptions(
+        patients=patients,
+        difficulty=difficulty,
+        slide_mm=(float(slide_mm[0]), float(slide_mm[1])),
+        mpp=1.0,
+        tile_size=64,
+        pretrain_steps=pretrain_steps,
+        batch_size=32,
+        epochs=epochs,
+        folds=folds,
+        baseline_encoder=baseline_encoder,
+        aggregator=aggregator,
+        seed=seed,
+    )
+    if restart and (out / "demo.json").is_file():
+        (out / "demo.json").unlink()
+    run = _Runner(out, options, total=8)
+    registry = str(out / "registry")
+    cohort, tiles = out / "cohort", out / "tiles.zarr"
+    feats = {PIPELINE: out / "features" / "simclr.zarr", BASELINE: out / "features" / "random.zarr"}
+    pre_cfg = _write_yaml(
+        out / "configs" / "pretrain.yaml",
+        _pretrain_config(options),
+        "histcode demo: SimCLR pretraining on CPU (written by `histcode demo`).\n"
+        "Full defaults: configs/pretrain/simclr.yaml in the repository.",
+    )
+    ft_cfg = _write_yaml(
+        out / "configs" / "finetune.yaml",
+        _finetune_config(options),
+        "histcode demo: tumour + driver-gene log2FC, gated attention MIL, per-fold models\n"
+        "(written by `histcode demo`). Full defaults: configs/finetune/deg.yaml.",
+    )
+    progress = ["--progress", "true"]
+
+    run.step(
+        "synth",
+        "synthetic cohort (slides, expression, truth masks)",
+        [
+            "synth", "--out", str(cohort), "--patients", str(patients),
+            "--difficulty", difficulty,
+            "--slide_mm", f"[{options.slide_mm[0]}, {options.slide_mm[1]}]",
+            "--seed", str(seed), "--workers", str(workers), *progress,
+        ],
+    )  # fmt: skip
+    run.step(
+        "tile",
+        "tissue segmentation and tiling",
+        [
+            "tile", "--slides", str(cohort / "slides"), "--out", str(tiles),
+            "--mpp", str(options.mpp), "--tile_size", str(options.tile_size),
+            "--workers", str(workers), *progress,
+        ],
+    )  # fmt: skip
+    encoder = run.step(
+        "pretrain",
+        f"SimCLR pretraining of the tile encoder ({pretrain_steps} steps)",
+        [
+            "pretrain", f"--config={pre_cfg}", "--data.tiles", str(tiles),
+            "--name", "demo-encoder", "--registry", registry, "--out", str(out / "pretrain"),
+        ],
+    )  # fmt: skip
+    run.step(
+        "embed-pipeline",
+        "embedding every tile with the pretrained encoder",
+        [
+            "embed", "--encoder", encoder["ref"], "--registry", registry, "--tiles", str(tiles),
+            "--out", str(feats[PIPELINE]), "--workers", "1", *progress,
+        ],
+    )  # fmt: skip
+    run.step(
+        "embed-baseline",
+        f"embedding every tile with a random-weight {baseline_encoder} (naive baseline)",
+        [
+            "embed", "--encoder", baseline_encoder, "--registry", registry, "--tiles", str(tiles),
+            "--out", str(feats[BASELINE]), "--workers", "1", "--seed", str(seed), *progress,
+        ],
+    )  # fmt: skip
+    finetuned: dict[str, dict[str, Any]] = {}
+    for arm, pooling, what in (
+        (PIPELINE, aggregator, f"{aggregator} MIL on the pretrained features"),
+        (BASELINE, "linear", "naive baseline: mean pooling + linear model"),
+    ):
+        finetuned[arm] = run.step(
+            f"finetune-{arm}",
+            f"tumour + driver genes, {what} ({folds}-fold patient-grouped CV)",
+            [
+                "finetune", f"--config={ft_cfg}", "--features", str(feats[arm]),
+                "--expression", str(cohort / "expression.tsv"), "--name", f"demo-{arm}",
+                "--registry", registry, "--out", str(out / "finetune" / arm),
+                "--model.aggregator", pooling,
+            ],
+        )  # fmt: skip
+
+    maps = _heatmaps(run, out, cohort, feats, finetuned, registry)
+    roles = {
+        g: (v["role"] if isinstance(v, dict) else v)
+        for g, v in json.loads((cohort / "genes.json").read_text()).items()
+    }
+    arms: dict[str, dict[str, Any]] = {}
+    for arm in (PIPELINE, BASELINE):
+        metrics = json.loads((out / "finetune" / arm / "metrics.json").read_text())
+        arms[arm] = {
+            "tumour_auc": finetuned[arm].get("tumour_auc"),
+            "tumour_auc_sd": finetuned[arm].get("tumour_auc_sd"),
+            "genes": _gene_summary(metrics, roles),
+            "localisation": maps[arm],
+        }
+    counts: dict[str, int] = {}
+    for role in roles.values():
+        counts[role] = counts.get(role, 0) + 1
+    table = results_table(arms, counts, aggregator)
+    minutes = (time.perf_counter() - run.start) / 60
+    plots = out / "finetune" / PIPELINE / "plots"
+    paths = {
+        "tumour ROC, genes ranked, predicted vs true log2FC": str(plots),
+        "attention and gene maps (PNG, GeoJSON for QuPath)": str(out / "maps" / PIPELINE),
+        "baseline maps": str(out / "maps" / BASELINE),
+        "metrics": str(out / "finetune" / PIPELINE / "metrics.json"),
+        "registry (encoder and slide models)": registry,
+    }  # fmt: skip
+    text = "\n".join(
+        [
+            f"# histcode demo — {options.patients} patients, {difficulty} synthetic cohort",
+            "",
+            "Every figure is on test folds (patient-grouped CV; each slide's maps come from "
+            "the model of the fold that held it out). Map AUROC: tile scores vs the cohort's "
+            "truth masks, mean over tumour slides.",
+            "",
+            table,
+            "",
+            *(f"- {what}: `{where}`" for what, where in paths.items()),
+            "",
+        ]
+    )
+    (out / "results.md").write_text(text)
+    result = {
+        "out": str(out),
+        "minutes": round(minutes, 1),
+        "results": arms,
+        "results_md": str(out / "results.md"),
+        "paths": paths,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + text, file=sys.stderr)
+    return CommandResult(out, result, {"options": asdict(options), "steps": run.state["steps"]})
+
+
+def _heatmaps(
+    run: _Runner,
+    out: Path,
+    cohort: Path,
+    feats: dict[str, Path],
+    finetuned: dict[str, dict[str, Any]],
+    registry: str,
+) -> dict[str, dict[str, float | None]]:
+    """Maps of every tumour slide by the fold model that held it out, scored against truth."""
+    from histcode.cli import main
+    from histcode.registry import Registry
+
+    run.k += 1
+    key = "heatmaps"
+    done = run.state["steps"].get(key)
+    head = f"[{run.k}/{run.total}] heatmaps of every tumour slide, scored against the truth masks"
+    if done is not None:
+        run.say(f"{head}: done in an earlier run, skipped")
+        return done
+    run.say(f"\n{head}   (demo time {(time.perf_counter() - run.start) / 60:.1f} min)")
+    with open(cohort / "cohort.csv") as f:
+        tumour = [row for row in csv.DictReader(f) if row["sample_type"] == "tumour"]
+    roles = json.loads((cohort / "genes.json").read_text())
+    drawn = [
+        next(g for g, v in roles.items() if v["role"] == role)
+        for role in ("tumour", "lymphocyte")
+        if any(v["role"] == role for v in roles.values())
+    ]  # one gene of each kind drawn as PNG; every gene is scored and in the GeoJSON
+    reg = Registry(registry)
+    result: dict[str, dict[str, float | None]] = {}
+    t0 = time.perf_counter()
+    for arm in (PIPELINE, BASELINE):
+        run_dir = out / "finetune" / arm
+        fold_model = {
+            int(card.extra["fold"]): card.ref
+            for card in reg.list(f"demo-{arm}")
+            if card.ref in finetuned[arm]["registered"]
+        }
+        with open(run_dir / "predictions.csv") as f:
+            test_fold = {row["slide_id"]: int(row["fold"]) for row in csv.DictReader(f)}
+        scores: dict[str, list[float]] = {}
+        for i, row in enumerate(tumour, 1):
+            sid = row["slide_id"]
+            argv = [
+                "heatmap", "--model", fold_model[test_fold[sid]], "--registry", registry,
+                "--features", str(feats[arm]), "--slide", str(cohort / row["path"]),
+                "--out", str(out / "maps" / arm), "--truth", str(cohort / "truth" / f"{sid}.npz"),
+                "--genes", *drawn,
+            ]  # fmt: skip
+            if i == 1:
+                run.say("  $ histcode " + " ".join(argv) + "   (and so on for each slide)")
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(io.StringIO()):
+                code = main(argv)
+            if code != 0:
+                raise DemoStepError(
+                    f"heatmap of {sid} ({arm}) failed (exit {code}): rerun it by hand to see "
+                    f"why: histcode {' '.join(argv)}"
+                )
+            maps = json.loads(buffer.getvalue().strip().splitlines()[-1])
+            for name, value in (maps.get("localisation_auroc") or {}).items():
+                if value is None:
+                    continue
+                group = "lymphocyte_genes_vs_lymphocyte_mask" if "lymphocyte_mask" in name else name
+                scores.setdefault(group, []).append(value)
+            print(f"\r  {arm}: {i}/{len(tumour)} slides", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        result[arm] = {name: _mean(values) for name, values in sorted(scores.items())}
+        if arm == BASELINE:
+            # uniform pooling weights: an "attention map" of the baseline means nothing
+            result[arm].pop("attention_vs_tumour_mask", None)
+    run.say(f"  done in {time.perf_counter() - t0:.0f} s")
+    run.state["steps"][key] = result
+    run._save()
+    return result
+
+
+def main(argv: Sequence[str], prog: str = "histcode demo") -> int:
+    """``histcode demo``."""
+    from histcode.cli import run_function
+
+    return run_function(demo, argv, prog, "demo")

@@ -1,0 +1,93 @@
+"""`histcode demo` end to end on a very small cohort: every artefact, the results table, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from histcode.cli import main
+
+TINY = [
+    "--patients", "6", "--slide_mm", "[1.2, 1.0]", "--pretrain_steps", "4", "--epochs", "2",
+    "--folds", "2", "--baseline_encoder", "tiny", "--workers", "1",
+]  # fmt: skip
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
+    code, stdout, stderr = _run(["demo", "--out", str(out), *TINY])
+    assert code == 0, stderr[-3000:]
+    return out, json.loads(stdout.strip().splitlines()[-1]), stderr
+
+
+def test_demo_writes_every_artefact(demo_run: tuple[Path, dict, str]) -> None:
+    out, _, stderr = demo_run
+    for path in (
+        "cohort/expression.tsv",
+        "tiles.zarr/zarr.json",
+        "features/simclr.zarr/zarr.json",
+        "features/random.zarr/zarr.json",
+        "finetune/simclr/metrics.json",
+        "finetune/naive/metrics.json",
+        "finetune/simclr/predictions.csv",
+        "configs/pretrain.yaml",
+        "configs/finetune.yaml",
+        "results.md",
+        "results.json",
+        "summary.json",
+    ):
+        assert (out / path).is_file(), path
+    maps = out / "maps" / "simclr"
+    assert list(maps.glob("*_attention.png")) and list(maps.glob("*.geojson"))
+    # the baseline pools uniformly: no attention map is drawn for it, the tumour map is
+    base = out / "maps" / "naive"
+    assert not list(base.glob("*_attention.png")) and list(base.glob("*_tumour.png"))
+    names = {p.name for p in (out / "registry").iterdir() if p.is_dir()}
+    assert {"demo-encoder", "demo-simclr", "demo-naive"} <= names
+    # each step printed the command it ran, with progress
+    assert "$ histcode pretrain" in stderr and "[8/8]" in stderr
+
+
+def test_demo_results_table(demo_run: tuple[Path, dict, str]) -> None:
+    out, result, _ = demo_run
+    table = (out / "results.md").read_text()
+    assert "naive: random encoder + mean pooling + linear" in table
+    for row in ("tumour vs normal AUC", "genes significant", "attention vs true tumour"):
+        assert row in table
+    arms = result["results"]
+    assert set(arms) == {"simclr", "naive"}
+    for arm in arms.values():
+        assert 0.0 <= arm["tumour_auc"] <= 1.0
+        assert arm["genes"]["genes"] == 20
+        for value in arm["localisation"].values():
+            assert value is None or 0.0 <= value <= 1.0
+    assert "attention_vs_tumour_mask" in arms["simclr"]["localisation"]
+    assert "attention_vs_tumour_mask" not in arms["naive"]["localisation"]
+
+
+def test_demo_rerun_resumes_and_refuses_other_options(
+    demo_run: tuple[Path, dict, str],
+) -> None:
+    out, result, _ = demo_run
+    versions = sorted(p.name for p in (out / "registry").iterdir())
+    code, stdout, stderr = _run(["demo", "--out", str(out), *TINY])
+    assert code == 0, stderr[-2000:]
+    assert stderr.count("done in an earlier run, skipped") == 8
+    assert json.loads(stdout.strip().splitlines()[-1])["results"] == result["results"]
+    assert sorted(p.name for p in (out / "registry").iterdir()) == versions  # nothing new
+
+    code, _, stderr = _run(["demo", "--out", str(out), *TINY[:-2], "--workers", "1", "--seed", "3"])
+    assert code == 2
+    assert "other options" in stderr and "--restart true" in stderr
