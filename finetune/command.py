@@ -33,6 +33,7 @@ def build_parser(prog: str = "histcode finetune") -> Any:
     import pytorch_lightning as pl
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from histcode.cli import with_option_hints
     from histcode.finetune.options import (
         TRAINER_DEFAULTS,
         CVOptions,
@@ -89,7 +90,7 @@ def build_parser(prog: str = "histcode finetune") -> Any:
         help="pytorch_lightning.Trainer arguments, for every fold's Trainer.",
     )
     parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
-    return parser
+    return with_option_hints(parser)
 
 
 def main(argv: Sequence[str], prog: str = "histcode finetune") -> int:

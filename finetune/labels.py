@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from histcode.finetune.barcodes import is_tcga, parse_barcode
+from histcode.slide import is_safe_slide_id
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def resolve_genes(
     available: Sequence[str],
     genes: Sequence[str] | None = None,
     source: str = "the expression matrix",
+    asked: str = "the gene list",
 ) -> list[str]:
     """Which genes to model.
 
@@ -124,6 +126,7 @@ def resolve_genes(
         genes: the genes asked for; ``None`` means the default driver list, of which only the
             available genes are kept.
         source: where ``available`` comes from, for messages.
+        asked: where ``genes`` come from (an option or a file), for messages.
 
     Returns:
         The genes, in the order asked for.
@@ -157,8 +160,8 @@ def resolve_genes(
             hints.append(f"{g} (did you mean {' or '.join(close)}?)" if close else g)
         raise ValueError(
             f"{len(missing)} gene(s) are not in {source}: {', '.join(hints)}"
-            f"{' …' if len(missing) > 8 else ''}. Remove them from the gene list, or use a matrix "
-            "that has them."
+            f"{' …' if len(missing) > 8 else ''}. Remove them from {asked}, or use a matrix that "
+            "has them."
         )
     return genes
 
@@ -185,20 +188,33 @@ def _header(path: Path, sep: str) -> list[str]:
 
 
 def _read_table(path: Path | str, what: str) -> pd.DataFrame:
-    """Read a TSV/CSV as strings, refusing duplicate column names."""
+    """Read a TSV/CSV as strings, refusing duplicate column names and unreadable files."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; pass the file itself")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
-    sep = _separator(path)
-    header = _header(path, sep)
-    if not header or not any(header):
-        raise ValueError(f"{what} {path} is empty; it needs a header row")
-    dupes = sorted({c for c in header if header.count(c) > 1})
-    if dupes:
+    try:
+        sep = _separator(path)
+        header = _header(path, sep)
+        if not header or not any(header):
+            raise ValueError(f"{what} {path} is empty; it needs a header row")
+        dupes = sorted({c for c in header if header.count(c) > 1})
+        if dupes:
+            raise ValueError(
+                f"{what} {path} has duplicate columns {preview(dupes)}; each column must be unique"
+            )
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])
+    except UnicodeDecodeError as err:
         raise ValueError(
-            f"{what} {path} has duplicate columns {preview(dupes)}; each column must be unique"
-        )
-    frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])
+            f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as "
+            "a CSV or TSV file in UTF-8"
+        ) from None
+    except pd.errors.ParserError as err:
+        raise ValueError(
+            f"{what} {path} is not a well-formed {'TSV' if sep == chr(9) else 'CSV'} table "
+            f"({err}); every row needs as many fields as the header"
+        ) from None
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
 
@@ -221,10 +237,11 @@ def read_expression(path: Path | str) -> pd.DataFrame:
     frame = _read_table(path, "expression matrix")
     lower = [c.lower() for c in frame.columns]
     gene_col = frame.columns[lower.index("gene")] if "gene" in lower else frame.columns[0]
-    if frame.shape[1] < 2:
+    if frame.shape[1] < 2 or frame.shape[0] == 0:
         raise ValueError(
-            f"expression matrix {path} has no sample columns; expected a genes × samples table "
-            "with a first column naming the gene and one column per sample"
+            f"expression matrix {path} has no "
+            f"{'sample columns' if frame.shape[1] < 2 else 'gene rows'}; expected a genes × "
+            "samples table with a first column naming the gene and one column per sample"
         )
     genes = frame[gene_col].str.strip()
     dupes = sorted(set(genes[genes.duplicated()]))
@@ -291,6 +308,16 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
     empty = out["slide_id"] == ""
     if empty.any():
         raise ValueError(f"labels file {path}: empty slide_id on lines {preview(line[empty])}")
+    unsafe = ~out["slide_id"].map(is_safe_slide_id)
+    if unsafe.any():
+        shown = [
+            f"{s!r} (line {n})" for s, n in zip(out["slide_id"][unsafe], line[unsafe], strict=True)
+        ]
+        raise ValueError(
+            f"labels file {path}: slide ids that are not slide file names: {preview(shown)}. "
+            "A slide id is a slide file's name without extension (no '/', '\\', and not "
+            "starting with '.'); fix those rows."
+        )
     dupes = out["slide_id"].duplicated(keep=False)
     if dupes.any():
         shown = [
@@ -682,6 +709,7 @@ def build_labels(
     strict: bool = True,
     with_genes: bool = True,
     source: str = "expression matrix",
+    genes_source: str = "the gene list",
 ) -> Labels:
     """Labels from a labels table and, for gene targets, an expression matrix.
 
@@ -697,6 +725,7 @@ def build_labels(
             and their gene targets are masked).
         with_genes: build gene targets (the ``genes`` task); ``False`` gives tumour labels only.
         source: name of the expression matrix, for messages.
+        genes_source: where ``genes`` come from (an option or a file), for messages.
 
     Raises:
         ValueError: see the module docstring; every message names the offending ids.
@@ -709,7 +738,7 @@ def build_labels(
     chosen: list[str] = []
     csv_genes = [c[: -len(LOG2FC_SUFFIX)] for c in table.columns if c.endswith(LOG2FC_SUFFIX)]
     if with_genes and expression is not None:
-        chosen = resolve_genes(expression.index.tolist(), genes, source)
+        chosen = resolve_genes(expression.index.tolist(), genes, source, genes_source)
         explicit = {sid: s for sid, s in zip(slide_ids, table["sample_id"], strict=True) if s}
         mapping = match_samples(slide_ids, expression.columns.tolist(), explicit)
         samples = [mapping[sid] or (explicit.get(sid) or sid) for sid in slide_ids]
@@ -759,7 +788,9 @@ def build_labels(
             if tumour[i] == 1 and mapping[sid]:
                 targets[i] = fc.loc[mapping[sid]].to_numpy()
     elif with_genes and csv_genes:
-        chosen = resolve_genes(csv_genes, genes, "the labels CSV's <GENE>_log2fc columns")
+        chosen = resolve_genes(
+            csv_genes, genes, "the labels CSV's <GENE>_log2fc columns", genes_source
+        )
         targets = table[[f"{g}{LOG2FC_SUFFIX}" for g in chosen]].to_numpy(np.float64)
         normal_with = [
             sid

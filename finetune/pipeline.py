@@ -88,6 +88,13 @@ def select_slides(store: FeatureStore, labelled: list[str] | None) -> SlideSelec
         not_ok={s: str(status[s]) for s in labelled if s in status and status[s] != "ok"},
         no_labels=sorted(s for s in ok if s not in have),
     )
+    if not ok:
+        held = f" (it holds {preview(f'{s} ({status[s]})' for s in ids)})" if ids else ""
+        raise ValueError(
+            f"the feature store {store.path} holds no slide with usable features (status ok)"
+            f"{held}: embed slides with `histcode embed --tiles … --out {store.path}`, or pass "
+            "another --features"
+        )
     if not selection.used:
         raise ValueError(
             f"no slide has both features and labels: the feature store {store.path} holds "
@@ -152,6 +159,7 @@ def prepare_labels(
         data.strict_ids,
         with_genes="genes" in tasks,
         source=f"expression matrix {expression}" if expression else "expression matrix",
+        genes_source=f"the gene list {data.genes_file}" if data.genes_file else "--data.genes",
     )
     if "tumour" in tasks:
         known = built.tumour[built.tumour_mask]
@@ -290,6 +298,8 @@ def run_finetune(
     store = FeatureStore(features)
     attrs = store.attrs  # raises if it is not a feature store
     in_dim = int(attrs["embed_dim"])
+    if cv.register != "none":  # a wrong --registry fails now, not after the training
+        (Registry(registry) if registry is not None else Registry()).check_root()
     built, selection = prepare_labels(store, labels, expression, data)
     tumour = "tumour" in data.tasks
     genes = built.genes

@@ -38,7 +38,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("histcode.synth.command", "write a synthetic cohort: slides, expression, truth"),
     "tile": ("histcode.tiling", "segment tissue and lay a tile grid at a target µm/px"),
     "embed": ("histcode.embedding", "run a frozen encoder over every tile → features.zarr"),
-    "demo": ("histcode.demo", "the whole pipeline on a small synthetic cohort vs the naive baseline"),
+    "demo": (
+        "histcode.demo",
+        "the whole pipeline on a small synthetic cohort vs the naive baseline",
+    ),
     "registry": ("histcode.registry_cli", "list, show and verify checkpoints in the registry"),
 }
 

@@ -205,6 +205,12 @@ def embed_store(
     shard_i, shard_n = parse_shard(shard)
     tile_store = TileStore(tiles)
     root = tile_store.attrs
+    if not tile_store.slide_ids():
+        raise ValueError(
+            f"{tile_store.path} holds no slides (an empty tile store, or an interrupted tiling "
+            f"run): tile some with `histcode tile --slides … --out {tile_store.path}`, then "
+            "embed again"
+        )
     dev = pick_device(device)
     loaded = load_encoder(
         encoder,
@@ -227,11 +233,12 @@ def embed_store(
         "tile_size": root["tile_size"],
         "dtype": dtype,
     }
-    with store.lock("-init"):
-        store.initialise(attrs, overwrite=overwrite and shard_n == 1)
     report = EmbedReport(store.path, loaded.ref)
-    lock_name = f"-shard{shard_i}of{shard_n}" if shard_n > 1 else ""
-    with store.lock(lock_name):
+    # the run's lock first (a refused run changes nothing), then shards starting together take
+    # turns to create or check the root attrs
+    with store.lock(f"shard{shard_i}of{shard_n}" if shard_n > 1 else ""):
+        with store.setup_lock():
+            store.initialise(attrs, overwrite=overwrite and shard_n == 1)
         all_ids = tile_store.slide_ids()
         mine = [sid for k, sid in enumerate(all_ids) if k % shard_n == shard_i]
         todo: list[str] = []

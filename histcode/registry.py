@@ -423,6 +423,21 @@ class Registry:
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
 
+    def check_root(self) -> None:
+        """Refuse a root that cannot hold checkpoints; call it before a long run that saves.
+
+        Raises:
+            NotADirectoryError: the root, or a folder on its path, is a file.
+        """
+        for folder in (self.root, *self.root.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    raise NotADirectoryError(
+                        f"registry root {self.root}: {folder} is a file, not a folder; pass "
+                        f"another registry folder (--registry or ${REGISTRY_ENV})"
+                    )
+                return
+
     # -- reading -------------------------------------------------------------------------------
 
     def versions(self, name: str) -> list[int]:
@@ -656,6 +671,7 @@ class Registry:
         state = module.state_dict() if hasattr(module, "state_dict") else module
         tensors = _tensors_for_saving(state)
 
+        self.check_root()
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
         staging = folder / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"

@@ -172,13 +172,21 @@ def slide_id(path: Path | str) -> str:
     return sid
 
 
+def is_safe_slide_id(sid: str) -> bool:
+    """Whether ``sid`` can name a group or file inside an output folder and nothing else.
+
+    Not: empty, starting with ``.`` (hidden, ``..``), or holding a path separator or NUL.
+    """
+    return bool(sid) and not sid.startswith(".") and not any(c in sid for c in "/\\\0")
+
+
 def check_slide_id(sid: str, source: object) -> None:
     """Refuse slide ids that cannot safely name a group or file in an output folder.
 
     Raises:
         ValueError: empty, starting with ``.``, or containing a path separator.
     """
-    if not sid or sid.startswith(".") or "/" in sid or "\\" in sid or "\0" in sid:
+    if not is_safe_slide_id(sid):
         raise ValueError(
             f"{source}: slide id {sid!r} cannot name an output (empty, hidden, or contains a "
             "path separator). Rename the file to a plain name such as TCGA-AA-0001-01A.svs."

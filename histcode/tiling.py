@@ -349,6 +349,14 @@ def tile_slides(
             )
             if result.status == "failed":
                 log.error("%s failed: %s", result.slide_id, result.attrs["error"])
+            elif result.status == "empty":
+                log.warning(
+                    "%s: no tissue found in %s (a blank slide, or tissue too faint to segment); "
+                    "recorded as empty, with no tiles. If it has tissue, check the scan or lower "
+                    "--min_tissue.",
+                    result.slide_id,
+                    result.attrs["path"],
+                )
             bar.update()
             bar.set_postfix(tiles=sum(s["tiles"] for s in report.slides))
 

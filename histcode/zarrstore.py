@@ -3,7 +3,8 @@
 Each slide's group is written under a hidden staging name inside the store and renamed into
 place when complete, so a partial write never looks finished: a reader sees the whole slide
 or nothing. A writing run holds a lock file so that two runs cannot write one store (or one
-shard of it) at once; staging folders left by an interrupted run are removed by the next.
+shard of it) at once: the second is refused with a message (exit status 2). Staging folders
+left by an interrupted (even ``kill -9``-ed) run are removed by the next whole-store run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from histcode.cli import OutputBusyError
 from histcode.slide import check_slide_id
 
 FINAL_STATUSES = ("ok", "empty", "failed")
@@ -38,8 +40,8 @@ def write_coords(group: zarr.Group, coords: np.ndarray) -> np.ndarray:
     return coords
 
 
-class StoreLockedError(RuntimeError):
-    """Another process is writing this store."""
+class StoreLockedError(OutputBusyError):
+    """Another process is writing this store (the CLI exits 2 with the message)."""
 
 
 class SlideStore:
@@ -86,31 +88,76 @@ class SlideStore:
         group.attrs.update({"kind": self.kind, **attrs})
 
     @contextlib.contextmanager
-    def lock(self, name: str = "") -> Iterator[None]:
-        """Hold an exclusive lock for a writing run (``name`` distinguishes shards).
+    def lock(self, part: str = "") -> Iterator[None]:
+        """Hold the lock of a writing run: the whole store, or one ``part`` of it (a shard).
+
+        A whole-store run (``part`` empty) holds the store's lock exclusively and removes the
+        staging folders that interrupted runs left. A part run (``--shard i/n``) holds the
+        store's lock shared, so that several parts write at once, and its own part's lock
+        exclusively; it leaves staging folders alone (another part may be writing them).
+        So two whole-store runs, two runs of one part, or a whole-store run and a part run
+        never write one store at once: the second is refused.
 
         Raises:
-            StoreLockedError: another process holds it.
+            StoreLockedError: another run holds a conflicting lock; says how to proceed.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / f".lock{name}", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        self._make_folder()
+        with contextlib.ExitStack() as stack:
+            store_fd = stack.enter_context(self._flock(".lock", exclusive=not part))
+            if part:
+                stack.enter_context(self._flock(f".lock-{part}", exclusive=True))
+            else:
+                for entry in self.path.glob(f"{STAGING_PREFIX}*"):
+                    shutil.rmtree(entry, ignore_errors=True)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                yield
+            finally:
+                if not part:  # a stale pid would name the wrong run in a later refusal
+                    os.ftruncate(store_fd, 0)
+
+    @contextlib.contextmanager
+    def setup_lock(self) -> Iterator[None]:
+        """Wait for, then hold, the lock that serialises creating or checking the root attrs.
+
+        Held only for a moment, so runs starting together (shards on several hosts) take turns
+        instead of refusing each other.
+        """
+        self._make_folder()
+        with self._flock(".lock-setup", exclusive=True, wait=True):
+            yield
+
+    def _make_folder(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(
+                f"{self.path} exists and is not a folder; choose another --out"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, *, exclusive: bool, wait: bool = False) -> Iterator[int]:
+        """Hold ``flock`` on the file ``name`` in the store; an exclusive holder writes its pid.
+
+        Raises:
+            StoreLockedError: ``wait`` is false and another process holds a conflicting lock.
+        """
+        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            try:
+                fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
             except OSError as err:
                 if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                     raise
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                who = f"pid {holder}" if holder else "--shard runs"
                 raise StoreLockedError(
-                    f"{self.path} is being written by another run (pid {holder}). Wait for it "
-                    "to finish, or write to another --out."
+                    f"{self.path} is being written by another run ({who}). Wait for it to "
+                    "finish, or write to another --out."
                 ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            if not name:  # a whole-store writer may clean; a shard leaves others' staging be
-                for entry in self.path.glob(f"{STAGING_PREFIX}*"):
-                    shutil.rmtree(entry, ignore_errors=True)
-            yield
+            if exclusive:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield fd
         finally:
             os.close(fd)  # closing releases the flock
 
@@ -139,7 +186,12 @@ class SlideStore:
                 yield entry
 
     def status(self, slide_id: str) -> str | None:
-        """Final status of a slide, or None if it is absent, unfinished or unreadable."""
+        """Final status of a slide, or None if it is absent, unfinished or unreadable.
+
+        Raises:
+            ValueError: ``slide_id`` could name a path outside the store (``../x``).
+        """
+        check_slide_id(slide_id, self.path)
         if not (self.path / slide_id / "zarr.json").is_file():
             return None
         try:
@@ -172,6 +224,7 @@ class SlideStore:
         """Set the slide's final attributes and rename its staging group into place."""
         if attrs.get("status") not in FINAL_STATUSES:
             raise ValueError(f"status must be one of {FINAL_STATUSES}, got {attrs.get('status')!r}")
+        check_slide_id(slide_id, self.path)
         staged.attrs.update(attrs)
         source = Path(str(staged.store.root)) / staged.path
         final = self.path / slide_id

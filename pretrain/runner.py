@@ -26,7 +26,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from histcode.cli import USAGE_ERRORS, CommandResult, write_summary
+from histcode.cli import USAGE_ERRORS, CommandResult, with_option_hints, write_summary
 from histcode.encoders import encoder_card
 from histcode.registry import Registry, check_name, default_root
 
@@ -69,6 +69,9 @@ class SaveOnInterrupt(Callback):
 
 class PretrainCLI(LightningCLI):
     """``LightningCLI`` for SimCLR pretraining with histcode's run folder and registry."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        return with_option_hints(super().init_parser(**kwargs))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -284,6 +287,11 @@ def run(argv: list[str], prog: str) -> int:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     out = Path(cli.config.out)
     registry = Registry(cli.config.registry or default_root())
+    try:
+        registry.check_root()  # a wrong --registry fails now, not after the training
+    except USAGE_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     ckpt = cli.last_checkpoint
     ckpt_path, resumed_at = None, None
     if cli.config.resume and ckpt.is_file():
