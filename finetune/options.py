@@ -127,14 +127,14 @@ class CVOptions:
     val_fraction: float = 0.2
     seed: int = 0
     monitor: Literal["val/loss", "val/tumour", "val/log2fc", "val/classes"] = "val/loss"
-    patience: int = 10
+    patience: int = 30
     alpha: float = 0.05
     register: Literal["refit", "folds", "none"] = "refit"
 
 
 #: Defaults of ``trainer:`` where histcode's differ from Lightning's.
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_epochs": 40,
+    "max_epochs": 100,
     "accelerator": "auto",
     "devices": 1,
     "logger": False,

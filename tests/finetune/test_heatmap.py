@@ -122,28 +122,21 @@ def test_features_of_another_encoder_are_refused(registered, small_cohort, tmp_p
 
 
 @pytest.mark.slow
-def test_attention_finds_tumour_on_held_out_slides(tmp_path: Path) -> None:
-    """Guard (issue 7): attention of per-fold models on their own test slides finds the true
-    tumour clearly better than chance (the benchmark measured 0.78 on 12 easy patients)."""
+def test_maps_find_tumour_and_lymphocytes_on_held_out_slides(tmp_path: Path) -> None:
+    """Guard (issue 7): on slides their model never saw, attention finds the true tumour and
+    the lymphocyte genes' maps find the true lymphocytes (the benchmark's goal is 0.85 with
+    20 patients; this smaller run is held to a lower bound), and both beat chance clearly."""
     root = Path(__file__).parents[2]
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "benchmarks.heatmap_localisation",
-            "--work",
-            str(tmp_path),
-            "--patients",
-            "8",
-            "--steps",
-            "60",
-            "--epochs",
-            "15",
+            sys.executable, "-m", "benchmarks.heatmap_localisation", "--work", str(tmp_path),
+            "--patients", "12", "--steps", "100", "--epochs", "100",
         ],
         cwd=root,
         capture_output=True,
         text=True,
         check=True,
-    )
+    )  # fmt: skip
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["attention_vs_tumour_mask"] >= 0.65, result
+    assert result["attention_vs_tumour_mask"] >= 0.75, result
+    assert result["lymphocyte_genes_vs_lymphocyte_mask"] >= 0.75, result
