@@ -1,1 +1,7 @@
-"""Speed and accuracy benchmarks; each script prints JSON."""
+"""Speed and accuracy benchmarks; each script prints one JSON line.
+
+Run one with ``python -m benchmarks.<name>``, or all of them with
+``python -m benchmarks.run [--quick] [--gpu]``, which prints one JSON object and writes
+``benchmarks/RESULTS.md`` (date, machine, each figure with its ratio and goal, the accuracy
+table). Generated data goes under ``benchmarks/out/`` (never committed).
+"""
