@@ -45,8 +45,8 @@ class MILOutput:
 
     Attributes:
         embedding: (B, H) slide embeddings.
-        attention: (B, N) pooling weights, summing to 1 over each bag's valid tiles and 0 on
-            padding; ``None`` for pooling without weights (max).
+        attention: (B, N) pooling weights, 0 on padding, summing to 1 over each bag's valid
+            tiles (abmil with ``normalise: sigmoid``: at most 1); ``None`` for max pooling.
         instance_logits: (B, N) tile-level logits of an instance classifier (CLAM), or None.
         tiles: (B, N, H) tile embeddings in the space of ``embedding`` (for tile-level scores).
     """
@@ -117,6 +117,10 @@ class AttentionMIL(nn.Module):
         dropout: dropout after the tile MLP and in the attention layer.
         attention_dim: attention layer size (default ``hidden // 2``).
         gated: gated attention (``True``) or plain tanh attention.
+        normalise: ``softmax`` (Ilse et al.: weights sum to 1 over the bag) or ``sigmoid``
+            (each tile's weight is ``sigmoid(score) / n_tiles``: the embedding keeps *how
+            much* of the attended tissue a slide has, which softmax normalises away — for
+            targets that follow tissue fractions, such as expression).
     """
 
     def __init__(
@@ -126,8 +130,12 @@ class AttentionMIL(nn.Module):
         dropout: float = 0.25,
         attention_dim: int | None = None,
         gated: bool = True,
+        normalise: str = "softmax",
     ) -> None:
         super().__init__()
+        if normalise not in ("softmax", "sigmoid"):
+            raise ValueError(f"abmil normalise must be 'softmax' or 'sigmoid', not {normalise!r}")
+        self.normalise = normalise
         self.in_dim, self.out_dim = in_dim, hidden
         self.tile = _tile_mlp(in_dim, hidden, dropout)
         self.attention = GatedAttention(
@@ -146,7 +154,12 @@ class AttentionMIL(nn.Module):
         """
         mask = full_mask(features) if mask is None else mask
         tiles = self.tile(features)
-        weights = masked_softmax(self.attention(tiles), mask)
+        scores = self.attention(tiles)
+        if self.normalise == "softmax":
+            weights = masked_softmax(scores, mask)
+        else:
+            n_tiles = mask.sum(-1, keepdim=True).clamp(min=1)
+            weights = torch.sigmoid(scores) * mask / n_tiles
         embedding = torch.einsum("bn,bnh->bh", weights, tiles)
         return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
 

@@ -132,3 +132,23 @@ def test_registry_round_trip(tmp_path: Path) -> None:
     assert isinstance(loaded, SlideModel) and card.kind == "mil"
     features, mask = _bags()
     torch.testing.assert_close(loaded(features, mask).log2fc, model.eval()(features, mask).log2fc)
+
+
+def test_abmil_sigmoid_weights_keep_fractions_and_contributions_add_up() -> None:
+    """``normalise: sigmoid``: weight_i = sigmoid(score_i) / n_tiles; a bag padded or not gives
+    the same; doubling a bag's tiles keeps the embedding (a mean), while a bag with more of one
+    tile kind moves toward it; tile contributions still sum to the slide logit."""
+    torch.manual_seed(0)
+    model = build_slide_model("abmil", 12, hidden=16, options={"normalise": "sigmoid"}).eval()
+    features, mask = _bags()
+    out = model(features, mask)
+    assert (out.attention.sum(-1) <= 1 + 1e-6).all() and (out.attention[~mask] == 0).all()
+    single = model(features[:1, :9])
+    assert torch.allclose(single.tumour_logit, out.tumour_logit[:1], atol=1e-5)
+    doubled = model(torch.cat([features[:1, :9], features[:1, :9]], 1))
+    assert torch.allclose(doubled.embedding, single.embedding, atol=1e-5)
+    scores = model.tile_scores(features, mask)
+    total = scores.tumour.sum(-1) + model.head.linear.bias[0]
+    assert torch.allclose(total, out.tumour_logit, atol=1e-5)
+    with pytest.raises(ValueError, match="softmax' or 'sigmoid"):
+        create_aggregator("abmil", in_dim=8, normalise="relu")
