@@ -57,9 +57,7 @@ def run(
         "tumour_auc_cv": arms["simclr"]["tumour_auc"],
         "attention_vs_tumour_mask": pipeline.get("attention_vs_tumour_mask"),
         "tumour_contribution_vs_tumour_mask": pipeline.get("tumour_vs_tumour_mask"),
-        "lymphocyte_genes_vs_lymphocyte_mask": pipeline.get(
-            "lymphocyte_genes_vs_lymphocyte_mask"
-        ),
+        "lymphocyte_genes_vs_lymphocyte_mask": pipeline.get("lymphocyte_genes_vs_lymphocyte_mask"),
         "naive_baseline": naive,
         "goal": GOAL,
         "seconds": round(time.perf_counter() - start, 1),
@@ -77,9 +75,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args()
     print(
-        json.dumps(
-            run(a.work, a.difficulty, a.patients, a.steps, a.epochs, a.aggregator, a.seed)
-        )
+        json.dumps(run(a.work, a.difficulty, a.patients, a.steps, a.epochs, a.aggregator, a.seed))
     )
 
 
