@@ -279,31 +279,13 @@ def _finetune(
 
 
 def _pretrain(args: argparse.Namespace, tiles: Path, registry: str) -> dict:
-    argv = [
-        "pretrain",
-        f"--config={CONFIGS / 'pretrain/simclr.yaml'}",
-        f"--config={CONFIGS / 'pretrain/cpu_smoke.yaml'}",
-        "--data.tiles", str(tiles),
-        "--name", "acc-simclr",
-        "--registry", registry,
-        "--out", str(args.work / "pretrain"),
-        "--resume", "false",
-        "--model.encoder", args.encoder,
-        "--model.encoder_kwargs", "{}",
-        "--model.projection_dim", "128",
-        "--model.lr", "0.002",
-        "--model.warmup_steps", str(max(1, args.steps // 20)),
-        "--model.temperature", "0.2",
-        "--model.augmentation.hed_sigma", "0.05",
-        "--data.batch_size", str(args.batch_size),
-        "--data.num_workers", str(args.workers),
-        "--trainer.max_steps", str(args.steps),
-        "--trainer.enable_progress_bar", "false",
-        "--checkpoint.every_n_train_steps", str(args.steps),
-    ]  # fmt: skip
-    if args.device == "cuda":
-        argv += ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"]
-    return histcode(*argv)
+    """SimCLR with pretrain_quality's recipe (AdamW 2e-3, temperature 0.2, HED sigma 0.05)."""
+    from benchmarks.pretrain_quality import pretrain
+
+    recipe = argparse.Namespace(**vars(args), lr=0.002, temperature=0.2, hed_sigma=0.05)
+    return pretrain(
+        recipe, tiles, "acc-simclr", Path(registry), args.work / "pretrain", encoder_kwargs="{}"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -167,8 +167,27 @@ def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int, c: float
     }
 
 
-def pretrain(args: argparse.Namespace, tiles: Path) -> dict:
-    """Run ``histcode pretrain`` (the real command); returns its result line."""
+def pretrain(
+    args: argparse.Namespace,
+    tiles: Path,
+    name: str = "quality",
+    registry: Path | None = None,
+    out: Path | None = None,
+    encoder_kwargs: str | None = None,
+) -> dict:
+    """Run ``histcode pretrain`` (the real command) with this benchmark's SimCLR recipe.
+
+    Args:
+        args: ``encoder``, ``encoder_kwargs``, ``lr``, ``temperature``, ``hed_sigma``,
+            ``batch_size``, ``workers``, ``steps``, ``device`` and ``work``.
+        tiles: the tile store.
+        name, registry, out: registry name, registry folder (default ``work/registry``) and
+            run folder (default ``work/run``).
+        encoder_kwargs: overrides ``args.encoder_kwargs`` (a JSON object).
+
+    Returns:
+        The command's result line.
+    """
     from histcode.cli import main as cli_main
 
     configs = Path(__file__).parents[1] / "configs" / "pretrain"
@@ -177,12 +196,12 @@ def pretrain(args: argparse.Namespace, tiles: Path) -> dict:
         "--config", str(configs / "simclr.yaml"),
         "--config", str(configs / "cpu_smoke.yaml"),
         "--data.tiles", str(tiles),
-        "--name", "quality",
-        "--registry", str(args.work / "registry"),
-        "--out", str(args.work / "run"),
+        "--name", name,
+        "--registry", str(registry or args.work / "registry"),
+        "--out", str(out or args.work / "run"),
         "--resume", "false",
         "--model.encoder", args.encoder,
-        "--model.encoder_kwargs", args.encoder_kwargs,
+        "--model.encoder_kwargs", encoder_kwargs or args.encoder_kwargs,
         "--model.projection_dim", "128",
         "--model.lr", str(args.lr),
         "--model.warmup_steps", str(max(1, args.steps // 20)),
