@@ -43,9 +43,7 @@ no row clearly beats the naive baseline (tumour AUC 0.59 ± 0.18): SimCLR × gat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import io
 import json
 import math
 import os
@@ -68,14 +66,12 @@ def histcode(*args: str) -> dict:
     Raises:
         RuntimeError: the command exited with a status other than 0 or 1.
     """
-    from histcode.cli import main
+    from histcode.cli import run_captured
 
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        code = main(list(args))
-    if code not in (0, 1):
-        raise RuntimeError(f"histcode {args[0]} exited {code}: {buffer.getvalue()[-500:]}")
-    return json.loads(buffer.getvalue().strip().splitlines()[-1])
+    code, result = run_captured(args)
+    if code not in (0, 1) or result is None:
+        raise RuntimeError(f"histcode {args[0]} exited {code} (its message is above)")
+    return result
 
 
 def _stat(values: list[float | None]) -> dict[str, Any]:

@@ -13,8 +13,6 @@ with the means over tumour slides. Goal (issue 7): ≥ 0.85 each.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ def run(
     seed: int = 0,
 ) -> dict:
     """Run the demo into ``work`` (resuming it if it is there) and return the figures."""
-    from histcode.cli import main
+    from histcode.cli import run_captured
 
     start = time.perf_counter()
     argv = [
@@ -40,12 +38,10 @@ def run(
         "--pretrain_steps", str(steps), "--epochs", str(epochs), "--aggregator", aggregator,
         "--seed", str(seed),
     ]  # fmt: skip
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        code = main(argv)
-    if code != 0:
+    code, result = run_captured(argv)
+    if code != 0 or result is None:
         raise RuntimeError(f"histcode {' '.join(argv)} exited {code}")
-    arms = json.loads(buffer.getvalue().strip().splitlines()[-1])["results"]
+    arms = result["results"]
     pipeline, naive = arms["simclr"]["localisation"], arms["naive"]["localisation"]
     return {
         "benchmark": "heatmap_localisation",

@@ -26,8 +26,6 @@ steps give 0.879.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import sys
@@ -188,7 +186,7 @@ def pretrain(
     Returns:
         The command's result line.
     """
-    from histcode.cli import main as cli_main
+    from histcode.cli import run_captured
 
     configs = Path(__file__).parents[1] / "configs" / "pretrain"
     argv = [
@@ -215,12 +213,10 @@ def pretrain(
     ]  # fmt: skip
     if args.device == "cuda":
         argv += ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"]
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        code = cli_main(argv)
-    if code != 0:
+    code, result = run_captured(argv)
+    if code != 0 or result is None:
         raise RuntimeError(f"histcode pretrain failed with exit status {code}")
-    return json.loads(stdout.getvalue().strip().splitlines()[-1])
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:

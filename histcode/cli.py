@@ -11,9 +11,11 @@ completed (the failures are listed); 2 unusable arguments.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
+import io
 import json
 import logging
 import re
@@ -293,6 +295,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("histcode: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
+
+
+def run_captured(argv: Sequence[str], quiet: bool = False) -> tuple[int, dict[str, Any] | None]:
+    """Run ``histcode *argv`` in this process; return its exit status and final JSON line.
+
+    Every command ends by printing one JSON line on stdout (its result); this is how the demo
+    and the benchmarks chain commands without parsing anything else.
+
+    Args:
+        argv: the command and its options, e.g. ``["tile", "--slides", "s/", "--out", "t"]``.
+        quiet: also swallow the command's stderr (logs, progress bars).
+
+    Returns:
+        (exit status, the parsed final stdout line, or None when there is none).
+    """
+    stdout = io.StringIO()
+    silence = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
+    with contextlib.redirect_stdout(stdout), silence:
+        code = main(list(argv))
+    lines = stdout.getvalue().strip().splitlines()
+    try:
+        return code, json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return code, None
 
 
 if __name__ == "__main__":
