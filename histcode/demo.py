@@ -20,9 +20,7 @@ module imports neither ``pretrain`` nor ``finetune``.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import os
 import statistics
@@ -157,36 +155,49 @@ class _Runner:
     def say(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    def step(self, key: str, title: str, argv: list[str]) -> dict[str, Any]:
-        """Run ``histcode *argv`` as step ``key`` unless done; return its final JSON line."""
-        from histcode.cli import main
+    def begin(self, key: str, title: str, command: str | None = None) -> Any:
+        """Start step ``key``: print its header (and the command it runs).
 
+        Returns:
+            The step's recorded result when an earlier run finished it (it is skipped), else
+            None.
+        """
         self.k += 1
-        elapsed = time.perf_counter() - self.start
         head = f"[{self.k}/{self.total}] {title}"
         done = self.state["steps"].get(key)
         if done is not None:
             self.say(f"{head}: done in an earlier run, skipped")
             return done
+        elapsed = (time.perf_counter() - self.start) / 60
+        shown = f"\n  $ histcode {command}" if command else ""
+        self.say(f"\n{head}   (demo time {elapsed:.1f} min){shown}")
+        return None
+
+    def finish(self, key: str, result: Any, t0: float) -> Any:
+        """Record step ``key`` as done with ``result`` (started at ``t0``); return it."""
+        self.say(f"  done in {time.perf_counter() - t0:.0f} s")
+        self.state["steps"][key] = result
+        self._save()
+        return result
+
+    def step(self, key: str, title: str, argv: list[str]) -> dict[str, Any]:
+        """Run ``histcode *argv`` as step ``key`` unless done; return its final JSON line."""
+        from histcode.cli import run_captured
+
         shown = " ".join(a if " " not in a else repr(a) for a in argv)
-        self.say(f"\n{head}   (demo time {elapsed / 60:.1f} min)\n  $ histcode {shown}")
+        done = self.begin(key, title, shown)
+        if done is not None:
+            return done
         t0 = time.perf_counter()
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            code = main(argv)
-        lines = buffer.getvalue().strip().splitlines()
-        if code != 0 or not lines:
+        code, result = run_captured(argv)
+        if code != 0 or result is None:
             raise DemoStepError(
                 f"step {self.k} ({title}) failed: `histcode {shown}` exited {code}; its "
                 "message is above. Fix it and rerun the same `histcode demo` command: finished "
                 "steps are skipped."
             )
-        result = json.loads(lines[-1])
         result["_seconds"] = round(time.perf_counter() - t0, 1)
-        self.say(f"  done in {result['_seconds']:.0f} s")
-        self.state["steps"][key] = result
-        self._save()
-        return result
+        return self.finish(key, result, t0)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -476,17 +487,13 @@ def _heatmaps(
     registry: str,
 ) -> dict[str, dict[str, float | None]]:
     """Maps of every tumour slide by the fold model that held it out, scored against truth."""
-    from histcode.cli import main
+    from histcode.cli import run_captured
     from histcode.registry import Registry
 
-    run.k += 1
     key = "heatmaps"
-    done = run.state["steps"].get(key)
-    head = f"[{run.k}/{run.total}] heatmaps of every tumour slide, scored against the truth masks"
+    done = run.begin(key, "heatmaps of every tumour slide, scored against the truth masks")
     if done is not None:
-        run.say(f"{head}: done in an earlier run, skipped")
         return done
-    run.say(f"\n{head}   (demo time {(time.perf_counter() - run.start) / 60:.1f} min)")
     with open(cohort / "cohort.csv") as f:
         tumour = [row for row in csv.DictReader(f) if row["sample_type"] == "tumour"]
     roles = json.loads((cohort / "genes.json").read_text())
@@ -518,15 +525,12 @@ def _heatmaps(
             ]  # fmt: skip
             if i == 1:
                 run.say("  $ histcode " + " ".join(argv) + "   (and so on for each slide)")
-            buffer = io.StringIO()
-            with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(io.StringIO()):
-                code = main(argv)
-            if code != 0:
+            code, maps = run_captured(argv, quiet=True)
+            if code != 0 or maps is None:
                 raise DemoStepError(
                     f"heatmap of {sid} ({arm}) failed (exit {code}): rerun it by hand to see "
                     f"why: histcode {' '.join(argv)}"
                 )
-            maps = json.loads(buffer.getvalue().strip().splitlines()[-1])
             for name, value in (maps.get("localisation_auroc") or {}).items():
                 if value is None:
                     continue
@@ -535,13 +539,7 @@ def _heatmaps(
             print(f"\r  {arm}: {i}/{len(tumour)} slides", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
         result[arm] = {name: _mean(values) for name, values in sorted(scores.items())}
-        if arm == BASELINE:
-            # uniform pooling weights: an "attention map" of the baseline means nothing
-            result[arm].pop("attention_vs_tumour_mask", None)
-    run.say(f"  done in {time.perf_counter() - t0:.0f} s")
-    run.state["steps"][key] = result
-    run._save()
-    return result
+    return run.finish(key, result, t0)
 
 
 def main(argv: Sequence[str], prog: str = "histcode demo") -> int:
