@@ -76,6 +76,11 @@ def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     return torch.softmax(filled, dim=-1) * mask
 
 
+def uniform_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, N) weights ``1 / n_tiles`` on each bag's valid tiles, 0 on padding (mean pooling)."""
+    return mask.to(dtype) / mask.sum(-1, keepdim=True).clamp(min=1)
+
+
 def _tile_mlp(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
 
@@ -158,8 +163,7 @@ class AttentionMIL(nn.Module):
         if self.normalise == "softmax":
             weights = masked_softmax(scores, mask)
         else:
-            n_tiles = mask.sum(-1, keepdim=True).clamp(min=1)
-            weights = torch.sigmoid(scores) * mask / n_tiles
+            weights = torch.sigmoid(scores) * uniform_weights(mask, scores.dtype)
         embedding = torch.einsum("bn,bnh->bh", weights, tiles)
         return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
 
@@ -238,13 +242,16 @@ class CLAMSB(AttentionMIL):
 class MeanMIL(nn.Module):
     """Mean pooling baseline: the average of tile embeddings (a tile MLP first).
 
-    ``attention`` holds the uniform pooling weights ``1 / n_tiles``.
+    ``attention`` holds the uniform pooling weights ``1 / n_tiles`` (``uniform_pooling``: they
+    say nothing about the tiles, so heatmaps draw no attention map).
 
     Args:
         in_dim: tile feature size ``D``.
         hidden: embedding size ``H``.
         dropout: dropout after the tile MLP.
     """
+
+    uniform_pooling = True
 
     def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.25) -> None:
         super().__init__()
@@ -255,7 +262,7 @@ class MeanMIL(nn.Module):
         """Pool bags (B, N, D) with mask (B, N) → :class:`MILOutput`."""
         mask = full_mask(features) if mask is None else mask
         tiles = self.tile(features)
-        weights = mask.to(tiles.dtype) / mask.sum(-1, keepdim=True).clamp(min=1)
+        weights = uniform_weights(mask, tiles.dtype)
         embedding = torch.einsum("bn,bnh->bh", weights, tiles)
         return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
 
@@ -277,6 +284,8 @@ class LinearMIL(nn.Module):
             aggregator takes the same arguments.
         dropout: ignored (the head's dropout still applies).
     """
+
+    uniform_pooling = True
 
     def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.25) -> None:
         super().__init__()
@@ -306,7 +315,7 @@ class LinearMIL(nn.Module):
         if self.training:
             self._update(features, mask)
         tiles = self._standardise(features) * mask[..., None]
-        weights = mask.to(features.dtype) / mask.sum(-1, keepdim=True).clamp(min=1)
+        weights = uniform_weights(mask, features.dtype)
         embedding = torch.einsum("bn,bnd->bd", weights, tiles)
         return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
 
@@ -492,4 +501,5 @@ __all__ = [
     "create_aggregator",
     "full_mask",
     "masked_softmax",
+    "uniform_weights",
 ]

@@ -24,9 +24,6 @@ from typing import Any
 
 import numpy as np
 
-#: aggregators whose pooling weights are uniform (no attention map is drawn for them)
-UNIFORM_POOLING = ("mean", "linear")
-
 #: genes drawn as PNG when --genes is not given, at most this many (all are in the GeoJSON)
 DEFAULT_MAX_GENE_MAPS = 8
 
@@ -96,7 +93,8 @@ def compute_maps(model: Any, card: Any, features: np.ndarray) -> tuple[dict, dic
     maps: dict[str, np.ndarray] = {}
     prediction: dict[str, float] = {}
     # mean and linear pooling weigh every tile alike: their "attention" says nothing
-    if out.attention is not None and card.architecture not in UNIFORM_POOLING:
+    uniform = getattr(model.aggregator, "uniform_pooling", False)
+    if out.attention is not None and not uniform:
         maps["attention"] = out.attention[0].numpy()
     if scores.tumour is not None:
         maps["tumour"] = scores.tumour[0].numpy()
