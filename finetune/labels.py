@@ -76,6 +76,16 @@ def preview(items: Iterable[object], n: int = 8) -> str:
     return f"{shown} … ({len(items)} in all)" if len(items) > n else shown
 
 
+def _at_lines(values: pd.Series, line: pd.Series) -> list[str]:
+    """``"x (line 4)"`` for each value, for error messages.
+
+    Args:
+        values: a selection of a table's column (its index says which rows).
+        line: the file line of every row of the table.
+    """
+    return [f"{v} (line {n})" for v, n in zip(values, line[values.index], strict=True)]
+
+
 # -- gene lists ---------------------------------------------------------------------------------
 
 
@@ -310,9 +320,7 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
         raise ValueError(f"labels file {path}: empty slide_id on lines {preview(line[empty])}")
     unsafe = ~out["slide_id"].map(is_safe_slide_id)
     if unsafe.any():
-        shown = [
-            f"{s!r} (line {n})" for s, n in zip(out["slide_id"][unsafe], line[unsafe], strict=True)
-        ]
+        shown = _at_lines(out["slide_id"][unsafe].map(repr), line)
         raise ValueError(
             f"labels file {path}: slide ids that are not slide file names: {preview(shown)}. "
             "A slide id is a slide file's name without extension (no '/', '\\', and not "
@@ -320,9 +328,7 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
         )
     dupes = out["slide_id"].duplicated(keep=False)
     if dupes.any():
-        shown = [
-            f"{s} (line {n})" for s, n in zip(out["slide_id"][dupes], line[dupes], strict=True)
-        ]
+        shown = _at_lines(out["slide_id"][dupes], line)
         raise ValueError(
             f"labels file {path} lists slides more than once: {preview(shown)}; keep one row "
             "per slide"
@@ -337,9 +343,7 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
         out.loc[missing, "patient_id"] = fill
         still = out["patient_id"] == ""
         if still.any():
-            shown = [
-                f"{s} (line {n})" for s, n in zip(out["slide_id"][still], line[still], strict=True)
-            ]
+            shown = _at_lines(out["slide_id"][still], line)
             raise ValueError(
                 f"labels file {path}: no patient id for {preview(shown)}. Add a 'patient_id' "
                 "column (slides of one patient must share it so that no patient is in two "
@@ -356,12 +360,8 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
         value[(code >= 10) & (code <= 19)] = 0.0
         bad = value.isna() & ~text.isin({"", "na", "nan"})
         if bad.any():
-            shown = [
-                f"{s}={v!r} (line {n})"
-                for s, v, n in zip(
-                    out["slide_id"][bad], raw[found["tumour"]][bad], line[bad], strict=True
-                )
-            ]
+            given = raw[found["tumour"]][bad].map(repr)
+            shown = _at_lines(out["slide_id"][bad] + "=" + given, line)
             raise ValueError(
                 f"labels file {path}: column {found['tumour']!r} must be 1/0, true/false, "
                 f"tumour/normal or a TCGA sample type (01-19); got {preview(shown, 6)}"
@@ -382,9 +382,7 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
             bad = values.isna() & ~text.str.lower().isin({"", "na", "nan"})
             bad |= np.isinf(values)
             if bad.any():
-                shown = [
-                    f"{s} (line {n})" for s, n in zip(out["slide_id"][bad], line[bad], strict=True)
-                ]
+                shown = _at_lines(out["slide_id"][bad], line)
                 raise ValueError(
                     f"labels file {path}: column {col!r} must hold finite numbers (empty for "
                     f"no target); bad values for {preview(shown, 6)}"
