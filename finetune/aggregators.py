@@ -49,12 +49,18 @@ class MILOutput:
             tiles (abmil with ``normalise: sigmoid``: at most 1); ``None`` for max pooling.
         instance_logits: (B, N) tile-level logits of an instance classifier (CLAM), or None.
         tiles: (B, N, H) tile embeddings in the space of ``embedding`` (for tile-level scores).
+        branch_embeddings: (B, K, H) one slide embedding per attention branch (abmil with
+            ``branches`` > 1), else None; ``embedding`` is then their mean.
+        branch_attention: (B, K, N) each branch's pooling weights, else None; ``attention``
+            is then branch 0's.
     """
 
     embedding: Tensor
     attention: Tensor | None
     instance_logits: Tensor | None = None
     tiles: Tensor | None = None
+    branch_embeddings: Tensor | None = None
+    branch_attention: Tensor | None = None
 
 
 def full_mask(features: Tensor) -> Tensor:
@@ -93,24 +99,35 @@ class GatedAttention(nn.Module):
         attention_dim: size of the attention layer.
         gated: use the gate (``sigmoid(U h)``); ``False`` gives plain ``w^T tanh(V h)``.
         dropout: dropout on the attention layer.
+        branches: independent score vectors ``w`` over the shared layer (CLAM-MB style);
+            each gives its own attention over the tiles.
     """
 
-    def __init__(self, dim: int, attention_dim: int, gated: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        attention_dim: int,
+        gated: bool = True,
+        dropout: float = 0.0,
+        branches: int = 1,
+    ):
         super().__init__()
+        self.branches = branches
         self.value = nn.Sequential(nn.Linear(dim, attention_dim), nn.Tanh(), nn.Dropout(dropout))
         self.gate = (
             nn.Sequential(nn.Linear(dim, attention_dim), nn.Sigmoid(), nn.Dropout(dropout))
             if gated
             else None
         )
-        self.score = nn.Linear(attention_dim, 1)
+        self.score = nn.Linear(attention_dim, branches)
 
     def forward(self, tiles: Tensor) -> Tensor:
-        """Scores (B, N) of tile embeddings (B, N, H)."""
+        """Scores of tile embeddings (B, N, H): (B, N) for one branch, else (B, K, N)."""
         a = self.value(tiles)
         if self.gate is not None:
             a = a * self.gate(tiles)
-        return self.score(a).squeeze(-1)
+        scores = self.score(a)
+        return scores.squeeze(-1) if self.branches == 1 else scores.transpose(1, 2)
 
 
 class AttentionMIL(nn.Module):
@@ -126,6 +143,11 @@ class AttentionMIL(nn.Module):
             (each tile's weight is ``sigmoid(score) / n_tiles``: the embedding keeps *how
             much* of the attended tissue a slide has, which softmax normalises away — for
             targets that follow tissue fractions, such as expression).
+        branches: attention branches ``K``, each with its own weights over the tiles and its
+            own slide embedding (the tile MLP and the attention layer are shared, as in
+            CLAM-MB). The slide model gives every task its own branch (abmil option
+            ``branches: per_task``), so the tumour attention is not pulled towards the tiles
+            the genes need, and each gene can pool the tissue its expression follows.
     """
 
     def __init__(
@@ -136,15 +158,18 @@ class AttentionMIL(nn.Module):
         attention_dim: int | None = None,
         gated: bool = True,
         normalise: str = "softmax",
+        branches: int = 1,
     ) -> None:
         super().__init__()
         if normalise not in ("softmax", "sigmoid"):
             raise ValueError(f"abmil normalise must be 'softmax' or 'sigmoid', not {normalise!r}")
-        self.normalise = normalise
+        if not isinstance(branches, int) or branches < 1:
+            raise ValueError(f"abmil branches must be a whole number ≥ 1, not {branches!r}")
+        self.normalise, self.branches = normalise, branches
         self.in_dim, self.out_dim = in_dim, hidden
         self.tile = _tile_mlp(in_dim, hidden, dropout)
         self.attention = GatedAttention(
-            hidden, attention_dim or max(hidden // 2, 1), gated, dropout
+            hidden, attention_dim or max(hidden // 2, 1), gated, dropout, branches
         )
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> MILOutput:
@@ -155,17 +180,30 @@ class AttentionMIL(nn.Module):
             mask: (B, N) bool, True for real tiles; ``None`` means no padding.
 
         Returns:
-            :class:`MILOutput` with ``embedding`` (B, H), ``attention`` (B, N), ``tiles``.
+            :class:`MILOutput` with ``embedding`` (B, H), ``attention`` (B, N), ``tiles``
+            (B, N, H); with branches also ``branch_embeddings`` (B, K, H) and
+            ``branch_attention`` (B, K, N).
         """
         mask = full_mask(features) if mask is None else mask
         tiles = self.tile(features)
-        scores = self.attention(tiles)
+        scores = self.attention(tiles)  # (B, N), or (B, K, N) for K branches
+        if self.branches > 1:
+            mask = mask[:, None]
         if self.normalise == "softmax":
             weights = masked_softmax(scores, mask)
         else:
             weights = torch.sigmoid(scores) * uniform_weights(mask, scores.dtype)
-        embedding = torch.einsum("bn,bnh->bh", weights, tiles)
-        return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
+        if self.branches == 1:
+            embedding = torch.einsum("bn,bnh->bh", weights, tiles)
+            return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
+        per_branch = torch.einsum("bkn,bnh->bkh", weights, tiles)
+        return MILOutput(
+            embedding=per_branch.mean(1),
+            attention=weights[:, 0],
+            tiles=tiles,
+            branch_embeddings=per_branch,
+            branch_attention=weights,
+        )
 
 
 class CLAMSB(AttentionMIL):

@@ -87,6 +87,22 @@ class MultiTaskHead(nn.Module):
         self.tumour, self.n_genes = tumour, n_genes
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(in_dim, int(tumour) + 4 * n_genes)
+        # the task of each output: 0 = tumour (when predicted), then one per gene (its
+        # log2FC and its three class logits) — the attention branch of per-task pooling
+        t = int(tumour)
+        task = (
+            [0] * t
+            + [t + g for g in range(n_genes)]
+            + [t + g for g in range(n_genes) for _ in range(3)]
+        )
+        self.register_buffer(
+            "task_of_output", torch.tensor(task, dtype=torch.long), persistent=False
+        )
+
+    @property
+    def n_tasks(self) -> int:
+        """Number of tasks: tumour (if predicted) plus one per gene."""
+        return int(self.tumour) + self.n_genes
 
     def split(self, raw: Tensor) -> HeadOutput:
         """Split raw outputs (*, 1 + 4G) into a :class:`HeadOutput`."""
@@ -100,6 +116,16 @@ class MultiTaskHead(nn.Module):
     def forward(self, embedding: Tensor) -> HeadOutput:
         """Embeddings (*, H) → :class:`HeadOutput` with leading dims ``*``."""
         return self.split(self.linear(self.dropout(embedding)))
+
+    def forward_per_task(self, embeddings: Tensor) -> HeadOutput:
+        """One embedding per task (B, T, H) → :class:`HeadOutput` with leading dim ``B``.
+
+        Each output reads its own task's embedding: the tumour logit from task 0's, a gene's
+        log2FC and class logits from that gene's.
+        """
+        raw = self.linear(self.dropout(embeddings))  # (B, T, outputs)
+        index = self.task_of_output.expand(raw.shape[0], 1, -1)
+        return self.split(raw.gather(1, index).squeeze(1))
 
 
 @dataclass
@@ -147,7 +173,10 @@ class SlideModel(nn.Module):
         """
         mask = full_mask(features) if mask is None else mask
         pooled: MILOutput = self.aggregator(features, mask)
-        head = self.head(pooled.embedding)
+        if pooled.branch_embeddings is not None:
+            head = self.head.forward_per_task(pooled.branch_embeddings)
+        else:
+            head = self.head(pooled.embedding)
         return SlideOutput(
             tumour_logit=head.tumour_logit,
             log2fc=head.log2fc,
@@ -173,7 +202,9 @@ class SlideModel(nn.Module):
         if pooled.tiles is None:
             raise ValueError(f"{type(self.aggregator).__name__} exposes no tile embeddings")
         raw = pooled.tiles @ self.head.linear.weight.T  # (B, N, outputs), no bias
-        if pooled.attention is not None:
+        if pooled.branch_attention is not None:  # each output weighs tiles by its task's branch
+            raw = raw * pooled.branch_attention[:, self.head.task_of_output].transpose(1, 2)
+        elif pooled.attention is not None:
             raw = raw * pooled.attention[..., None]
         else:
             raw = raw + self.head.linear.bias
@@ -202,11 +233,22 @@ def build_slide_model(
         dropout: dropout of the aggregator and the head.
         tumour: predict tumour vs normal.
         n_genes: number of genes.
-        options: further keyword arguments of the aggregator (e.g. ``{"layers": 1}``).
+        options: further keyword arguments of the aggregator (e.g. ``{"layers": 1}``);
+            abmil's ``branches`` is ``shared`` (one attention for all tasks) or ``per_task``
+            (one attention branch for tumour and one for each gene).
     """
-    aggregator = create_aggregator(
-        architecture, in_dim, hidden=hidden, dropout=dropout, **(options or {})
-    )
+    options = dict(options or {})
+    head_tasks = int(tumour) + n_genes
+    if "branches" in options:
+        if architecture != "abmil":
+            raise ValueError(f"only abmil has attention branches, not {architecture!r}")
+        if options["branches"] not in ("shared", "per_task"):
+            raise ValueError(
+                f"abmil branches must be 'shared' (one attention for every task) or "
+                f"'per_task' (one attention per task), not {options['branches']!r}"
+            )
+        options["branches"] = head_tasks if options["branches"] == "per_task" else 1
+    aggregator = create_aggregator(architecture, in_dim, hidden=hidden, dropout=dropout, **options)
     return SlideModel(aggregator, MultiTaskHead(aggregator.out_dim, tumour, n_genes, dropout))
 
 

@@ -81,7 +81,10 @@ def compute_maps(model: Any, card: Any, features: np.ndarray) -> tuple[dict, dic
         features: (N, D) tile features.
 
     Returns:
-        (maps, prediction, main map name).
+        (maps, prediction, main map name). Maps: ``attention`` (the tumour task's attention
+        for per-task attention), ``tumour`` (contribution to the tumour logit), and per gene
+        ``<GENE>_log2fc``, ``<GENE>_up`` (contributions) and, for per-task attention,
+        ``<GENE>_attention``.
     """
     import torch
 
@@ -90,11 +93,18 @@ def compute_maps(model: Any, card: Any, features: np.ndarray) -> tuple[dict, dic
     with torch.no_grad():
         out = model(x)
         scores = model.tile_scores(x)
+        branches = model.aggregator(x).branch_attention  # (1, tasks, N) or None
     maps: dict[str, np.ndarray] = {}
     prediction: dict[str, float] = {}
     # mean and linear pooling weigh every tile alike: their "attention" says nothing
     uniform = getattr(model.aggregator, "uniform_pooling", False)
-    if out.attention is not None and not uniform:
+    tumour = model.head.tumour
+    if branches is not None:  # per-task attention: the tumour's is "attention", each gene's own
+        if tumour:
+            maps["attention"] = branches[0, 0].numpy()
+        for g, gene in enumerate(genes):
+            maps[f"{gene}_attention"] = branches[0, int(tumour) + g].numpy()
+    elif out.attention is not None and not uniform:
         maps["attention"] = out.attention[0].numpy()
     if scores.tumour is not None:
         maps["tumour"] = scores.tumour[0].numpy()

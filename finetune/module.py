@@ -68,7 +68,7 @@ class MILModule(pl.LightningModule):
             "dropout": m.dropout,
             "tumour": self.tumour,
             "n_genes": len(self.genes),
-            "options": dict(m.options),
+            "options": m.aggregator_options(),
         }
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> SlideOutput:

@@ -316,7 +316,7 @@ def run_finetune(
 
     out.mkdir(parents=True, exist_ok=True)
     log.info(
-        "finetune %s: %d slides, %d patients, tasks %s, %d gene(s), %d folds, aggregator %s",
+        "finetune %s: %d slides, %d patients, tasks %s, %d gene(s), %d folds, aggregator %s%s",
         name,
         len(built),
         len(set(built.patient_ids)),
@@ -324,6 +324,9 @@ def run_finetune(
         len(genes),
         cv.folds,
         model.aggregator,
+        f" ({model.aggregator_options()['branches']} attention)"
+        if model.aggregator == "abmil"
+        else "",
     )
     bags = FeatureBags(store, cache=data.cache)
     result = cvmod.run_cv(built, bags, make_module, data, cv, trainer_kwargs, tumour)

@@ -55,7 +55,7 @@ class DemoOptions:
 
 #: Column titles of the aggregators.
 AGGREGATOR_NAMES = {
-    "abmil": "gated attention",
+    "abmil": "gated attention per task",
     "clam_sb": "CLAM-SB",
     "transformer": "transformer MIL",
     "mean": "mean pooling (MLP)",
@@ -101,7 +101,7 @@ def _pretrain_config(o: DemoOptions) -> dict[str, Any]:
 def _finetune_config(o: DemoOptions) -> dict[str, Any]:
     """One multi-task model (tumour + every gene), patient-grouped CV, one model per fold."""
     return {
-        "data": {"tasks": ["tumour", "genes"], "batch_size": 4, "max_tiles": 4096},
+        "data": {"tasks": ["tumour", "genes"], "batch_size": 1, "max_tiles": 4096},
         "model": {"aggregator": o.aggregator, "hidden": 64, "dropout": 0.25},
         "optim": {"lr": 0.001, "weight_decay": 0.01},
         "cv": {"folds": o.folds, "patience": 30, "seed": o.seed, "register": "folds"},
@@ -290,7 +290,7 @@ def demo(
     patients: int = 20,
     difficulty: Literal["easy", "hard"] = "easy",
     slide_mm: tuple[float, float] = (2.5, 2.0),
-    pretrain_steps: int = 200,
+    pretrain_steps: int = 1000,
     epochs: int = 100,
     folds: int = 3,
     aggregator: str = "abmil",
@@ -299,7 +299,7 @@ def demo(
     seed: int = 0,
     restart: bool = False,
 ) -> Any:
-    """Run the whole pipeline on a small synthetic cohort (3–4 minutes on 2 idle CPU cores).
+    """Run the whole pipeline on a small synthetic cohort (about 5 minutes on 2 idle CPU cores).
 
     Prints each step's command as it runs it (they are the commands of the README), then a
     results table: tumour AUC, genes predicted and heatmap localisation, each next to the

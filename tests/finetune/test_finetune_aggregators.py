@@ -152,3 +152,62 @@ def test_abmil_sigmoid_weights_keep_fractions_and_contributions_add_up() -> None
     assert torch.allclose(total, out.tumour_logit, atol=1e-5)
     with pytest.raises(ValueError, match="softmax' or 'sigmoid"):
         create_aggregator("abmil", in_dim=8, normalise="relu")
+
+
+def test_per_task_attention_gives_every_task_its_own_branch() -> None:
+    """abmil ``branches: per_task``: one attention per task (tumour, each gene), each a softmax
+    over the bag's tiles; padding changes nothing; each output's tile contributions add up to
+    it; and a task's branch moves only that task's outputs."""
+    torch.manual_seed(0)
+    model = build_slide_model("abmil", 12, hidden=16, n_genes=3, options={"branches": "per_task"})
+    model.eval()
+    assert model.aggregator.branches == 4
+    features, mask = _bags()
+    out = model(features, mask)
+    pooled = model.aggregator(features, mask)
+    assert pooled.branch_attention.shape == (4, 4, features.shape[1])
+    assert torch.allclose(pooled.branch_attention.sum(-1), torch.ones(4, 4), atol=1e-5)
+    assert (pooled.branch_attention.transpose(0, 1)[:, ~mask] == 0).all()
+    assert torch.equal(out.attention, pooled.branch_attention[:, 0])  # the tumour branch
+    for b, n in enumerate(mask.sum(-1).tolist()):
+        one = model(features[b : b + 1, :n])
+        assert torch.allclose(one.log2fc, out.log2fc[b : b + 1], atol=1e-5)
+        assert torch.allclose(one.tumour_logit, out.tumour_logit[b : b + 1], atol=1e-5)
+    scores = model.tile_scores(features, mask)
+    bias = model.head.linear.bias
+    assert torch.allclose(scores.tumour.sum(-1) + bias[0], out.tumour_logit, atol=1e-5)
+    assert torch.allclose(scores.log2fc.sum(1) + bias[1:4], out.log2fc, atol=1e-5)
+    up_bias = bias[4:].view(3, 3)[:, 2]
+    assert torch.allclose(scores.up.sum(1) + up_bias, out.gene_logits[..., 2], atol=1e-5)
+    with torch.no_grad():  # change gene 1's branch (task 2): only gene 1 moves
+        model.aggregator.attention.score.weight[2] += 3.0
+    moved = model(features, mask)
+    assert torch.allclose(moved.tumour_logit, out.tumour_logit)
+    assert torch.allclose(moved.log2fc[:, [0, 2]], out.log2fc[:, [0, 2]])
+    assert not torch.allclose(moved.log2fc[:, 1], out.log2fc[:, 1])
+
+
+def test_attention_branch_options() -> None:
+    shared = build_slide_model("abmil", 12, hidden=16, n_genes=3, options={"branches": "shared"})
+    assert shared.aggregator.branches == 1
+    # cards written before branches existed have no such option: one shared attention
+    assert build_slide_model("abmil", 12, hidden=16, n_genes=3).aggregator.branches == 1
+    with pytest.raises(ValueError, match=r"'shared'.*'per_task'"):
+        build_slide_model("abmil", 12, n_genes=2, options={"branches": "each"})
+    with pytest.raises(ValueError, match="only abmil"):
+        build_slide_model("clam_sb", 12, n_genes=2, options={"branches": "per_task"})
+
+
+def test_model_options_record_the_attention_in_the_card_arguments() -> None:
+    from histcode.finetune.module import MILModule
+    from histcode.finetune.options import ModelOptions
+
+    module = MILModule(12, True, ["MYC", "CD8A"], ModelOptions(hidden=16))
+    assert module.model_arguments()["options"] == {"branches": "per_task"}
+    assert module.model.aggregator.branches == 3
+    shared = MILModule(12, True, ["MYC"], ModelOptions(hidden=16, attention="shared"))
+    assert shared.model.aggregator.branches == 1
+    mean = MILModule(12, True, ["MYC"], ModelOptions(aggregator="mean", hidden=16))
+    assert mean.model_arguments()["options"] == {}  # only abmil has branches
+    with pytest.raises(ValueError, match="per_task' or 'shared"):
+        ModelOptions(attention="each")

@@ -142,3 +142,25 @@ def test_maps_find_tumour_and_lymphocytes_on_held_out_slides(tmp_path: Path) -> 
     # patients 0.80 and 0.61 — the gene maps need the patients
     assert result["attention_vs_tumour_mask"] >= 0.75, result
     assert result["lymphocyte_genes_vs_lymphocyte_mask"] >= 0.65, result
+
+
+def test_per_task_attention_maps(registered) -> None:
+    """A per-task abmil model: ``attention`` is the tumour task's, each gene has its own."""
+    from histcode.finetune.heads import build_slide_model
+
+    torch.manual_seed(0)
+    model = build_slide_model(
+        "abmil", in_dim=32, hidden=16, n_genes=len(GENES), options={"branches": "per_task"}
+    ).eval()
+    card = Card(kind="mil", architecture="abmil", arguments={}, extra={"genes": GENES})
+    feats = FeatureStore(registered["features"]).read(SLIDE).features
+    maps, prediction, main = compute_maps(model, card, feats)
+    assert main == "attention"
+    for name in ("attention", "MYC_attention", "CD8A_attention"):
+        assert maps[name].shape == (len(feats),)
+        assert np.isclose(maps[name].sum(), 1.0, atol=1e-5), name
+    assert not np.allclose(maps["attention"], maps["MYC_attention"])
+    logit = float(np.log(prediction["tumour_prob"] / (1 - prediction["tumour_prob"])))
+    assert maps["tumour"].sum() + float(model.head.linear.bias[0].detach()) == pytest.approx(
+        logit, abs=1e-4
+    )
