@@ -8,8 +8,11 @@ Every aggregator is an ``nn.Module`` with one fixed interface::
     out.instance_logits                # (B, N) tile-level tumour logits (CLAM), or None
     out.tiles                          # (B, N, H) tile embeddings in the space of `embedding`
 
-Bags of different sizes are padded to a common ``N``; padded tiles (``mask`` False) never
-touch the result, so a batch of padded bags gives the same outputs as each bag alone.
+Every aggregator first standardises the features with the statistics of its training tiles
+(:class:`FeatureScaler`, kept in the checkpoint), so it learns alike from encoders whose
+features have very different scales. Bags of different sizes are padded to a common ``N``;
+padded tiles (``mask`` False) never touch the result, so a batch of padded bags gives the
+same outputs as each bag alone.
 Aggregators are registered in :data:`aggregators` (``create_aggregator("abmil", in_dim=512)``):
 
 * ``abmil`` — gated attention MIL (Ilse, Tomczak & Welling 2018, "Attention-based deep multiple
@@ -85,6 +88,47 @@ def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
 def uniform_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, N) weights ``1 / n_tiles`` on each bag's valid tiles, 0 on padding (mean pooling)."""
     return mask.to(dtype) / mask.sum(-1, keepdim=True).clamp(min=1)
+
+
+class FeatureScaler(nn.Module):
+    """Standardises tile features per dimension with the mean and sd of the training tiles.
+
+    The statistics accumulate over every valid tile seen in training mode (a StandardScaler
+    fitted online, padding excluded) and are fixed in eval mode; they are buffers, so they
+    travel with the checkpoint. Encoders give features of very different scales (a small
+    SimCLR CNN: per-dimension sd 0.03 in one run, 0.06 in another), and unscaled inputs left
+    the tile layer learning at a different speed per encoder run — attention was still flat
+    after 100 epochs on one run and sharp on another. With fewer than 2 tiles seen (and in
+    models saved before the scaler existed) it is the identity.
+
+    Args:
+        dim: feature size ``D``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("total", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("total_sq", torch.zeros(dim, dtype=torch.float64))
+
+    def forward(self, features: Tensor, mask: Tensor) -> Tensor:
+        """Features (B, N, D) with mask (B, N) → standardised features (B, N, D)."""
+        if self.training:
+            with torch.no_grad():
+                tiles = features[mask].double()
+                self.count += tiles.shape[0]
+                self.total += tiles.sum(0)
+                self.total_sq += tiles.square().sum(0)
+        if self.count < 2:
+            return features
+        mean = self.total / self.count
+        std = (self.total_sq / self.count - mean.square()).clamp(min=1e-12).sqrt()
+        return (features - mean.to(features.dtype)) / (std.to(features.dtype) + 1e-6)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name, buffer in self.named_buffers(recurse=False):  # models saved before: identity
+            state_dict.setdefault(prefix + name, torch.zeros_like(buffer))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _tile_mlp(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -167,6 +211,7 @@ class AttentionMIL(nn.Module):
             raise ValueError(f"abmil branches must be a whole number ≥ 1, not {branches!r}")
         self.normalise, self.branches = normalise, branches
         self.in_dim, self.out_dim = in_dim, hidden
+        self.scale = FeatureScaler(in_dim)
         self.tile = _tile_mlp(in_dim, hidden, dropout)
         self.attention = GatedAttention(
             hidden, attention_dim or max(hidden // 2, 1), gated, dropout, branches
@@ -185,7 +230,7 @@ class AttentionMIL(nn.Module):
             ``branch_attention`` (B, K, N).
         """
         mask = full_mask(features) if mask is None else mask
-        tiles = self.tile(features)
+        tiles = self.tile(self.scale(features, mask))
         scores = self.attention(tiles)  # (B, N), or (B, K, N) for K branches
         if self.branches > 1:
             mask = mask[:, None]
@@ -294,12 +339,13 @@ class MeanMIL(nn.Module):
     def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.25) -> None:
         super().__init__()
         self.in_dim, self.out_dim = in_dim, hidden
+        self.scale = FeatureScaler(in_dim)
         self.tile = _tile_mlp(in_dim, hidden, dropout)
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> MILOutput:
         """Pool bags (B, N, D) with mask (B, N) → :class:`MILOutput`."""
         mask = full_mask(features) if mask is None else mask
-        tiles = self.tile(features)
+        tiles = self.tile(self.scale(features, mask))
         weights = uniform_weights(mask, tiles.dtype)
         embedding = torch.einsum("bn,bnh->bh", weights, tiles)
         return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
@@ -329,30 +375,18 @@ class LinearMIL(nn.Module):
         super().__init__()
         del hidden, dropout
         self.in_dim, self.out_dim = in_dim, in_dim
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("total", torch.zeros(in_dim, dtype=torch.float64))
-        self.register_buffer("total_sq", torch.zeros(in_dim, dtype=torch.float64))
+        self.scale = FeatureScaler(in_dim)
 
-    @torch.no_grad()
-    def _update(self, features: Tensor, mask: Tensor) -> None:
-        tiles = features[mask].double()
-        self.count += tiles.shape[0]
-        self.total += tiles.sum(0)
-        self.total_sq += tiles.square().sum(0)
-
-    def _standardise(self, features: Tensor) -> Tensor:
-        if self.count < 2:
-            return features
-        mean = self.total / self.count
-        std = (self.total_sq / self.count - mean.square()).clamp(min=1e-12).sqrt()
-        return (features - mean.to(features.dtype)) / (std.to(features.dtype) + 1e-6)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name in ("count", "total", "total_sq"):  # saved before FeatureScaler: same stats
+            if prefix + name in state_dict:
+                state_dict[f"{prefix}scale.{name}"] = state_dict.pop(prefix + name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> MILOutput:
         """Pool bags (B, N, D) with mask (B, N) → :class:`MILOutput` with embedding (B, D)."""
         mask = full_mask(features) if mask is None else mask
-        if self.training:
-            self._update(features, mask)
-        tiles = self._standardise(features) * mask[..., None]
+        tiles = self.scale(features, mask) * mask[..., None]
         weights = uniform_weights(mask, features.dtype)
         embedding = torch.einsum("bn,bnd->bd", weights, tiles)
         return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
@@ -370,12 +404,13 @@ class MaxMIL(nn.Module):
     def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.25) -> None:
         super().__init__()
         self.in_dim, self.out_dim = in_dim, hidden
+        self.scale = FeatureScaler(in_dim)
         self.tile = _tile_mlp(in_dim, hidden, dropout)
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> MILOutput:
         """Pool bags (B, N, D) with mask (B, N) → :class:`MILOutput` (``attention`` None)."""
         mask = full_mask(features) if mask is None else mask
-        tiles = self.tile(features)
+        tiles = self.tile(self.scale(features, mask))
         filled = tiles.masked_fill(~mask[..., None], torch.finfo(tiles.dtype).min)
         embedding = filled.amax(dim=1) * mask.any(-1, keepdim=True)
         return MILOutput(embedding=embedding, attention=None, tiles=tiles)
@@ -451,6 +486,7 @@ class TransformerMIL(nn.Module):
         if layers < 1:
             raise ValueError(f"transformer layers must be ≥ 1, got {layers}")
         self.in_dim, self.out_dim = in_dim, hidden
+        self.scale = FeatureScaler(in_dim)
         self.tile = _tile_mlp(in_dim, hidden, dropout)
         self.cls = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
         self.blocks = nn.ModuleList(
@@ -461,7 +497,7 @@ class TransformerMIL(nn.Module):
     def forward(self, features: Tensor, mask: Tensor | None = None) -> MILOutput:
         """Pool bags (B, N, D) with mask (B, N) → :class:`MILOutput`."""
         mask = full_mask(features) if mask is None else mask
-        x = self.tile(features)
+        x = self.tile(self.scale(features, mask))
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         attention = None
@@ -529,6 +565,7 @@ def create_aggregator(name: str, in_dim: int, **kwargs: object) -> nn.Module:
 __all__ = [
     "CLAMSB",
     "AttentionMIL",
+    "FeatureScaler",
     "GatedAttention",
     "LinearMIL",
     "MILOutput",

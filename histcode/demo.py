@@ -101,7 +101,7 @@ def _pretrain_config(o: DemoOptions) -> dict[str, Any]:
 def _finetune_config(o: DemoOptions) -> dict[str, Any]:
     """One multi-task model (tumour + every gene), patient-grouped CV, one model per fold."""
     return {
-        "data": {"tasks": ["tumour", "genes"], "batch_size": 1, "max_tiles": 4096},
+        "data": {"tasks": ["tumour", "genes"], "batch_size": 4, "max_tiles": 4096},
         "model": {"aggregator": o.aggregator, "hidden": 64, "dropout": 0.25},
         "optim": {"lr": 0.001, "weight_decay": 0.01},
         "cv": {"folds": o.folds, "patience": 30, "seed": o.seed, "register": "folds"},

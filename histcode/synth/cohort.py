@@ -73,18 +73,8 @@ GENES: tuple[tuple[str, str, str, float], ...] = (
 #: its nominal log2 fold change, per difficulty.
 TUMOUR_FRACTION = {"easy": (0.3, 0.6), "hard": (0.02, 0.06)}
 TUMOUR_REFERENCE = {"easy": 0.45, "hard": 0.04}
-#: Lymphocyte-rich fraction (of tissue) of every slide, tumour or normal, and the fraction at
-#: which a lymphocyte gene has its nominal log2 fold change, per difficulty. In the easy
-#: cohort it reaches 0.4, into the tumour slides' tumour fractions: were it capped below them
-#: (it was 0.2), "how much dense, nucleus-rich tissue" would tell tumour slides from normal
-#: ones perfectly, and a MIL model trained on slide labels would have no reason to tell
-#: lymphocytes from tumour — its attention then lights up both (measured: lymphocyte tiles
-#: got a higher tumour logit than tumour tiles, in normal slides too, at validation loss
-#: 0.003). Lymphoid aggregates in normal tissue make the same point in real cohorts.
-LYMPHOCYTE_FRACTION = {"easy": (0.01, 0.4), "hard": (0.01, 0.2)}
-LYMPHOCYTE_REFERENCE = {"easy": 0.2, "hard": 0.1}
-#: Most of a slide's tissue that is tumour plus lymphocytes (lymphocytes are capped to fit).
-MAX_DENSE_FRACTION = 0.9
+LYMPHOCYTE_FRACTION = (0.01, 0.2)
+LYMPHOCYTE_REFERENCE = 0.1
 #: sd of log2 expression around the model (biological + technical noise).
 EXPRESSION_NOISE = 0.25
 #: Stain cast strength of sites, and slide-to-slide jitter within a site.
@@ -251,19 +241,13 @@ def plan_cohort(
     for i, (p, sample_type) in enumerate(pairs):
         sid = make_barcode(site_of[p], p + 1, sample_type)
         tumour = sample_type == "tumour"
-        tumour_fraction = float(rng.uniform(lo, hi)) if tumour else 0.0
-        # at most MAX_DENSE_FRACTION of the tissue is tumour or lymphocytes (the rest stroma)
-        lymphocyte = min(
-            float(rng.uniform(*LYMPHOCYTE_FRACTION[difficulty])),
-            MAX_DENSE_FRACTION - tumour_fraction,
-        )
         slide_seed = int(np.random.SeedSequence([seed, p, int(tumour)]).generate_state(1)[0])
         layout = LayoutParams(
             width_um=slide_mm[0] * 1000.0,
             height_um=slide_mm[1] * 1000.0,
-            tumour_fraction=tumour_fraction,
+            tumour_fraction=float(rng.uniform(lo, hi)) if tumour else 0.0,
             tumour_pattern="regions" if difficulty == "easy" else "foci",
-            lymphocyte_fraction=lymphocyte,
+            lymphocyte_fraction=float(rng.uniform(*LYMPHOCYTE_FRACTION)),
             necrosis=bool(tumour and difficulty == "easy" and rng.random() < 0.5),
         )
         plans.append(
@@ -298,7 +282,7 @@ def expression_matrix(
         samples: (S,) sample barcodes.
         tumour: (S,) tumour fraction of each sample's tissue.
         lymphocyte: (S,) lymphocyte fraction.
-        difficulty: ``easy`` or ``hard`` (sets the reference tumour and lymphocyte fractions).
+        difficulty: ``easy`` or ``hard`` (sets the reference tumour fraction).
         seed: random seed.
 
     Returns:
@@ -315,8 +299,8 @@ def expression_matrix(
             log2 += effect * tumour / ref
             reference = ref
         elif role == "lymphocyte":
-            reference = LYMPHOCYTE_REFERENCE[difficulty]
-            log2 += effect * lymphocyte / reference
+            log2 += effect * lymphocyte / LYMPHOCYTE_REFERENCE
+            reference = LYMPHOCYTE_REFERENCE
         else:
             reference = None
         values[g] = np.round(2.0**log2, 3)

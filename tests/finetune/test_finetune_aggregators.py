@@ -211,3 +211,51 @@ def test_model_options_record_the_attention_in_the_card_arguments() -> None:
     assert mean.model_arguments()["options"] == {}  # only abmil has branches
     with pytest.raises(ValueError, match="per_task' or 'shared"):
         ModelOptions(attention="each")
+
+
+@pytest.mark.parametrize("name", ["abmil", "mean", "max", "transformer", "linear"])
+def test_features_are_standardised_with_training_tiles_only(name: str) -> None:
+    """The FeatureScaler learns the training tiles' mean and sd (padding excluded), is fixed in
+    eval mode, and makes the aggregator blind to the encoder's feature scale and offset."""
+    from histcode.finetune.aggregators import FeatureScaler
+
+    features, mask = _bags()
+    scaler = FeatureScaler(12)
+    out = scaler(features, mask)  # training mode: learns from the 21 real tiles
+    assert scaler.count == int(mask.sum())
+    torch.testing.assert_close(out[mask].mean(0), torch.zeros(12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[mask].std(0, unbiased=False), torch.ones(12), atol=1e-3, rtol=0)
+    scaler.eval()
+    scaler(features * 5, mask)
+    assert scaler.count == int(mask.sum())  # eval never updates
+
+    torch.manual_seed(0)
+    model = build_slide_model(name, 12, hidden=16, n_genes=2, options=TINY.get(name))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()(features, mask)
+    reference = model.eval()(features, mask).log2fc
+    model.load_state_dict(state)
+    model.train()(features * 10 + 3, mask)  # another encoder's scale and offset
+    torch.testing.assert_close(model.eval()(features * 10 + 3, mask).log2fc, reference)
+
+
+def test_models_saved_before_the_scaler_still_load() -> None:
+    """State dicts without the scaler's buffers load as the identity (what they were trained
+    with); the linear baseline's old buffer names map onto its scaler."""
+    torch.manual_seed(0)
+    model = build_slide_model("abmil", 12, hidden=16, n_genes=2).eval()
+    old = {k: v for k, v in model.state_dict().items() if ".scale." not in k}
+    fresh = build_slide_model("abmil", 12, hidden=16, n_genes=2).eval()
+    fresh.load_state_dict(old)
+    assert fresh.aggregator.scale.count == 0
+    features, mask = _bags()
+    torch.testing.assert_close(fresh(features, mask).log2fc, model(features, mask).log2fc)
+
+    linear = build_slide_model("linear", 12, n_genes=2)
+    linear.train()(features, mask)
+    renamed = {
+        k.replace("aggregator.scale.", "aggregator."): v for k, v in linear.state_dict().items()
+    }
+    loaded = build_slide_model("linear", 12, n_genes=2)
+    loaded.load_state_dict(renamed)
+    torch.testing.assert_close(loaded.aggregator.scale.total, linear.aggregator.scale.total)
