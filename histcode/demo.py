@@ -299,7 +299,7 @@ def demo(
     seed: int = 0,
     restart: bool = False,
 ) -> Any:
-    """Run the whole pipeline on a small synthetic cohort (about 5 minutes on 2 idle CPU cores).
+    """Run the whole pipeline on a small synthetic cohort (about 6 minutes on 2 idle CPU cores).
 
     Prints each step's command as it runs it (they are the commands of the README), then a
     results table: tumour AUC, genes predicted and heatmap localisation, each next to the

@@ -124,13 +124,13 @@ def test_features_of_another_encoder_are_refused(registered, small_cohort, tmp_p
 @pytest.mark.slow
 def test_maps_find_tumour_and_lymphocytes_on_held_out_slides(tmp_path: Path) -> None:
     """Guard (issue 7): on slides their model never saw, attention finds the true tumour and
-    the lymphocyte genes' maps find the true lymphocytes (the benchmark's goal is 0.85 with
-    30 patients; this run, the demo's settings, is held to lower bounds)."""
+    the lymphocyte genes' maps find the true lymphocytes, at the issue's goal (0.85) — run at
+    the demo's settings (20 patients, 1,000 SimCLR steps)."""
     root = Path(__file__).parents[2]
     done = subprocess.run(
         [
             sys.executable, "-m", "benchmarks.heatmap_localisation", "--work", str(tmp_path),
-            "--patients", "20", "--steps", "200", "--epochs", "100",
+            "--patients", "20", "--steps", "1000", "--epochs", "100",
         ],
         cwd=root,
         capture_output=True,
@@ -138,10 +138,10 @@ def test_maps_find_tumour_and_lymphocytes_on_held_out_slides(tmp_path: Path) -> 
         check=True,
     )  # fmt: skip
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    # measured at these settings (the demo's): attention 0.85, lymphocyte genes 0.75; at 12
-    # patients 0.80 and 0.61 — the gene maps need the patients
-    assert result["attention_vs_tumour_mask"] >= 0.75, result
-    assert result["lymphocyte_genes_vs_lymphocyte_mask"] >= 0.65, result
+    # measured at these settings: attention 0.93, lymphocyte genes 0.98; before the features
+    # were standardised and each task had its own attention: 0.85 and 0.75
+    assert result["attention_vs_tumour_mask"] >= 0.85, result
+    assert result["lymphocyte_genes_vs_lymphocyte_mask"] >= 0.85, result
 
 
 def test_per_task_attention_maps(registered) -> None:
