@@ -223,11 +223,14 @@ def heatmap(
     with SlideReader(slide_path, mpp_override=tiles.attrs["mpp_level0"]) as reader:
         to_draw = [m for m in ("attention", "tumour") if m in maps.maps]
         to_draw += [f"{g}_log2fc" for g in drawn_genes if f"{g}_log2fc" in maps.maps]
+        # per-task attention: the map called "attention" is the tumour task's
+        per_task = any(k.endswith("_attention") for k in maps.maps)
+        attention_title = "attention of the tumour task" if per_task else "attention"
         for name in to_draw:
             signed = name != "attention"
             title = (
                 f"{sid} — {name} "
-                f"({'contribution to the slide prediction' if signed else 'attention'})"
+                f"({'contribution to the slide prediction' if signed else attention_title})"
                 f"\nmodel {ref}, features {Path(features).name}"
             )
             path = draw_heatmap(
