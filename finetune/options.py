@@ -72,7 +72,7 @@ class ModelOptions:
     aggregator: str = "abmil"
     hidden: int = 128
     dropout: float = 0.25
-    attention: str = "per_task"
+    attention: Literal["per_task", "shared"] = "per_task"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
