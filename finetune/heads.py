@@ -99,11 +99,6 @@ class MultiTaskHead(nn.Module):
             "task_of_output", torch.tensor(task, dtype=torch.long), persistent=False
         )
 
-    @property
-    def n_tasks(self) -> int:
-        """Number of tasks: tumour (if predicted) plus one per gene."""
-        return int(self.tumour) + self.n_genes
-
     def split(self, raw: Tensor) -> HeadOutput:
         """Split raw outputs (*, 1 + 4G) into a :class:`HeadOutput`."""
         g, t = self.n_genes, int(self.tumour)
