@@ -45,11 +45,13 @@ class SlideOutput(HeadOutput):
         attention: (B, N) tile attention of the aggregator (None for max pooling).
         instance_logits: (B, N) tile logits of an instance classifier (CLAM), or None.
         embedding: (B, H) slide embeddings.
+        branch_attention: (B, T, N) each task's attention (per-task abmil), else None.
     """
 
     attention: Tensor | None = None
     instance_logits: Tensor | None = None
     embedding: Tensor | None = None
+    branch_attention: Tensor | None = None
 
     @property
     def tumour_prob(self) -> Tensor | None:
@@ -179,6 +181,7 @@ class SlideModel(nn.Module):
             attention=pooled.attention,
             instance_logits=pooled.instance_logits,
             embedding=pooled.embedding,
+            branch_attention=pooled.branch_attention,
         )
 
     @torch.no_grad()

@@ -93,7 +93,7 @@ def compute_maps(model: Any, card: Any, features: np.ndarray) -> tuple[dict, dic
     with torch.no_grad():
         out = model(x)
         scores = model.tile_scores(x)
-        branches = model.aggregator(x).branch_attention  # (1, tasks, N) or None
+    branches = out.branch_attention  # (1, tasks, N) for per-task attention, else None
     maps: dict[str, np.ndarray] = {}
     prediction: dict[str, float] = {}
     # mean and linear pooling weigh every tile alike: their "attention" says nothing
@@ -224,7 +224,7 @@ def heatmap(
         to_draw = [m for m in ("attention", "tumour") if m in maps.maps]
         to_draw += [f"{g}_log2fc" for g in drawn_genes if f"{g}_log2fc" in maps.maps]
         # per-task attention: the map called "attention" is the tumour task's
-        per_task = any(k.endswith("_attention") for k in maps.maps)
+        per_task = getattr(net.aggregator, "branches", 1) > 1
         attention_title = "attention of the tumour task" if per_task else "attention"
         for name in to_draw:
             signed = name != "attention"
