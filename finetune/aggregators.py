@@ -99,7 +99,8 @@ class FeatureScaler(nn.Module):
     SimCLR CNN: per-dimension sd 0.03 in one run, 0.06 in another), and unscaled inputs left
     the tile layer learning at a different speed per encoder run — attention was still flat
     after 100 epochs on one run and sharp on another. With fewer than 2 tiles seen (and in
-    models saved before the scaler existed) it is the identity.
+    models saved before the scaler existed) it is the identity. A feature the training tiles
+    hold constant is centred but not scaled (see :meth:`statistics`).
 
     Args:
         dim: feature size ``D``.
@@ -121,9 +122,24 @@ class FeatureScaler(nn.Module):
                 self.total_sq += tiles.square().sum(0)
         if self.count < 2:
             return features
-        mean = self.total / self.count
-        std = (self.total_sq / self.count - mean.square()).clamp(min=1e-12).sqrt()
-        return (features - mean.to(features.dtype)) / (std.to(features.dtype) + 1e-6)
+        mean, scale = self.statistics()
+        return (features - mean.to(features.dtype)) / scale.to(features.dtype)
+
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        """The training tiles' mean (D,) and the scale (D,) features are divided by.
+
+        The scale is the sd, except where the training tiles hold the feature (nearly)
+        constant — a dead ReLU channel, a constant offset: there it is 1, as scikit-learn's
+        ``StandardScaler`` does. Dividing by a variance of ~0 would turn the first held-out tile
+        that differs in that channel into an outlier of thousands of sds. "Nearly constant"
+        is a variance at most ``1e-10 · E[x²]``: above the float64 rounding of
+        ``E[x²] − E[x]²``, far below the resolution of float16/float32 features.
+        """
+        mean = self.total / self.count.clamp(min=1)
+        mean_sq = self.total_sq / self.count.clamp(min=1)
+        var = (mean_sq - mean.square()).clamp(min=0)
+        constant = var <= 1e-10 * mean_sq  # an all-zero channel too (0 <= 0)
+        return mean, torch.where(constant, torch.ones_like(var), var.sqrt())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         for name, buffer in self.named_buffers(recurse=False):  # models saved before: identity

@@ -239,6 +239,29 @@ def test_features_are_standardised_with_training_tiles_only(name: str) -> None:
     torch.testing.assert_close(model.eval()(features * 10 + 3, mask).log2fc, reference)
 
 
+@pytest.mark.parametrize("dead", [0.0, 0.37, -2.5])
+def test_a_feature_constant_in_training_is_centred_not_blown_up(dead: float) -> None:
+    """A channel the training tiles hold constant (a dead ReLU, a constant offset) gets unit
+    scale, as scikit-learn does: a held-out tile that differs there by 1 moves by 1, not by
+    ~1 / 2e-6 = 5e5 sds. The other channels are still standardised."""
+    from histcode.finetune.aggregators import FeatureScaler
+
+    features, mask = _bags()
+    features[..., 3] = dead
+    features = features.half().float()  # as read from a float16 feature store
+    scaler = FeatureScaler(12)
+    scaler(features, mask)
+    held_out = features[:1, :2].clone()
+    held_out[..., 3] += 1.0
+    out = scaler.eval()(held_out, mask[:1, :2])
+    torch.testing.assert_close(out[..., 3], torch.ones(1, 2), atol=1e-5, rtol=0)
+    mean, scale = scaler.statistics()
+    assert scale[3] == 1.0 and mean[3] == pytest.approx(dead, abs=1e-3)
+    live = torch.arange(12) != 3
+    real = features[mask][:, live]
+    torch.testing.assert_close(scale[live].float(), real.std(0, unbiased=False), rtol=1e-4, atol=0)
+
+
 def test_models_saved_before_the_scaler_still_load() -> None:
     """State dicts without the scaler's buffers load as the identity (what they were trained
     with); the linear baseline's old buffer names map onto its scaler."""
