@@ -1,13 +1,22 @@
 """Metrics of out-of-fold predictions: per fold, mean ± sd over folds, and FDR-tested genes.
 
 * Tumour: ROC AUC, accuracy and F1 (at probability 0.5) per test fold.
-* Each gene, on tumour slides with a target: AUC of up vs the rest (``<GENE>_up_prob``),
-  Pearson and Spearman correlation of predicted and true log2FC, per test fold.
-* Per gene, the pooled out-of-fold predictions give one-sided tests of a positive
-  correlation (Pearson and Spearman) over **samples** — slides of one expression sample share
-  one target, so their predictions are averaged first and the sample counts once — and
-  Benjamini–Hochberg FDR across genes (``scipy.stats.false_discovery_control``). A gene is
-  significant when its Pearson q-value is below ``alpha``.
+* Each gene, per test fold: AUC of up vs the rest (``<GENE>_up_prob``, on the tumour slides
+  with a target), and Pearson and Spearman correlation of predicted and true log2FC on
+  **one value per patient** (the mean prediction and the mean truth of the patient's slides
+  in that fold; patients never cross folds).
+* Significance (``genes.<GENE>.test``): per test fold, a one-sided test of a positive
+  Pearson (and Spearman) correlation over the fold's patients; the folds' p-values combined
+  by Stouffer's method weighted by √(patients in the fold)
+  (``scipy.stats.combine_pvalues(method="stouffer")``); Benjamini–Hochberg FDR over **all**
+  genes tested (``scipy.stats.false_discovery_control``). A gene is significant when its
+  Pearson q-value is below ``alpha``. See :func:`fold_combined_test` for why.
+* Mean gene AUC (``gene_auc_up``, ``mean_gene_auc_up``) averages only the genes whose AUC is
+  defined in every test fold; the others are listed in ``gene_auc_up.left_out`` with the
+  number of folds their AUC rests on.
+* ``genes.<GENE>.pooled`` keeps descriptive figures of the pooled out-of-fold predictions
+  (one value per expression sample); it has no p-values: folds' models have their own
+  offsets and scales, so a pooled correlation is not a test of any one model.
 
 Undefined values (one class in a fold, a constant prediction) are NaN in Python and ``null``
 in ``metrics.json``; means skip them and say over how many folds they are taken.
@@ -114,21 +123,93 @@ def correlation(
     return out
 
 
+MIN_PATIENTS = 3
+"""Fewest patients in a fold for its correlation test to count (a p-value needs 3 pairs)."""
+
+
 def bh_fdr(pvalues: Sequence[float]) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (q-values); NaN p-values stay NaN and do not count."""
+    """Benjamini–Hochberg adjusted p-values (q-values) over **every** entry of ``pvalues``.
+
+    An undefined (NaN) p-value counts as 1: it was tested and showed nothing, so it still
+    counts among the hypotheses (dropping it would make the correction milder than it is).
+
+    Args:
+        pvalues: (m,) p-values, NaN where undefined.
+
+    Returns:
+        (m,) q-values, each in [0, 1].
+    """
     from scipy.stats import false_discovery_control
 
     p = np.asarray(pvalues, dtype=np.float64)
-    q = np.full_like(p, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        q[ok] = false_discovery_control(p[ok], method="bh")
-    return q
+    if not len(p):
+        return p.copy()
+    return false_discovery_control(np.where(np.isfinite(p), p, 1.0), method="bh")
+
+
+def combine_folds(pvalues: Sequence[float], patients: Sequence[int]) -> dict[str, float]:
+    """Stouffer's combination of one-sided per-fold p-values, weighted by √patients.
+
+    Folds whose p-value is NaN (fewer than :data:`MIN_PATIENTS` patients, a constant
+    prediction or truth) are skipped: they hold no evidence either way. With no usable fold
+    the combined p-value is 1. p-values of exactly 0 or 1 (r = ±1) are moved to the nearest
+    representable value inside (0, 1) so that their z-scores stay finite.
+
+    Args:
+        pvalues: (folds,) one-sided p-values of the folds.
+        patients: (folds,) patients in each fold's test.
+
+    Returns:
+        ``{"z", "p", "folds_used"}``: the weighted Stouffer z (NaN with no usable fold), its
+        one-sided p-value and the number of folds combined.
+    """
+    from scipy.stats import combine_pvalues
+
+    p = np.asarray(pvalues, dtype=np.float64)
+    n = np.asarray(patients, dtype=np.float64)
+    ok = np.isfinite(p) & (n >= MIN_PATIENTS)
+    if not ok.any():
+        return {"z": math.nan, "p": 1.0, "folds_used": 0}
+    tiny = np.finfo(np.float64).tiny
+    clipped = np.clip(p[ok], tiny, np.nextafter(1.0, 0.0))
+    res = combine_pvalues(clipped, method="stouffer", weights=np.sqrt(n[ok]))
+    return {"z": float(res.statistic), "p": float(res.pvalue), "folds_used": int(ok.sum())}
+
+
+def patient_level(frame: pd.DataFrame, gene: str) -> pd.DataFrame:
+    """Rows of ``frame`` with a target of ``gene``, averaged per ``patient_id``.
+
+    Args:
+        frame: ``predictions.csv`` rows (one fold's, for the per-fold tests).
+        gene: the gene.
+
+    Returns:
+        One row per patient (index ``patient_id``): the means of ``<GENE>_log2fc_pred``,
+        ``<GENE>_log2fc_true`` and ``<GENE>_up_prob`` over the patient's slides.
+
+    Raises:
+        ValueError: ``frame`` has no ``patient_id`` column.
+    """
+    if "patient_id" not in frame:
+        raise ValueError(
+            "predictions have no patient_id column; the per-patient tests need it. Write "
+            "predictions.csv with slide_id, patient_id, fold, … (DESIGN.md)"
+        )
+    cols = [f"{gene}_log2fc_pred", f"{gene}_log2fc_true", f"{gene}_up_prob"]
+    sub = frame[np.isfinite(frame[f"{gene}_log2fc_true"].to_numpy(np.float64))]
+    return sub.groupby("patient_id", sort=True)[cols].mean()
 
 
 def gene_fold_metrics(frame: pd.DataFrame, gene: str) -> dict[str, float]:
-    """AUC (up vs rest), Pearson and Spearman of one gene on the rows of ``frame`` that have
-    a target (slide level)."""
+    """Metrics of one gene on one test fold's rows ``frame``.
+
+    AUC (up vs rest) is over the slides with a target; Pearson and Spearman correlations and
+    their one-sided (positive) p-values are over patients (:func:`patient_level`).
+
+    Returns:
+        ``auc_up``, ``pearson_r``, ``pearson_p``, ``spearman_r``, ``spearman_p`` (NaN when
+        undefined), ``n`` (slides with a target), ``n_up`` and ``patients``.
+    """
     from sklearn.metrics import roc_auc_score
 
     true = frame[f"{gene}_log2fc_true"].to_numpy(np.float64)
@@ -140,14 +221,50 @@ def gene_fold_metrics(frame: pd.DataFrame, gene: str) -> dict[str, float]:
         if 0 < up.sum() < len(up)
         else math.nan
     )
-    corr = correlation(sub[f"{gene}_log2fc_pred"].to_numpy(), true[keep])
+    per_patient = patient_level(frame, gene)
+    corr = correlation(
+        per_patient[f"{gene}_log2fc_pred"].to_numpy(),
+        per_patient[f"{gene}_log2fc_true"].to_numpy(),
+    )
     return {
         "auc_up": auc,
         "pearson_r": corr["pearson_r"],
+        "pearson_p": corr["pearson_p"],
         "spearman_r": corr["spearman_r"],
+        "spearman_p": corr["spearman_p"],
         "n": int(keep.sum()),
         "n_up": int(up.sum()),
+        "patients": corr["n"],
     }
+
+
+def fold_combined_test(per_fold: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """The significance test of one gene from its per-fold metrics (:func:`gene_fold_metrics`).
+
+    The hypothesis is directional — a model's predicted log2FC rises with the true log2FC —
+    so each fold gets a one-sided test (``alternative="greater"``): a fold whose correlation
+    is negative is evidence *against*, not for. Stouffer's method keeps that sign (a fold's
+    z is negative when its r is), unlike Fisher's, which can only add evidence; weighting
+    each fold by √patients makes the combination close to one test over all patients with
+    every fold's model keeping its own offset and scale. Testing per fold is what makes the
+    test honest: pooled out-of-fold predictions mix models with different offsets, which
+    alone can produce a pooled correlation no fold shows.
+
+    Returns:
+        ``patients`` (per fold), ``folds_used``, and for ``pearson`` and ``spearman``:
+        ``<stat>_p_folds`` (per fold), ``<stat>_z`` and ``<stat>_p`` (combined).
+    """
+    patients = [int(f["patients"]) for f in per_fold]
+    out: dict[str, Any] = {"patients": patients}
+    for stat in ("pearson", "spearman"):
+        ps = [f[f"{stat}_p"] for f in per_fold]
+        combined = combine_folds(ps, patients)
+        out[f"{stat}_p_folds"] = ps
+        out[f"{stat}_z"] = combined["z"]
+        out[f"{stat}_p"] = combined["p"]
+        if stat == "pearson":
+            out["folds_used"] = combined["folds_used"]
+    return out
 
 
 def sample_level(frame: pd.DataFrame, gene: str) -> pd.DataFrame:
@@ -159,6 +276,42 @@ def sample_level(frame: pd.DataFrame, gene: str) -> pd.DataFrame:
     out = grouped[cols].mean()
     out[f"{gene}_class_true"] = grouped[f"{gene}_class_true"].first()
     return out
+
+
+def significance_label(genes: int) -> str:
+    """Short name of the significance test, for tables (``metrics.json`` ``fdr.label``)."""
+    return (
+        "per-fold one-sided Pearson on patient means, Stouffer-combined (weights √patients), "
+        f"BH over all {genes} genes"
+    )
+
+
+def gene_auc_summary(gene_out: dict[str, dict[str, Any]], folds: int) -> dict[str, Any]:
+    """Mean AUC (up vs rest) over the genes whose AUC is defined in every test fold.
+
+    A gene whose "up" class is missing from some test folds has an AUC resting on fewer
+    folds (and fewer patients); averaging it with genes defined in all folds would mix
+    estimates of different precision, so it is left out and listed with its fold count.
+
+    Args:
+        gene_out: per gene, its ``metrics.json`` entry (with ``auc_up`` from :func:`summarise`).
+        folds: the number of test folds.
+
+    Returns:
+        ``{"mean", "sd", "genes", "left_out", "folds", "rule"}``: mean and sd over the genes
+        kept, the genes kept, ``left_out`` as ``{gene: folds its AUC is defined in}``.
+    """
+    kept = [g for g, m in gene_out.items() if folds and m["auc_up"]["n"] == folds]
+    values = [gene_out[g]["auc_up"]["mean"] for g in kept]
+    return {
+        "mean": float(np.mean(values)) if values else math.nan,
+        "sd": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
+        "genes": kept,
+        "left_out": {g: m["auc_up"]["n"] for g, m in gene_out.items() if g not in kept},
+        "folds": folds,
+        "rule": "mean over genes whose AUC (up vs rest) is defined in every test fold; "
+        "left_out: the others, with the number of folds their AUC is defined in",
+    }
 
 
 def compute_metrics(
@@ -174,7 +327,11 @@ def compute_metrics(
 
     Returns:
         ``{"folds", "slides", "patients", "tumour": {metric: {mean, sd, n, folds}, "pooled":
-        {...}}, "genes": {gene: {...}}, "fdr": {...}, "significant_genes": [...]}``.
+        {...}}, "genes": {gene: {...}}, "fdr": {...}, "significant_genes": [...],
+        "gene_auc_up": {...}, "mean_gene_auc_up"}``. Per gene: ``auc_up``, ``pearson_r``,
+        ``spearman_r`` (:func:`summarise` over folds), ``test`` (:func:`fold_combined_test`
+        plus ``pearson_q`` and ``spearman_q``), ``significant``, ``in_mean_gene_auc`` and
+        ``pooled`` (descriptive: r and AUC of pooled predictions, no p-values).
     """
     from sklearn.metrics import roc_auc_score
 
@@ -197,52 +354,71 @@ def compute_metrics(
         entry: dict[str, Any] = {
             m: summarise([p[m] for p in per]) for m in ("auc_up", "pearson_r", "spearman_r")
         }
+        entry["test"] = fold_combined_test(per)
         samples = sample_level(predictions, gene)
-        pooled = correlation(
+        corr = correlation(
             samples[f"{gene}_log2fc_pred"].to_numpy(), samples[f"{gene}_log2fc_true"].to_numpy()
         )
         up = (samples[f"{gene}_class_true"] == "up").to_numpy()
-        pooled["auc_up"] = (
-            float(roc_auc_score(up, samples[f"{gene}_up_prob"].to_numpy()))
-            if 0 < up.sum() < len(up)
-            else math.nan
-        )
-        pooled["n_up"] = int(up.sum())
-        entry["pooled"] = pooled
+        entry["pooled"] = {
+            "pearson_r": corr["pearson_r"],
+            "spearman_r": corr["spearman_r"],
+            "n": corr["n"],
+            "auc_up": (
+                float(roc_auc_score(up, samples[f"{gene}_up_prob"].to_numpy()))
+                if 0 < up.sum() < len(up)
+                else math.nan
+            ),
+            "n_up": int(up.sum()),
+        }
         gene_out[gene] = entry
     for stat in ("pearson", "spearman"):
-        q = bh_fdr([gene_out[g]["pooled"][f"{stat}_p"] for g in genes])
+        q = bh_fdr([gene_out[g]["test"][f"{stat}_p"] for g in genes])
         for g, value in zip(genes, q, strict=True):
-            gene_out[g]["pooled"][f"{stat}_q"] = float(value)
+            gene_out[g]["test"][f"{stat}_q"] = float(value)
     significant = []
     for g in genes:
-        q = gene_out[g]["pooled"]["pearson_q"]
-        gene_out[g]["significant"] = bool(math.isfinite(q) and q < alpha)
+        q = gene_out[g]["test"]["pearson_q"]
+        gene_out[g]["significant"] = bool(q < alpha)
         if gene_out[g]["significant"]:
             significant.append(g)
     if genes:
+        auc = gene_auc_summary(gene_out, len(folds))
+        for g in genes:
+            gene_out[g]["in_mean_gene_auc"] = g in auc["genes"]
         out["genes"] = gene_out
         out["fdr"] = {
             "method": "benjamini-hochberg",
             "alpha": alpha,
-            "test": "one-sided (positive) Pearson correlation of predicted vs true log2FC over "
-            "samples, pooled out-of-fold predictions; q-values across genes",
+            "genes_tested": len(genes),
+            "label": significance_label(len(genes)),
+            "test": "per test fold, one-sided (positive) Pearson correlation of predicted vs "
+            "true log2FC over patients (a patient's slides averaged); folds combined by "
+            "Stouffer's method weighted by sqrt(patients), folds with fewer than "
+            f"{MIN_PATIENTS} patients or a constant value skipped, p = 1 with no usable "
+            "fold; Benjamini-Hochberg q-values over all genes tested",
         }
         out["significant_genes"] = sorted(
-            significant, key=lambda g: gene_out[g]["pooled"]["pearson_q"]
+            significant, key=lambda g: gene_out[g]["test"]["pearson_q"]
         )
-        aucs = [gene_out[g]["auc_up"]["mean"] for g in genes]
-        out["mean_gene_auc_up"] = summarise(aucs)["mean"]
+        out["gene_auc_up"] = auc
+        out["mean_gene_auc_up"] = auc["mean"]
     return out
 
 
 __all__ = [
+    "MIN_PATIENTS",
     "bh_fdr",
     "binary_metrics",
+    "combine_folds",
     "compute_metrics",
     "correlation",
+    "fold_combined_test",
+    "gene_auc_summary",
     "gene_fold_metrics",
     "jsonable",
+    "patient_level",
     "sample_level",
+    "significance_label",
     "summarise",
 ]

@@ -10,6 +10,7 @@ import pandas as pd
 from histcode.finetune.metrics import (
     bh_fdr,
     binary_metrics,
+    combine_folds,
     compute_metrics,
     correlation,
     jsonable,
@@ -17,11 +18,15 @@ from histcode.finetune.metrics import (
 )
 
 
-def test_bh_by_hand() -> None:
+def test_bh_by_hand_counts_undefined_as_one() -> None:
     p = [0.01, 0.04, 0.03, 0.20, float("nan")]
-    # sorted 0.01, 0.03, 0.04, 0.20 → p·m/rank = 0.04, 0.06, 0.0533, 0.20 → monotone from the top
-    expected = [0.04, 0.0533333, 0.0533333, 0.20, float("nan")]
+    # NaN counts as 1 and m = 5: sorted 0.01, 0.03, 0.04, 0.20, 1 → p·m/rank = 0.05, 0.075,
+    # 0.0667, 0.25, 1 → monotone from the top
+    expected = [0.05, 0.0666667, 0.0666667, 0.25, 1.0]
     np.testing.assert_allclose(bh_fdr(p), expected, rtol=1e-5)
+    # one small p among undefined genes is not significant once they count
+    q = bh_fdr([0.01, *[float("nan")] * 9])
+    np.testing.assert_allclose(q, [0.1, *[1.0] * 9])
 
 
 def test_summarise_and_json() -> None:
@@ -74,3 +79,159 @@ def test_compute_metrics_samples_count_once() -> None:
     assert metrics["genes"]["G"]["pooled"]["n"] == 36  # samples, not slides
     assert metrics["significant_genes"] == ["G"]
     assert len(metrics["tumour"]["auc"]["folds"]) == 3
+
+
+def _gene_rows(
+    fold: int, patient: str, true: float, pred: float, slides: int = 1, gene: str = "G"
+) -> list[dict]:
+    """``slides`` rows of one patient (each its own expression sample) with one gene."""
+    return [
+        {
+            "slide_id": f"{patient}-{k}",
+            "patient_id": patient,
+            "sample_id": f"{patient}-{k}",
+            "fold": fold,
+            f"{gene}_log2fc_pred": pred,
+            f"{gene}_log2fc_true": true,
+            f"{gene}_up_prob": 0.5,
+            f"{gene}_class_true": "up" if true >= 1 else "unchanged",
+        }
+        for k in range(slides)
+    ]
+
+
+def test_fold_offsets_alone_are_not_significant() -> None:
+    """Every fold's model has its own offset, no fold ranks its patients: the pooled
+    correlation is large and "significant", the per-fold combined test is not."""
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for fold in range(4):
+        true, pred = 3.0 * fold + rng.normal(0, 1, 10), 3.0 * fold + rng.normal(0, 1, 10)
+        for i in range(10):
+            rows += _gene_rows(fold, f"p{fold}-{i}", float(true[i]), float(pred[i]))
+    frame = pd.DataFrame(rows)
+    pooled = pearsonr(frame["G_log2fc_pred"], frame["G_log2fc_true"], alternative="greater")
+    assert pooled.statistic > 0.8 and pooled.pvalue < 1e-10  # what the pooled test saw
+
+    metrics = compute_metrics(frame, ["G"], tumour=False)
+    gene = metrics["genes"]["G"]
+    assert metrics["significant_genes"] == [] and not gene["significant"]
+    assert gene["test"]["pearson_p"] > 0.05 and gene["test"]["folds_used"] == 4
+    assert gene["test"]["patients"] == [10, 10, 10, 10]
+    # per-fold r next to the test, equal to the per-fold one-sided Pearson on patients
+    for fold, r, p in zip(
+        range(4), gene["pearson_r"]["folds"], gene["test"]["pearson_p_folds"], strict=True
+    ):
+        part = frame[frame["fold"] == fold]
+        ref = pearsonr(part["G_log2fc_pred"], part["G_log2fc_true"], alternative="greater")
+        assert math.isclose(r, ref.statistic) and math.isclose(p, ref.pvalue)
+    assert abs(gene["pearson_r"]["mean"]) < 0.3 and gene["pearson_r"]["sd"] > 0
+
+    # positive control: the same offsets with signal within every fold is significant
+    rows = []
+    for fold in range(4):
+        true = 3.0 * fold + rng.normal(0, 1, 10)
+        for i in range(10):
+            rows += _gene_rows(fold, f"p{fold}-{i}", float(true[i]), true[i] + rng.normal(0, 0.5))
+    assert compute_metrics(pd.DataFrame(rows), ["G"], tumour=False)["significant_genes"] == ["G"]
+
+
+def test_one_patient_with_many_samples_counts_once() -> None:
+    """One patient's 30 samples track their own truth; patients do not. The patient is one
+    value, so nothing is significant and the test says how many patients it rests on."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for fold in range(3):
+        true, pred = rng.normal(0, 1, 6), rng.normal(0, 1, 6)
+        for i in range(6):
+            rows += _gene_rows(fold, f"p{fold}-{i}", float(true[i]), float(pred[i]))
+    many = np.linspace(-3, 3, 30)
+    for k, t in enumerate(many):  # within-patient variation, predicted well
+        rows += _gene_rows(0, "big", float(t), float(t + rng.normal(0, 0.2)))
+        rows[-1]["slide_id"] = rows[-1]["sample_id"] = f"big-{k}"
+    frame = pd.DataFrame(rows)
+    metrics = compute_metrics(frame, ["G"], tumour=False)
+    gene = metrics["genes"]["G"]
+    assert gene["pooled"]["n"] == 48  # samples, as pooled figures count them
+    assert not gene["significant"] and metrics["significant_genes"] == []
+    assert gene["test"]["patients"] == [7, 6, 6]  # the big patient counts once
+    # the fold with the big patient is tested on the patients' mean values
+    part = frame[frame["fold"] == 0].groupby("patient_id")[["G_log2fc_pred", "G_log2fc_true"]]
+    means = part.mean()
+    r = np.corrcoef(means["G_log2fc_pred"], means["G_log2fc_true"])[0, 1]
+    assert math.isclose(gene["pearson_r"]["folds"][0], r)
+
+
+def test_undefined_gene_counts_as_one_in_bh() -> None:
+    """Genes without a usable fold (constant predictions, or < 3 patients per fold) get p = 1
+    and count in BH over all genes: one modest gene alone is significant, among them not."""
+    rng = np.random.default_rng(13)
+    genes = ["A", "B", "C", "D", "E"]
+    rows = []
+    for fold in range(3):
+        for i in range(6):
+            row: dict = {"slide_id": f"p{fold}-{i}", "patient_id": f"p{fold}-{i}", "fold": fold}
+            true = rng.normal(0, 1)
+            for g in genes:
+                row[f"{g}_log2fc_true"] = true
+                row[f"{g}_log2fc_pred"] = 0.0 if g != "A" else true + rng.normal(0, 1.3)
+                row[f"{g}_up_prob"] = 0.5
+                row[f"{g}_class_true"] = "unchanged"
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame.loc[frame["fold"] > 0, "E_log2fc_true"] = np.nan  # E: 6 patients in one fold only
+    frame.loc[frame["patient_id"].isin(["p0-0", "p0-1", "p0-2", "p0-3"]), "E_log2fc_true"] = np.nan
+    alone = compute_metrics(frame, ["A"], tumour=False)
+    assert alone["significant_genes"] == ["A"]
+    metrics = compute_metrics(frame, genes, tumour=False)
+    assert metrics["significant_genes"] == []
+
+    p_a = alone["genes"]["A"]["test"]["pearson_p"]
+    assert 0.01 < p_a < 0.05
+    for g in ("B", "C", "D", "E"):
+        test = metrics["genes"][g]["test"]
+        assert test["folds_used"] == 0 and test["pearson_p"] == 1.0 and test["pearson_q"] == 1.0
+    assert metrics["genes"]["E"]["test"]["patients"] == [2, 0, 0]
+    assert math.isclose(metrics["genes"]["A"]["test"]["pearson_q"], 5 * p_a)
+    assert metrics["fdr"]["genes_tested"] == 5 and "all 5 genes" in metrics["fdr"]["label"]
+
+
+def test_combine_folds_stouffer_weighted_and_one_sided() -> None:
+    from scipy.stats import combine_pvalues
+
+    out = combine_folds([0.01, 0.2, float("nan"), 0.03], [9, 16, 2, 4])
+    ref = combine_pvalues([0.01, 0.2, 0.03], method="stouffer", weights=[3.0, 4.0, 2.0])
+    assert out["folds_used"] == 3 and math.isclose(out["p"], ref.pvalue)
+    none = combine_folds([float("nan"), 0.001], [5, 2])  # fold 2 has too few patients
+    assert none["p"] == 1.0 and none["folds_used"] == 0 and math.isnan(none["z"])
+    # a fold against the hypothesis pulls the combination down (Fisher would ignore it)
+    assert combine_folds([0.01, 0.999], [10, 10])["p"] > 0.3
+    assert math.isfinite(combine_folds([0.0, 0.5], [5, 5])["z"])  # r = 1 in a fold
+
+
+def test_mean_gene_auc_leaves_out_genes_missing_folds() -> None:
+    """U's "up" class exists in one of five folds: its AUC rests on that fold, is reported
+    with its fold count and is left out of the mean gene AUC."""
+    rows = []
+    for fold in range(5):
+        for i in range(6):
+            row: dict = {"slide_id": f"p{fold}-{i}", "patient_id": f"p{fold}-{i}", "fold": fold}
+            for g in ("D", "U"):
+                is_up = i < 2 if g == "D" or fold == 0 else False
+                row[f"{g}_log2fc_true"] = 2.0 if is_up else 0.1 * i
+                row[f"{g}_log2fc_pred"] = 0.1 * i
+                row[f"{g}_class_true"] = "up" if is_up else "unchanged"
+                # D ranks its up slides perfectly; U does not (AUC 0 in its one fold)
+                row[f"{g}_up_prob"] = (0.9 if is_up else 0.1) if g == "D" else 0.1 * i
+            rows.append(row)
+    metrics = compute_metrics(pd.DataFrame(rows), ["D", "U"], tumour=False)
+    assert metrics["genes"]["U"]["auc_up"]["n"] == 1 and metrics["genes"]["D"]["auc_up"]["n"] == 5
+    assert metrics["genes"]["U"]["auc_up"]["mean"] == 0.0
+    assert metrics["mean_gene_auc_up"] == 1.0  # D only (the old mean over both was 0.5)
+    summary = metrics["gene_auc_up"]
+    assert summary["genes"] == ["D"] and summary["left_out"] == {"U": 1}
+    assert summary["folds"] == 5
+    assert not metrics["genes"]["U"]["in_mean_gene_auc"]
+    assert metrics["genes"]["D"]["in_mean_gene_auc"]
