@@ -441,14 +441,21 @@ def _card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         if m != "pooled":
             card[f"tumour_{m}"] = {"mean": v["mean"], "sd": v["sd"]}
     if "genes" in metrics:
+        auc = metrics.get("gene_auc_up", {})
         card["genes_evaluated"] = len(metrics["genes"])
         card["mean_gene_auc_up"] = metrics.get("mean_gene_auc_up")
+        card["mean_gene_auc_up_left_out"] = auc.get("left_out", {})
         card["significant_genes"] = metrics.get("significant_genes", [])
+        card["significance_test"] = metrics.get("fdr", {}).get("label")
         card["genes"] = {
             g: {
-                "auc_up": {"mean": m["auc_up"]["mean"], "sd": m["auc_up"]["sd"]},
+                "auc_up": {
+                    "mean": m["auc_up"]["mean"],
+                    "sd": m["auc_up"]["sd"],
+                    "folds": m["auc_up"]["n"],
+                },
                 "pearson_r": {"mean": m["pearson_r"]["mean"], "sd": m["pearson_r"]["sd"]},
-                "pearson_q": m["pooled"]["pearson_q"],
+                "pearson_q": m["test"]["pearson_q"],
             }
             for g, m in metrics["genes"].items()
         }

@@ -87,15 +87,21 @@ def plot_gene_ranking(
     metrics: dict[str, Any], metric: str, path: Path, top: int = 40
 ) -> Path | None:
     """Genes ranked by ``metric`` (``auc_up``, ``pearson_r`` or ``spearman_r``), mean ± sd over
-    folds; genes significant after FDR are drawn dark. None if no gene has the metric."""
+    folds; genes significant after FDR are drawn dark, a gene whose metric is undefined in some
+    folds is named with the folds it rests on. None if no gene has the metric."""
     import seaborn as sns
 
     genes = metrics.get("genes", {})
+    folds = metrics.get("folds")
     rows = []
     for g, m in genes.items():
         mean, sd = _number(m[metric]["mean"]), _number(m[metric]["sd"])
         if mean is not None:
-            rows.append({"gene": g, "mean": mean, "sd": sd or 0.0, "significant": m["significant"]})
+            defined = m[metric].get("n")
+            name = g if defined == folds else f"{g} ({defined}/{folds} folds)"
+            rows.append(
+                {"gene": name, "mean": mean, "sd": sd or 0.0, "significant": m["significant"]}
+            )
     if not rows:
         return None
     frame = pd.DataFrame(rows).sort_values("mean", ascending=False).head(top)
@@ -149,8 +155,9 @@ def plot_log2fc_scatter(
             ax=ax,
             legend=ax is axes[0],
         )
-        pooled = metrics.get("genes", {}).get(g, {}).get("pooled", {})
-        r, q = _number(pooled.get("pearson_r")), _number(pooled.get("pearson_q"))
+        entry = metrics.get("genes", {}).get(g, {})
+        r = _number(entry.get("pooled", {}).get("pearson_r"))
+        q = _number(entry.get("test", {}).get("pearson_q"))  # the per-fold combined test's
         text = g if r is None else f"{g}: r={r:.2f}"
         if q is not None:
             text += f", q={q:.2g}"

@@ -205,21 +205,36 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def _gene_summary(metrics: dict[str, Any], roles: dict[str, str]) -> dict[str, Any]:
-    """Per role (tumour-burden, lymphocyte, noise genes): mean Pearson r over genes, and the
-    genes significant after FDR."""
-    by_role: dict[str, list[float]] = {}
+    """Per role (tumour-burden, lymphocyte, noise genes): Pearson r per test fold (the mean
+    over the role's genes in that fold), as mean and sd over folds; the genes significant
+    after FDR, and which test made them so (``metrics.json`` ``fdr.label``)."""
+    folds = int(metrics.get("folds") or 0)
+    per_fold: dict[str, list[list[float]]] = {}
     for gene, m in metrics.get("genes", {}).items():
-        r = (m.get("pearson_r") or {}).get("mean")
-        if r is not None:
-            by_role.setdefault(roles.get(gene, "other"), []).append(r)
+        values = (m.get("pearson_r") or {}).get("folds") or []
+        role = per_fold.setdefault(roles.get(gene, "other"), [[] for _ in range(folds)])
+        for k, r in enumerate(values[:folds]):
+            if r is not None:
+                role[k].append(r)
+    by_role = {
+        role: [statistics.mean(v) for v in fold_values if v]
+        for role, fold_values in per_fold.items()
+    }
     significant = list(metrics.get("significant_genes", []))
     signal = [g for g in significant if roles.get(g) in ("tumour", "lymphocyte")]
+    fdr = metrics.get("fdr", {})
     return {
         "pearson_r": {role: _mean(v) for role, v in sorted(by_role.items())},
+        "pearson_r_sd": {
+            role: round(statistics.stdev(v), 3) if len(v) > 1 else None
+            for role, v in sorted(by_role.items())
+        },
         "significant": significant,
         "significant_with_signal": len(signal),
         "significant_noise": len(significant) - len(signal),
         "genes": len(metrics.get("genes", {})),
+        "test": fdr.get("label"),
+        "alpha": fdr.get("alpha"),
     }
 
 
@@ -246,13 +261,17 @@ def results_table(
     }
     cols = [a for a in (PIPELINE, BASELINE) if a in arms]
     n_signal = signal_genes.get("tumour", 0) + signal_genes.get("lymphocyte", 0)
+    genes = arms[cols[0]]["genes"] if cols else {}
+    # one test for both arms: finetune's metrics.json names it (absent from older runs)
+    test = genes.get("test") or "test not recorded in metrics.json"
+    alpha = f"{100 * (genes.get('alpha') or 0.05):g} %"
     rows: list[tuple[str, list[str]]] = [
         (
             "tumour vs normal AUC (test folds, mean ± sd)",
             [_format(arms[a].get("tumour_auc"), arms[a].get("tumour_auc_sd")) for a in cols],
         ),
         (
-            f"genes significant at FDR 5 % (of {n_signal} with signal / noise genes)",
+            f"genes significant ({test}, FDR {alpha}; of {n_signal} with signal / noise genes)",
             [
                 f"{arms[a]['genes']['significant_with_signal']} / "
                 f"{arms[a]['genes']['significant_noise']}"
@@ -267,8 +286,15 @@ def results_table(
     ):
         rows.append(
             (
-                f"Pearson r of predicted vs true log2FC, {label} genes",
-                [_format(arms[a]["genes"]["pearson_r"].get(role)) for a in cols],
+                f"Pearson r of predicted vs true log2FC per patient, {label} genes "
+                "(per fold, mean ± sd over folds)",
+                [
+                    _format(
+                        arms[a]["genes"]["pearson_r"].get(role),
+                        arms[a]["genes"].get("pearson_r_sd", {}).get(role),
+                    )
+                    for a in cols
+                ],
             )
         )
     for key, label in (
@@ -456,8 +482,12 @@ def demo(
             f"# histcode demo — {options.patients} patients, {difficulty} synthetic cohort",
             "",
             "Every figure is on test folds (patient-grouped CV; each slide's maps come from "
-            "the model of the fold that held it out). Map AUROC: tile scores vs the cohort's "
-            "truth masks, mean over tumour slides.",
+            "the model of the fold that held it out). Genes: one value per patient (its slides "
+            "averaged); each fold's model is tested on its own test patients (one-sided "
+            "Pearson), the folds' p-values combined by Stouffer's method and "
+            "Benjamini–Hochberg applied over all genes; r is the mean over a group's genes in "
+            "each fold, mean ± sd over folds. Map AUROC: tile scores vs the cohort's truth "
+            "masks, mean over tumour slides.",
             "",
             table,
             "",

@@ -79,7 +79,10 @@ def test_end_to_end(
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["tumour"]["auc"]) >= {"mean", "sd", "folds"}
-    assert set(metrics["genes"]["MYC"]["pooled"]) >= {"pearson_q", "spearman_q", "pearson_p"}
+    myc = metrics["genes"]["MYC"]
+    assert set(myc["test"]) >= {"pearson_p", "pearson_q", "spearman_q", "pearson_p_folds"}
+    assert "pearson_p" not in myc["pooled"]  # pooled figures are descriptive, never tested
+    assert metrics["fdr"]["genes_tested"] == 3 and "Stouffer" in metrics["fdr"]["label"]
     assert {p.name for p in (out / "plots").iterdir()} == {
         "tumour_roc.png",
         "genes_auc_up.png",
@@ -100,6 +103,7 @@ def test_end_to_end(
     )
     assert card.extra["genes"] == ["MYC", "CD8A", "TP53"] and card.extra["fold"] == "refit"
     assert card.metrics["tumour_auc"]["mean"] == pytest.approx(result["tumour_auc"])
+    assert card.metrics["significance_test"] == metrics["fdr"]["label"]
 
 
 def test_missing_features_exit_1_and_bad_arguments_exit_2(

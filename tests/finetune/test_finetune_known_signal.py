@@ -48,9 +48,10 @@ def _check(run: FinetuneRun, informative: tuple[str, ...]) -> None:
     assert m["tumour"]["auc"]["mean"] >= 0.95, m["tumour"]["auc"]
     for gene in informative:
         assert m["genes"][gene]["auc_up"]["mean"] >= 0.8, (gene, m["genes"][gene]["auc_up"])
-        assert m["genes"][gene]["significant"], (gene, m["genes"][gene]["pooled"])
+        assert m["genes"][gene]["significant"], (gene, m["genes"][gene]["test"])
+        assert m["genes"][gene]["test"]["folds_used"] == 4  # every fold's model tested
     for gene in NOISE_GENES:
-        assert not m["genes"][gene]["significant"], (gene, m["genes"][gene]["pooled"])
+        assert not m["genes"][gene]["significant"], (gene, m["genes"][gene]["test"])
     # the run's own record: no patient in two test folds, validation never a test patient
     folds = json.loads((run.out / "folds.json").read_text())
     tested: set[str] = set()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from histcode.cli import main
+from histcode.demo import _gene_summary, results_table
 
 TINY = [
     "--patients", "6", "--slide_mm", "[1.2, 1.0]", "--pretrain_steps", "4", "--epochs", "2",
@@ -66,11 +67,15 @@ def test_demo_results_table(demo_run: tuple[Path, dict, str]) -> None:
     assert "naive: random encoder + mean pooling + linear" in table
     for row in ("tumour vs normal AUC", "genes significant", "attention vs true tumour"):
         assert row in table
+    # the table says which test made a gene "significant", and r is per fold, mean ± sd
+    assert "Stouffer" in table and "BH over all 20 genes" in table
+    assert "(per fold, mean ± sd over folds)" in table
     arms = result["results"]
     assert set(arms) == {"simclr", "naive"}
     for arm in arms.values():
         assert 0.0 <= arm["tumour_auc"] <= 1.0
         assert arm["genes"]["genes"] == 20
+        assert "Stouffer" in arm["genes"]["test"]
         for value in arm["localisation"].values():
             assert value is None or 0.0 <= value <= 1.0
     assert "attention_vs_tumour_mask" in arms["simclr"]["localisation"]
@@ -91,3 +96,29 @@ def test_demo_rerun_resumes_and_refuses_other_options(
     code, _, stderr = _run(["demo", "--out", str(out), *TINY[:-2], "--workers", "1", "--seed", "3"])
     assert code == 2
     assert "other options" in stderr and "--restart true" in stderr
+
+
+def test_gene_summary_per_fold_r_and_named_test() -> None:
+    """Per role, r per fold is the mean over the role's genes in that fold, reported as mean
+    ± sd over folds; the significance row names the test from metrics.json."""
+    metrics = {
+        "folds": 2,
+        "genes": {
+            "T1": {"pearson_r": {"folds": [0.8, 0.4]}},
+            "T2": {"pearson_r": {"folds": [0.6, None]}},  # undefined in fold 2
+            "N1": {"pearson_r": {"folds": [0.1, -0.1]}},
+        },
+        "significant_genes": ["T1"],
+        "fdr": {"alpha": 0.05, "label": "per-fold one-sided Pearson, BH over all 3 genes"},
+    }
+    roles = {"T1": "tumour", "T2": "tumour", "N1": "noise"}
+    summary = _gene_summary(metrics, roles)
+    assert summary["pearson_r"] == {"noise": 0.0, "tumour": 0.55}  # folds: 0.7, 0.4
+    assert summary["pearson_r_sd"]["tumour"] == round(0.3 / 2**0.5, 3)
+    assert summary["test"] == metrics["fdr"]["label"]
+    table = results_table(
+        {"simclr": {"tumour_auc": 1.0, "genes": summary, "localisation": {}}},
+        {"tumour": 2, "noise": 1},
+    )
+    assert "genes significant (per-fold one-sided Pearson, BH over all 3 genes, FDR 5 %" in table
+    assert "| 0.55 ± 0.21 |" in table
