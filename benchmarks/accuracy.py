@@ -19,12 +19,13 @@ folds. Next to them, on the *same* test folds, the naive baseline of
 mean pooling, logistic regression for tumour and ridge regression for each gene's log2FC),
 scored by the same code (:func:`histcode.finetune.metrics.compute_metrics`).
 
-DEG metrics: ``driver_r`` — Pearson r of predicted vs true log2FC on the test tumour slides,
-averaged over the 12 driver genes in each fold (tumour-burden and lymphocyte genes of
-``genes.json``); ``noise_r`` — the same over the 8 noise genes (should be ≈ 0);
-``driver_auc_up`` — AUC of "up" vs the rest over driver genes; ``sig_drivers`` /
-``sig_noise`` — genes whose pooled out-of-fold correlation is significant after FDR
-(true and false discoveries).
+DEG metrics: ``driver_r`` — Pearson r of predicted vs true log2FC on the test patients (a
+patient's tumour slides averaged), averaged over the 12 driver genes in each fold
+(tumour-burden and lymphocyte genes of ``genes.json``); ``noise_r`` — the same over the 8
+noise genes (should be ≈ 0); ``driver_auc_up`` — AUC of "up" vs the rest over driver genes;
+``sig_drivers`` / ``sig_noise`` — genes significant at FDR 5 % (true and false discoveries)
+by finetune's test: one-sided Pearson per test fold, Stouffer-combined, BH over all genes
+(``metrics.json`` ``fdr``).
 
 Prints one JSON line; ``benchmarks.run`` renders it as a markdown table. A tile-level
 ceiling check (a linear classifier on tiles labelled from the truth masks, which MIL never

@@ -599,7 +599,8 @@ def accuracy_section(entry: dict[str, Any]) -> list[str]:
         f"{f.get('config')}, {f.get('epochs')} epochs, {f.get('folds')} patient-grouped "
         "folds; every figure is mean ± sd over the test folds. Driver r: Pearson r of "
         "predicted vs true log2FC over the 12 driver genes; noise r: over the 8 noise genes "
-        "(≈ 0 expected); sig.: genes significant after FDR on pooled out-of-fold predictions.",
+        "(≈ 0 expected); sig.: genes significant at FDR 5 % (one-sided Pearson per test fold "
+        "on patient means, Stouffer-combined, Benjamini–Hochberg over all genes).",
         "",
         *accuracy_table(r),
         "",
