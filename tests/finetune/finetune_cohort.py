@@ -19,7 +19,7 @@ GENES = (*TUMOUR_GENES, *LYMPH_GENES, *NOISE_GENES)
 
 @dataclass
 class SignalCohort:
-    """Paths and truth of a generated cohort."""
+    """Paths and truth of a generated cohort (``*_tiles``: (N,) bool, which tiles are which)."""
 
     features: Path
     labels: Path
@@ -28,6 +28,8 @@ class SignalCohort:
     patients: dict[str, str]
     tumour_fraction: dict[str, float] = field(default_factory=dict)
     lymph_fraction: dict[str, float] = field(default_factory=dict)
+    tumour_tiles: dict[str, np.ndarray] = field(default_factory=dict)
+    lymph_tiles: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _feature_store(path: Path, dim: int) -> FeatureStore:
@@ -105,6 +107,8 @@ def write_signal_cohort(
             cohort.patients[slide] = patient
             cohort.tumour_fraction[slide] = f_t
             cohort.lymph_fraction[slide] = f_l
+            cohort.tumour_tiles[slide] = kinds < f_t
+            cohort.lymph_tiles[slide] = (kinds >= f_t) & (kinds < f_t + f_l)
             rows.append({"slide_id": slide, "patient_id": patient, "tumour": int(tumour)})
             if tumour:
                 lfc = np.concatenate(

@@ -1,0 +1,47 @@
+"""The whole pipeline learns and localises on slides it never saw (CI's ``learning`` tier).
+
+``histcode demo`` at its own settings (20 patients, 1,000 SimCLR steps, the default slide
+model): synthesise → tile → pretrain → embed → finetune with patient-grouped folds → maps of
+every tumour slide by the fold model that held it out. Figures are recomputed here from the
+run's out-of-fold predictions where they can be, so a reporting bug cannot hide a model that
+does not learn. About 5 minutes on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import pearsonr
+from sklearn.metrics import roc_auc_score
+
+pytestmark = pytest.mark.learning
+
+
+def test_demo_learns_and_localises_on_held_out_slides(tmp_path: Path) -> None:
+    from histcode.cli import run_captured
+
+    code, result = run_captured(["demo", "--out", str(tmp_path), "--seed", "0"])  # its defaults
+    assert code == 0 and result is not None
+    maps = result["results"]["simclr"]["localisation"]
+    predictions = pd.read_csv(tmp_path / "finetune" / "simclr" / "predictions.csv")
+    roles = json.loads((tmp_path / "cohort" / "genes.json").read_text())
+    lymph_genes = [g for g, v in roles.items() if v["role"] == "lymphocyte"]
+    assert lymph_genes
+
+    for fold, rows in predictions.groupby("fold"):  # patients are in one test fold each
+        auc = roc_auc_score(rows["tumour_true"], rows["tumour_prob"])
+        assert auc >= 0.95, (fold, auc)  # measured 1.00
+        tumour = rows[rows["tumour_true"] == 1]
+        r = [
+            pearsonr(tumour[f"{g}_log2fc_pred"], tumour[f"{g}_log2fc_true"])[0] for g in lymph_genes
+        ]
+        assert np.mean(r) >= 0.6, (fold, dict(zip(lymph_genes, r, strict=True)))  # measured ~0.9
+    # each tumour slide mapped by the model of the fold that held it out; measured at these
+    # settings: attention 0.93, lymphocyte genes 0.98 (before the features were standardised
+    # and each task had its own attention: 0.85 and 0.75)
+    assert maps["attention_vs_tumour_mask"] >= 0.85, maps
+    assert maps["lymphocyte_genes_vs_lymphocyte_mask"] >= 0.85, maps
