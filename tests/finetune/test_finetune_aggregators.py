@@ -91,6 +91,45 @@ def test_tile_scores(name: str) -> None:
         torch.testing.assert_close(scores.log2fc.sum(1) + bias[1:3], out.log2fc)
 
 
+EXACT = [  # aggregators whose tile contributions add up to the slide outputs
+    ("abmil", {}),
+    ("abmil", {"branches": "per_task"}),
+    ("abmil", {"normalise": "sigmoid"}),
+    ("clam_sb", {}),
+    ("mean", {}),
+    ("linear", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), EXACT, ids=lambda v: str(v))
+def test_contributions_add_up_after_training(name: str, options: dict) -> None:
+    """After training steps (the feature scaler active, weights moved), each tile's score
+    summed over the bag plus the head's bias is the slide's tumour logit, log2FC and up-class
+    logit — what the heatmaps call an exact contribution."""
+    torch.manual_seed(0)
+    model = build_slide_model(name, 12, hidden=16, n_genes=2, options=options)
+    features, mask = _bags()
+    features = features * 0.05 + 2.0  # a small encoder's scale and offset: the scaler matters
+    features[~mask] = 123.0
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(5):
+        out = model(features, mask)
+        loss = out.tumour_logit.square().mean() + (out.log2fc - 1).square().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    assert int(model.aggregator.scale.count) == 5 * int(mask.sum())
+    with torch.no_grad():
+        out = model(features, mask)
+    scores = model.tile_scores(features, mask)
+    bias = model.head.split(model.head.linear.bias.detach())
+    torch.testing.assert_close(scores.tumour.sum(1) + bias.tumour_logit, out.tumour_logit)
+    torch.testing.assert_close(scores.log2fc.sum(1) + bias.log2fc, out.log2fc)
+    torch.testing.assert_close(scores.up.sum(1) + bias.gene_logits[..., 2], out.gene_logits[..., 2])
+
+
 def test_masked_softmax_ignores_masked_scores() -> None:
     scores = torch.tensor([[1.0, 2.0, 1e9], [0.0, 0.0, 0.0]])
     mask = torch.tensor([[True, True, False], [False, False, False]])
