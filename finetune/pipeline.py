@@ -347,7 +347,7 @@ def run_finetune(
                 else [(r, {"fold": r.fold.index}) for r in result.folds]
             )
             reg = Registry(registry) if registry is not None else Registry()
-            registered = _register(reg, name, chosen, metrics, store, data, out)
+            registered = _register(reg, name, chosen, metrics, store, data, out, built)
     return FinetuneRun(out, built, selection, result.predictions, metrics, registered, files)
 
 
@@ -402,12 +402,22 @@ def _register(
     store: FeatureStore,
     data: DataOptions,
     out: Path,
+    labels: Labels,
 ) -> list[str]:
-    """Save each chosen model as the next version of ``name``, with CV metrics and lineage."""
+    """Save each chosen model as the next version of ``name``, with CV metrics and lineage.
+
+    The card's ``extra`` lists the patients and slides the model was trained on
+    (``trained_patients``, ``trained_slide_ids``) and those that chose its epoch
+    (``validation_patients``, ``validation_slide_ids``): every other slide is held out from
+    it, which ``histcode heatmap`` reports (and requires before scoring ``--truth``).
+    """
     from histcode.finetune.metrics import jsonable
 
+    slides = np.asarray(labels.slide_ids)
     refs = []
     for fold_result, extra in chosen:
+        fold = fold_result.fold
+        patients = fold.patients(labels)
         arguments = fold_result.module.model_arguments()
         card = Card(
             kind="mil",
@@ -424,8 +434,12 @@ def _register(
                     "run": str(out.resolve()),
                     **extra,
                     "best_epoch": fold_result.best_epoch,
-                    "trained_slides": len(fold_result.fold.train),
-                    "validation_slides": len(fold_result.fold.val),
+                    "trained_slides": len(fold.train),
+                    "validation_slides": len(fold.val),
+                    "trained_patients": patients["train"],
+                    "validation_patients": patients["val"],
+                    "trained_slide_ids": sorted(slides[fold.train].tolist()),
+                    "validation_slide_ids": sorted(slides[fold.val].tolist()),
                 }
             ),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from histcode.heatmaps import (
@@ -12,6 +13,7 @@ from histcode.heatmaps import (
     draw_montage,
     mask_auroc,
     score_grid,
+    thumbnail_mpp_for,
     tile_labels_from_mask,
     tiles_geojson,
     write_geojson,
@@ -19,13 +21,80 @@ from histcode.heatmaps import (
 from histcode.slide import SlideReader
 from histcode.tilereader import SlideGeometry
 from histcode.tilestore import TileStore
+from histcode.tiling import tile_grid
 
 
-def test_score_grid_paints_tiles_and_leaves_nan_elsewhere() -> None:
-    coords = np.array([[0, 0], [100, 0]])
-    grid = score_grid(coords, 100, np.array([1.0, 2.0]), (20, 30), scale=0.1)
-    assert np.all(grid[:10, :10] == 1) and np.all(grid[:10, 10:20] == 2)
-    assert np.isnan(grid[10:]).all() and np.isnan(grid[:, 20:]).all()
+def test_score_grid_is_one_pixel_per_tile_and_nan_elsewhere() -> None:
+    coords = np.array([[0, 0], [100, 0], [200, 100]])
+    grid, extent = score_grid(coords, 100, np.array([1.0, 2.0, 3.0]))
+    assert grid.shape == (2, 3) and extent == (0.0, 300.0, 200.0, 0.0)
+    assert grid[0, 0] == 1 and grid[0, 1] == 2 and grid[1, 2] == 3
+    assert np.isnan(grid[0, 2]) and np.isnan(grid[1, :2]).all()
+
+
+def test_score_grid_has_no_seams_with_a_fractional_tile_side() -> None:
+    """Tiles of side 64.5 level-0 px (as a 0.496 µm/px scan gives) touch on the grid: a full
+    grid of tiles leaves no NaN between them (painting squares into a thumbnail left 1-px
+    seams: at 1/8 scale, 1,285 pixels inside the tiled area, two whole columns, were NaN)."""
+    coords = tile_grid(64 * 65, 48 * 65, 64.5)
+    grid, extent = score_grid(coords, 64.5, np.ones(len(coords)))
+    assert grid.shape == (48, 64) and not np.isnan(grid).any()
+    assert extent[1] == 64 * 64.5
+
+
+def test_score_grid_refuses_tiles_off_the_grid() -> None:
+    with pytest.raises(ValueError, match="not on a grid of side 100"):
+        score_grid(np.array([[0, 0], [50, 0]]), 100, np.array([1.0, 2.0]))
+
+
+def test_thumbnail_resolution_follows_the_slide_size() -> None:
+    """A 25 × 20 mm scan gets a 2048-px thumbnail, a 1.2 mm biopsy 512 px at least, and
+    never finer than level 0."""
+    big = thumbnail_mpp_for((100_000, 80_000), 0.25, 512.0)
+    assert 100_000 * 0.25 / big == pytest.approx(2048)
+    small = thumbnail_mpp_for((2400, 2000), 0.5, 128.0)
+    assert 2400 * 0.5 / small == pytest.approx(512)
+    assert thumbnail_mpp_for((400, 300), 0.5, 128.0) == pytest.approx(0.5)
+
+
+def _captured_figure(monkeypatch) -> list:
+    import histcode.heatmaps as drawing
+
+    figures: list = []
+    save = drawing._save
+
+    def keep(fig, path, *args, **kwargs):
+        figures.append(fig)
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(drawing, "_save", keep)
+    return figures
+
+
+def test_slide_and_map_panels_match(small_cohort, tmp_path, monkeypatch) -> None:
+    """The slide and the map are drawn at the same size and position over the same
+    level-0 extent, the map one image with a pixel per tile, the thumbnail's resolution
+    chosen from the slide (≥ 512 px on the longest side, not 8 µm/px's 150 px)."""
+    figures = _captured_figure(monkeypatch)
+    t = TileStore(small_cohort["tiles"]).read("TCGA-S1-0001-01A-01-TS1")
+    side = t.attrs["tile_size_level0"]
+    with SlideReader(t.path) as reader:
+        draw_heatmap(reader, t.coords, side, np.linspace(0, 1, len(t)), tmp_path / "h.png", "t")
+        width, height = reader.dimensions
+    fig = figures[0]
+    slide_ax, map_ax = fig.axes[0], fig.axes[1]
+    a, b = slide_ax.get_position(), map_ax.get_position()
+    assert (a.width, a.height, a.y0) == pytest.approx((b.width, b.height, b.y0))
+    bbox = [ax.get_window_extent() for ax in (slide_ax, map_ax)]
+    assert bbox[0].width == pytest.approx(bbox[1].width)
+    assert bbox[0].height == pytest.approx(bbox[1].height)
+    for ax in (slide_ax, map_ax):
+        assert ax.get_xlim() == (0, width) and ax.get_ylim() == (height, 0)
+    thumb, overlay = map_ax.images
+    assert slide_ax.images[0].get_extent() == thumb.get_extent()
+    assert max(thumb.get_array().shape[:2]) >= 512
+    grid, _ = score_grid(t.coords, side, np.zeros(len(t)))
+    assert overlay.get_array().shape == grid.shape  # one pixel per tile
 
 
 def test_geojson_is_valid_for_qupath(tmp_path) -> None:
