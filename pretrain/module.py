@@ -10,6 +10,7 @@ the views from :class:`~histcode.pretrain.augment.TileAugmentation`, run on the 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -18,6 +19,7 @@ from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
+from torch import nn
 
 from histcode.encoders import Encoder, create_encoder
 from histcode.registry import Registry
@@ -28,6 +30,39 @@ from .augment import AugmentConfig, TileAugmentation
 DEFAULT_AUGMENTATION = AugmentConfig()
 #: steps over which ``final_loss`` is averaged
 LOSS_WINDOW = 50
+#: devices on which torch's ``SyncBatchNorm`` runs (it refuses CPU and MPS tensors)
+SYNC_BN_DEVICES = ("cuda", "hpu", "xpu")
+
+log = logging.getLogger("histcode.pretrain")
+
+
+def check_sync_batchnorm(module: nn.Module, device: torch.device, world_size: int) -> bool:
+    """Whether ``module`` has global (synchronised) BatchNorm; refuse it where torch cannot run it.
+
+    Lightning's ``Trainer(sync_batchnorm=True)`` turns every BatchNorm into torch's
+    ``SyncBatchNorm`` under DDP. With more than one process that layer only runs on CUDA (HPU,
+    XPU); on CPU it fails in the first forward pass with a message that does not name the
+    option, so this check names it first.
+
+    Args:
+        module: the model as the strategy set it up.
+        device: the device this process trains on.
+        world_size: number of processes.
+
+    Returns:
+        True when the BatchNorm statistics are computed over the global batch.
+
+    Raises:
+        ValueError: synchronised BatchNorm across processes on a device that cannot run it.
+    """
+    synced = any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+    if synced and world_size > 1 and device.type not in SYNC_BN_DEVICES:
+        raise ValueError(
+            f"trainer.sync_batchnorm is true with {world_size} processes on {device.type}, but "
+            "torch's SyncBatchNorm only runs on CUDA (HPU, XPU) devices; set "
+            "--trainer.sync_batchnorm false (configs/pretrain/cpu_smoke.yaml does) or train on GPUs"
+        )
+    return synced
 
 
 class SimCLRModule(pl.LightningModule):
@@ -90,6 +125,16 @@ class SimCLRModule(pl.LightningModule):
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in augmentation.items()}
             )
         augmentation.check()
+        if optimizer == "lars" and weight_decay == 0:
+            # lightly's LARS takes weight_decay == 0 as "exclude this group from LARS scaling"
+            # (how biases and norms are exempted), so with 0 no layer gets a trust ratio and
+            # LARS is plain SGD with momentum at LARS's large learning rate
+            raise ValueError(
+                "model.optimizer lars with model.weight_decay 0 turns LARS's layer-wise trust "
+                "ratio off for every layer (lightly's LARS skips groups with weight_decay 0), "
+                f"leaving plain SGD at lr {lr}; set --model.weight_decay > 0 (SimCLR: 1e-6), or "
+                "use --model.optimizer sgd or adamw with a learning rate suited to it"
+            )
         self.save_hyperparameters(ignore=["augmentation"])
         self.hparams["augmentation"] = augmentation.to_dict()
         spec = {k: v for k, v in (("mpp", mpp), ("tile_size", tile_size)) if v is not None}
@@ -101,6 +146,11 @@ class SimCLRModule(pl.LightningModule):
         self.augment = TileAugmentation(augmentation, s.mean, s.std, crop_size=s.tile_size)
         self.augmentation = augmentation
         self.parent_ref: str | None = None  # "name@v#sha256=…" of init_from, once loaded
+        # the learning-rate schedules in force (one entry per change, resumes included) and the
+        # rates the optimiser actually used; kept in checkpoints, written to the card
+        self.lr_schedule: list[dict[str, float | int]] = []
+        self.lr_used: dict[str, float | int] = {"steps": 0, "sum": 0.0, "peak": 0.0, "last": 0.0}
+        self.synced_batchnorm = False
         self._val_batches = 0
         self.register_buffer("recent_losses", torch.full((LOSS_WINDOW,), float("nan")))
         # optimiser steps taken, kept with the weights (ddp_spawn returns weights, not loops)
@@ -112,7 +162,18 @@ class SimCLRModule(pl.LightningModule):
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Check the tiles fit the encoder; load ``init_from`` (a checkpoint overrides it)."""
+        """Seed this process; check the tiles fit the encoder; load ``init_from``.
+
+        Under DDP every process is seeded alike (``seed_everything``), and the augmentations
+        draw from the device's default generator: each process would give tile j of its
+        shard the same crop, flips, stain and blur, so the global batch would hold only
+        ``batch_size`` independent draws. Each process therefore reseeds with seed + rank
+        (a resumed run then offsets that by the step, :meth:`on_load_checkpoint`). The
+        sampler's shuffle keeps its own shared seed, so the shards still partition the tiles.
+        A checkpoint's weights override ``init_from``.
+        """
+        if self._trainer is not None and self.trainer.world_size > 1:
+            torch.manual_seed((torch.initial_seed() + self.trainer.global_rank) % 2**63)
         data = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if data is not None and hasattr(data, "tile_size"):
             self.encoder.input_spec.check(mpp=data.mpp, tile_size=data.tile_size, source=data.tiles)
@@ -134,8 +195,12 @@ class SimCLRModule(pl.LightningModule):
             self.parent_ref = f"{card.ref}#sha256={card.sha256}"
 
     def on_fit_start(self) -> None:
+        self.synced_batchnorm = check_sync_batchnorm(self, self.device, self.trainer.world_size)
         if self.hparams.channels_last and self.device.type == "cuda":
             self.encoder.to(memory_format=torch.channels_last)
+
+    def on_train_start(self) -> None:
+        self._fit_schedule()
 
     # -- steps -------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> Any:
@@ -168,6 +233,15 @@ class SimCLRModule(pl.LightningModule):
         self.recent_losses[self.global_step % LOSS_WINDOW] = loss.detach()  # no host sync
         self.log("train_loss", loss, prog_bar=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Record the learning rate this optimiser step uses (a host float: no device sync)."""
+        lr = float(optimizer.param_groups[0]["lr"])
+        used = self.lr_used
+        used["steps"] += 1
+        used["sum"] += lr
+        used["peak"] = max(used["peak"], lr)
+        used["last"] = lr
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.trained_steps.fill_(self.global_step)
@@ -212,6 +286,84 @@ class SimCLRModule(pl.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def _schedule(self) -> dict[str, float | int]:
+        """The schedule the current settings ask for (its length is the run's max_steps)."""
+        total = int(self.trainer.estimated_stepping_batches)
+        peak = self.peak_lr()
+        return {
+            "max_steps": total,
+            "warmup_steps": min(int(self.hparams.warmup_steps), total),
+            "peak_lr": peak,
+            "final_lr": peak * float(self.hparams.min_lr_ratio),
+        }
+
+    def _fit_schedule(self) -> None:
+        """Make the restored scheduler follow the current settings, and record the schedule.
+
+        A resumed run restores the scheduler saved in the checkpoint, whose length is the
+        interrupted run's max_steps: resumed with a larger ``--trainer.max_steps``, every added
+        step would run at the final learning rate. The warm-up/cosine schedule is rebuilt for
+        the current length (and warm-up, peak and final rate) at the step reached, and the
+        learning rate of the next step set from it.
+        """
+        scheduler = self.lr_schedulers()
+        if not isinstance(scheduler, CosineWarmupScheduler):
+            return
+        want = self._schedule()
+        step = int(self.global_step)
+        if want["max_steps"] <= step:
+            return  # nothing left to train: the loop stops at once
+        have = {
+            "max_steps": scheduler.max_epochs,
+            "warmup_steps": scheduler.warmup_epochs,
+            "peak_lr": scheduler.base_lrs[0],
+            "final_lr": scheduler.base_lrs[0] * scheduler.end_value,
+        }
+        if have != want:
+            if step and self.global_rank == 0:
+                log.info(
+                    "resumed at step %d: learning-rate schedule rebuilt for %s (the checkpoint's "
+                    "was for %s)",
+                    step,
+                    want,
+                    have,
+                )
+            scheduler.max_epochs = want["max_steps"]
+            scheduler.warmup_epochs = want["warmup_steps"]
+            scheduler.end_value = float(self.hparams.min_lr_ratio)
+            peak = float(want["peak_lr"])
+            scheduler.base_lrs = [peak] * len(scheduler.optimizer.param_groups)
+            factor = scheduler.scale_lr(scheduler.last_epoch)
+            for group in scheduler.optimizer.param_groups:
+                group["initial_lr"] = peak
+                group["lr"] = peak * factor
+            scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+        last = self.lr_schedule[-1] if self.lr_schedule else None
+        if last is None or {k: last[k] for k in want} != want:
+            self.lr_schedule.append({"from_step": step, **want})
+
+    def lr_record(self) -> dict[str, Any]:
+        """The schedules in force and the learning rates used, for the registry card.
+
+        Returns:
+            ``schedule``: one entry per schedule (``from_step``, ``max_steps``,
+            ``warmup_steps``, ``peak_lr``, ``final_lr``), a new one each time a resume changed
+            it; ``lr_used``: ``steps`` recorded, ``peak``, ``mean`` and ``last`` learning rate
+            of the first parameter group (all groups share the schedule). Steps trained
+            before a checkpoint that predates this record are not counted.
+        """
+        used = self.lr_used
+        steps = int(used["steps"])
+        return {
+            "schedule": [dict(s) for s in self.lr_schedule],
+            "lr_used": {
+                "steps": steps,
+                "peak": used["peak"] if steps else None,
+                "mean": used["sum"] / steps if steps else None,
+                "last": used["last"] if steps else None,
+            },
+        }
+
     def peak_lr(self) -> float:
         """``lr``, scaled by global batch size / 256 when ``scale_lr`` (needs the trainer)."""
         if not self.hparams.scale_lr:
@@ -225,17 +377,26 @@ class SimCLRModule(pl.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["histcode"] = {"parent_ref": self.parent_ref}
+        checkpoint["histcode"] = {
+            "parent_ref": self.parent_ref,
+            "lr_schedule": [dict(s) for s in self.lr_schedule],
+            "lr_used": dict(self.lr_used),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore lineage, and reseed so that a resumed run draws fresh shuffles and views.
 
         Without reseeding, a run seeded like the interrupted one would replay its first
-        batches (the same permutation and augmentations). Under DDP, Lightning's
-        ``DistributedSampler`` orders each epoch by (seed, epoch) alone, so there the
-        interrupted epoch's tile order restarts; the views still differ.
+        batches (the same permutation and augmentations). The new seed is this process's
+        seed (seed + rank under DDP, :meth:`setup`) plus a multiple of the step, so the
+        processes still draw apart. Under DDP, Lightning's ``DistributedSampler`` orders each
+        epoch by (seed, epoch) alone, so there the interrupted epoch's tile order restarts;
+        the views still differ. Also restores the learning-rate record.
         """
-        self.parent_ref = checkpoint.get("histcode", {}).get("parent_ref", self.parent_ref)
+        saved = checkpoint.get("histcode", {})
+        self.parent_ref = saved.get("parent_ref", self.parent_ref)
+        self.lr_schedule = [dict(s) for s in saved.get("lr_schedule", [])]
+        self.lr_used = {**self.lr_used, **saved.get("lr_used", {})}
         step = int(checkpoint.get("global_step", 0))
         torch.manual_seed((torch.initial_seed() + 1_000_003 * step) % 2**63)
 

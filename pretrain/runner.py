@@ -188,12 +188,24 @@ def _description() -> str:
 
 
 def _ckpt_step(path: Path) -> int:
-    """Global step stored in a Lightning checkpoint (read without unpickling objects)."""
+    """Global step stored in a Lightning checkpoint (read with ``weights_only``: never unpickled).
+
+    Raises:
+        ValueError: the file cannot be read as a checkpoint of tensors and plain values (damaged,
+            truncated, not a Lightning checkpoint, or holding pickled objects). Guessing a step
+            instead would let a rerun of a finished run register the same state again.
+    """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # a damaged checkpoint: Lightning will report it when resuming
-        return -1
-    return int(ckpt.get("global_step", -1))
+        return int(ckpt["global_step"])
+    except Exception as err:  # any reason the file is unusable: say which, and what to do
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ValueError(
+            f"cannot resume from {path}: {type(err).__name__}: {reason}. Expected a Lightning "
+            "checkpoint of tensors and plain values (it is read with weights_only=True, never "
+            "unpickled). Move it away to keep it, then rerun to start over, or pass --resume "
+            "false (a new run from step 0, registered as a new version)"
+        ) from None
 
 
 def _already_registered(out: Path, registry: Registry, steps: int) -> dict[str, Any] | None:
@@ -214,7 +226,7 @@ def _already_registered(out: Path, registry: Registry, steps: int) -> dict[str, 
     return previous
 
 
-def _trainer_summary(trainer: Trainer, data: TileDataModule) -> dict[str, Any]:
+def _trainer_summary(trainer: Trainer, data: TileDataModule, model: SimCLRModule) -> dict[str, Any]:
     return {
         "precision": str(trainer.precision),
         "strategy": type(trainer.strategy).__name__,
@@ -225,6 +237,7 @@ def _trainer_summary(trainer: Trainer, data: TileDataModule) -> dict[str, Any]:
         "batch_size": data.batch_size,
         "global_batch_size": data.batch_size * trainer.world_size,
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "sync_batchnorm": model.synced_batchnorm,  # BatchNorm statistics over the global batch
     }
 
 
@@ -265,8 +278,9 @@ def register(
             **{k: hp[k] for k in ("optimizer", "lr", "scale_lr", "weight_decay", "momentum")},
             **{k: hp[k] for k in ("warmup_steps", "min_lr_ratio")},
             "peak_lr": model.peak_lr(),
+            **model.lr_record(),  # the schedules in force and the learning rates actually used
         },
-        "trainer": _trainer_summary(trainer, data),
+        "trainer": _trainer_summary(trainer, data, model),
         "run": str(Path(trainer.default_root_dir).resolve()),
     }
     card = encoder_card(model.encoder, metrics=metrics, parents=parents, extra=extra)
@@ -295,14 +309,19 @@ def run(argv: list[str], prog: str) -> int:
     ckpt = cli.last_checkpoint
     ckpt_path, resumed_at = None, None
     if cli.config.resume and ckpt.is_file():
-        ckpt_path, resumed_at = str(ckpt), _ckpt_step(ckpt)
+        try:
+            ckpt_path, resumed_at = str(ckpt), _ckpt_step(ckpt)
+        except ValueError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
         log.info("resuming from %s (step %d)", ckpt, resumed_at)
     try:
         # progress bars and Lightning's tables go to stderr: stdout carries only the final
         # JSON line (the CLI contract); Lightning's TQDM bar writes to stdout by default
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             _quiet()
-            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+            # weights_only=True: the checkpoint is never unpickled, whatever torch's default
+            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     except USAGE_ERRORS as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightly.utils.scheduler import cosine_warmup_schedule
 
 from histcode.cli import main as cli_main
 from histcode.pretrain.module import SimCLRModule
@@ -219,3 +220,135 @@ def test_ddp_with_two_cpu_processes_registers_one_encoder(
     assert trainer["world_size"] == 2 and trainer["strategy"] == "DDPStrategy"
     assert trainer["global_batch_size"] == 16 and card.metrics["tiles_seen"] == 4 * 16
     assert "distributed_backend=gloo" in done.stderr + done.stdout
+
+
+def _lr_spy(monkeypatch) -> dict[int, float]:
+    """Record the learning rate of each optimiser step, by global step."""
+    seen: dict[int, float] = {}
+    original = SimCLRModule.on_before_optimizer_step
+
+    def spy(self, optimizer):
+        seen[self.global_step] = optimizer.param_groups[0]["lr"]
+        return original(self, optimizer)
+
+    monkeypatch.setattr(SimCLRModule, "on_before_optimizer_step", spy)
+    return seen
+
+
+def test_resume_with_more_steps_follows_the_longer_schedule(
+    smoke_args: list[str], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """4 steps, then the same command with max_steps 8: steps 4-7 follow the warm-up/cosine
+    schedule for 8 steps (not the 4-step schedule's final rate), and the card records both
+    schedules and the learning rates actually used."""
+    out = tmp_path / "run"
+    argv = ["pretrain", *smoke_args, "--name", "longer", "--out", str(out)]
+    argv += ["--model.warmup_steps", "2", "--model.lr", "0.002", "--model.min_lr_ratio", "0.01"]
+    seen = _lr_spy(monkeypatch)
+    assert cli_main([*argv, "--trainer.max_steps", "4"]) == 0
+    assert _last_json(capsys.readouterr().out)["ref"] == "longer@1"
+    assert cli_main([*argv, "--trainer.max_steps", "8"]) == 0
+    assert _last_json(capsys.readouterr().out)["ref"] == "longer@2"
+    peak, final = 0.002, 0.002 * 0.01
+    first = [peak * cosine_warmup_schedule(s, 4, 1.0, 0.01, 2, 0.0) for s in range(4)]
+    longer = [peak * cosine_warmup_schedule(s, 8, 1.0, 0.01, 2, 0.0) for s in range(4, 8)]
+    assert [seen[s] for s in range(4)] == pytest.approx(first)
+    assert [seen[s] for s in range(4, 8)] == pytest.approx(longer)
+    assert seen[4] > 10 * final  # not the final rate of the 4-step schedule
+    card = Registry(tmp_path / "registry").card("longer@2")
+    opt = card.extra["optimizer"]
+    assert opt["schedule"] == [
+        {"from_step": 0, "max_steps": 4, "warmup_steps": 2, "peak_lr": peak, "final_lr": final},
+        {"from_step": 4, "max_steps": 8, "warmup_steps": 2, "peak_lr": peak, "final_lr": final},
+    ]
+    used = [seen[s] for s in range(8)]
+    assert opt["lr_used"] == {
+        "steps": 8,
+        "peak": pytest.approx(max(used)),
+        "mean": pytest.approx(sum(used) / 8),
+        "last": pytest.approx(used[-1]),
+    }
+
+
+def _finished_run(smoke_args: list[str], tmp_path: Path, capsys) -> list[str]:
+    argv = ["pretrain", *smoke_args, "--name", "done", "--out", str(tmp_path / "run")]
+    argv += ["--trainer.max_steps", "2"]
+    assert cli_main(argv) == 0
+    assert _last_json(capsys.readouterr().out)["ref"] == "done@1"
+    return argv
+
+
+class _Payload:
+    """Unpickling this runs code: it creates a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "pickled_object"])
+def test_an_unreadable_checkpoint_is_refused_not_registered_again(
+    smoke_args: list[str], tmp_path: Path, monkeypatch, capsys, damage: str
+) -> None:
+    """A last.ckpt that cannot be read with weights_only=True (damaged, or holding a pickled
+    object) stops the rerun with exit 2 and a message saying what to do; nothing is unpickled
+    and no duplicate version is registered. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 plays the part
+    of a torch whose torch.load unpickles by default."""
+    argv = _finished_run(smoke_args, tmp_path, capsys)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    marker = tmp_path / "unpickled"
+    if damage == "garbage":
+        ckpt.write_bytes(b"not a checkpoint" * 100)
+    else:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state["histcode"]["note"] = _Payload(marker)
+        torch.save(state, ckpt)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume from {ckpt}" in err and "--resume false" in err
+    assert not marker.exists()
+    assert Registry(tmp_path / "registry").versions("done") == [1]
+
+
+def test_resume_loads_the_checkpoint_with_weights_only(
+    smoke_args: list[str], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Every torch.load of the resume (ours and Lightning's) passes weights_only=True, so no
+    torch version or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD setting makes it unpickle."""
+    argv = _finished_run(smoke_args, tmp_path, capsys)
+    calls = []
+    original = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    assert cli_main([*argv[:-1], "3"]) == 0  # max_steps 3: resumes at step 2
+    assert _last_json(capsys.readouterr().out)["steps"] == 3
+    assert len(calls) >= 2 and all(w is True for w in calls), calls
+
+
+def test_lars_with_weight_decay_0_exits_2_naming_the_fix(
+    smoke_args: list[str], tmp_path: Path, capsys
+) -> None:
+    argv = ["pretrain", *smoke_args, "--name", "lars0", "--out", str(tmp_path / "run")]
+    argv += ["--model.optimizer", "lars", "--model.weight_decay", "0"]
+    assert cli_main(argv) == 2
+    assert "--model.weight_decay > 0" in capsys.readouterr().err
+
+
+def test_sync_batchnorm_is_on_by_default_and_on_the_card(
+    smoke_run: dict, pretrain_tiles: Path, capsys
+) -> None:
+    """simclr.yaml syncs BatchNorm across processes (SimCLR's global BN); the CPU override turns
+    it off; the card says which one ran."""
+    configs = Path(__file__).parents[2] / "configs" / "pretrain"
+    argv = ["pretrain", "--config", str(configs / "simclr.yaml"), "--print_config"]
+    assert cli_main([*argv, "--data.tiles", str(pretrain_tiles), "--name", "x"]) == 0
+    assert "sync_batchnorm: true" in capsys.readouterr().out
+    card = Registry(smoke_run["root"] / "registry").card("smoke@1")
+    assert card.extra["trainer"]["sync_batchnorm"] is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from lightly.loss import NTXentLoss
 
 from histcode.encoders import create_encoder, encoder_card
 from histcode.pretrain.data import TileDataModule
-from histcode.pretrain.module import SimCLRModule
+from histcode.pretrain.module import SimCLRModule, check_sync_batchnorm
 from histcode.registry import Registry
 
 pytestmark = [  # Lightning's own chatter when a Trainer is used directly
@@ -122,3 +123,52 @@ def test_cuda_step_uses_channels_last_and_bf16(pretrain_tiles: Path, tmp_path: P
     trainer.fit(model, datamodule=data)
     assert model.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(torch.tensor(model.final_loss()))
+
+
+def test_ddp_processes_draw_different_views_fresh_and_resumed(
+    monkeypatch, pretrain_tiles: Path, tmp_path: Path
+) -> None:
+    """Two gloo processes (Lightning ``ddp`` on CPU): each is seeded with seed + rank, so the
+    same tiles get different crops, flips, stains and blurs on each process; a resumed run's
+    processes are seeded with seed + rank + 1_000_003 × step (fresh draws, still apart)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # for the spawned processes
+    from ddp_views_worker import fit_fresh_then_resumed
+
+    args = (2, _free_port(), str(pretrain_tiles), str(tmp_path))
+    mp.spawn(fit_fresh_then_resumed, args=args, nprocs=2, join=True)
+    for rank in range(2):
+        steps = json.loads((tmp_path / f"steps-{rank}.json").read_text())
+        assert steps == {"fresh": 2, "resumed": 4}
+    for phase, step in (("fresh", 0), ("resumed", 2)):
+        r0, r1 = (torch.load(tmp_path / f"{phase}-{r}.pt", weights_only=True) for r in range(2))
+        assert [r0["initial_seed"], r1["initial_seed"]] == [1_000_003 * step, 1 + 1_000_003 * step]
+        # the same input tiles: different views on the two processes
+        assert r0["fixed_views"].shape == r1["fixed_views"].shape
+        assert not torch.allclose(r0["fixed_views"], r1["fixed_views"])
+        # the parameters drawn for the training batch: sample j differs across processes
+        p0, p1 = r0["batch_params"], r1["batch_params"]
+        assert not torch.equal(p0["hed_alpha"], p1["hed_alpha"])
+        assert not torch.equal(p0["colour_brightness"], p1["colour_brightness"])
+        assert not all(torch.equal(p0[k], p1[k]) for k in ("flip_hflip", "flip_vflip", "flip_k"))
+    fresh0 = torch.load(tmp_path / "fresh-0.pt", weights_only=True)
+    resumed0 = torch.load(tmp_path / "resumed-0.pt", weights_only=True)
+    assert not torch.allclose(fresh0["fixed_views"], resumed0["fixed_views"])  # no replay
+
+
+def test_lars_with_weight_decay_0_is_refused() -> None:
+    """lightly's LARS skips the trust ratio of groups with weight_decay 0: with 0 everywhere it
+    would be plain SGD at LARS's large learning rate."""
+    with pytest.raises(ValueError, match=r"--model\.weight_decay > 0"):
+        SimCLRModule(encoder="tiny", optimizer="lars", weight_decay=0.0, lr=0.3)
+    SimCLRModule(encoder="tiny", optimizer="sgd", weight_decay=0.0)  # others are fine with 0
+    SimCLRModule(encoder="tiny", optimizer="adamw", weight_decay=0.0)
+
+
+def test_sync_batchnorm_across_cpu_processes_is_refused_with_a_fix() -> None:
+    model = SimCLRModule(encoder="tiny", projection_dim=8)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # what sync_batchnorm does
+    with pytest.raises(ValueError, match=r"--trainer\.sync_batchnorm false"):
+        check_sync_batchnorm(synced, torch.device("cpu"), world_size=2)
+    assert check_sync_batchnorm(synced, torch.device("cpu"), world_size=1)  # a no-op: allowed
+    assert check_sync_batchnorm(synced, torch.device("cuda"), world_size=2)
+    assert not check_sync_batchnorm(SimCLRModule(encoder="tiny"), torch.device("cpu"), 2)
