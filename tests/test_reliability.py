@@ -40,7 +40,9 @@ from histcode.cli import main as cli_main
 from histcode.embedding import embed_store
 from histcode.encoders import create_encoder, encoder_card
 from histcode.featurestore import FeatureStore
-from histcode.registry import Registry
+from histcode.finetune.heads import build_slide_model
+from histcode.finetune.pipeline import lineage
+from histcode.registry import Card, Registry
 from histcode.synth import write_test_slide
 from histcode.tilestore import TileStore
 from histcode.tiling import TilingParams, tile_slides
@@ -65,7 +67,8 @@ class World:
         blank_tiles: a tile store whose only slide is blank (``empty``).
         no_slides_tiles: a tile store without any slide.
         features: ``tiles`` embedded by the registry encoder ``enc@1``.
-        registry: ``enc@1`` (a tiny encoder for 1 µm/px, 64 px) and ``ft@1`` (a MIL model).
+        registry: ``enc@1`` (a tiny encoder for 1 µm/px, 64 px), ``ft@1`` (a MIL model) and
+            ``hm@1`` (an untrained MIL model on ``features``, for heatmaps).
         cohort: the finetune inputs (feature store, labels CSV, expression matrix).
         ft_run: the output folder of the finetune run that registered ``ft@1``.
     """
@@ -147,6 +150,17 @@ def world(small_cohort: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     registry.save("enc", encoder, encoder_card(encoder))
     features = root / "features.zarr"
     embed_store(tiles, features, "enc@1", registry=str(registry.root), workers=0, progress=False)
+    dim = int(FeatureStore(features).attrs["embed_dim"])
+    mil = build_slide_model("abmil", in_dim=dim, hidden=8, n_genes=1)
+    arguments = {"in_dim": dim, "hidden": 8, "dropout": 0.25, "tumour": True, "n_genes": 1}
+    card = Card(
+        kind="mil",
+        architecture="abmil",
+        arguments={**arguments, "options": {}},
+        parents=lineage(FeatureStore(features)),
+        extra={"genes": ["MYC"]},
+    )
+    registry.save("hm", mil, card)
 
     cohort = write_signal_cohort(root / "cohort", n_patients=12, dim=16, tiles=(10, 30))
     ft_run = root / "ft_run"
@@ -307,6 +321,21 @@ def tamper(c: Ctx, file: str = "weights.safetensors") -> None:
 def tampered(c: Ctx, argv: list[str], file: str = "weights.safetensors") -> list[str]:
     tamper(c, file)
     return argv
+
+
+def heatmap(c: Ctx, slide: Path | str) -> list[str]:
+    """``histcode heatmap`` of ``slide`` with ``hm@1`` over the case's copy of the features."""
+    return [
+        "heatmap", "--model", "hm@1", "--features", str(c.features), "--slide", str(slide),
+        "--out", str(c.tmp / "maps"), "--registry", str(c.registry),
+    ]  # fmt: skip
+
+
+def another_scan(c: Ctx) -> Path:
+    """S2's slide file under S1's name: the id matches the store, the scan does not."""
+    path = c.tmp / f"{S1}.svs"
+    shutil.copy(c.world.slides[S2], path)
+    return path
 
 
 def binary_file(path: Path) -> Path:
@@ -566,6 +595,18 @@ CASES: list[Case] = [
         lambda c: [*finetune(c), "--config", str(bad_config(c, "cv:\n  folds: three\n"))],
         2, ('Parser key "cv.folds"', "Expected a <class 'int'>. Got value: three"),
     ),
+    # -- heatmaps of a slide that is not there, or not the one tiled ---------------------------
+    Case(
+        "heatmap/missing-slide-file", "heatmap slide missing or not the scan tiled",
+        lambda c: heatmap(c, c.tmp / "moved" / f"{S1}.svs"),
+        2, (f"moved/{S1}.svs: no such slide file", "Pass the slide file that was tiled"),
+    ),
+    Case(
+        "heatmap/not-the-scan-that-was-tiled", "heatmap slide missing or not the scan tiled",
+        lambda c: heatmap(c, another_scan(c)),
+        2, (f"is not the scan that was tiled as {S1}", "fingerprint",
+            "Pass the file that was tiled, or tile and embed this one"),
+    ),
     # -- a tampered registry -------------------------------------------------------------------
     Case(
         "registry/verify-tampered-weights", "tampered registry checkpoint",
@@ -615,6 +656,7 @@ FAULTS = {
     "tampered registry checkpoint": "bad input",
     "unreadable input file": "bad input, beyond the issue's list",
     "registry folder that is a file": "bad input, beyond the issue's list",
+    "heatmap slide missing or not the scan tiled": "bad input, beyond the issue's list",
     "kill -9 during tile": "interruption",
     "kill -9 during embed": "interruption",
     "kill -9 during pretrain": "interruption",
