@@ -30,39 +30,7 @@ from .augment import AugmentConfig, TileAugmentation
 DEFAULT_AUGMENTATION = AugmentConfig()
 #: steps over which ``final_loss`` is averaged
 LOSS_WINDOW = 50
-#: devices on which torch's ``SyncBatchNorm`` runs (it refuses CPU and MPS tensors)
-SYNC_BN_DEVICES = ("cuda", "hpu", "xpu")
-
 log = logging.getLogger("histcode.pretrain")
-
-
-def check_sync_batchnorm(module: nn.Module, device: torch.device, world_size: int) -> bool:
-    """Whether ``module`` has global (synchronised) BatchNorm; refuse it where torch cannot run it.
-
-    Lightning's ``Trainer(sync_batchnorm=True)`` turns every BatchNorm into torch's
-    ``SyncBatchNorm`` under DDP. With more than one process that layer only runs on CUDA (HPU,
-    XPU); on CPU it fails in the first forward pass with a message that does not name the
-    option, so this check names it first.
-
-    Args:
-        module: the model as the strategy set it up.
-        device: the device this process trains on.
-        world_size: number of processes.
-
-    Returns:
-        True when the BatchNorm statistics are computed over the global batch.
-
-    Raises:
-        ValueError: synchronised BatchNorm across processes on a device that cannot run it.
-    """
-    synced = any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
-    if synced and world_size > 1 and device.type not in SYNC_BN_DEVICES:
-        raise ValueError(
-            f"trainer.sync_batchnorm is true with {world_size} processes on {device.type}, but "
-            "torch's SyncBatchNorm only runs on CUDA (HPU, XPU) devices; set "
-            "--trainer.sync_batchnorm false (configs/pretrain/cpu_smoke.yaml does) or train on GPUs"
-        )
-    return synced
 
 
 class SimCLRModule(pl.LightningModule):
@@ -195,7 +163,8 @@ class SimCLRModule(pl.LightningModule):
             self.parent_ref = f"{card.ref}#sha256={card.sha256}"
 
     def on_fit_start(self) -> None:
-        self.synced_batchnorm = check_sync_batchnorm(self, self.device, self.trainer.world_size)
+        # BatchNorm over the global batch: Lightning's sync_batchnorm turned it into SyncBatchNorm
+        self.synced_batchnorm = any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
         if self.hparams.channels_last and self.device.type == "cuda":
             self.encoder.to(memory_format=torch.channels_last)
 

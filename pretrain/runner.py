@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -187,6 +188,24 @@ def _description() -> str:
     return (command.__doc__ or "").strip().split("\n\n")[0]
 
 
+def check_sync_batchnorm(trainer: Trainer, requested: bool) -> None:
+    """Refuse ``--trainer.sync_batchnorm true`` where torch cannot run it, naming the fix.
+
+    Lightning turns every BatchNorm into torch's ``SyncBatchNorm`` under DDP; with more than
+    one process torch runs that layer on CUDA (HPU, XPU) only, and on CPU fails while wrapping
+    the model with a message that does not name the option.
+
+    Raises:
+        ValueError: synchronised BatchNorm across CPU processes.
+    """
+    if requested and trainer.world_size > 1 and isinstance(trainer.accelerator, CPUAccelerator):
+        raise ValueError(
+            f"trainer.sync_batchnorm is true with {trainer.world_size} CPU processes, but torch's "
+            "SyncBatchNorm only runs on CUDA devices; set --trainer.sync_batchnorm false "
+            "(configs/pretrain/cpu_smoke.yaml does) or train on GPUs"
+        )
+
+
 def _ckpt_step(path: Path) -> int:
     """Global step stored in a Lightning checkpoint (read with ``weights_only``: never unpickled).
 
@@ -304,6 +323,11 @@ def run(argv: list[str], prog: str) -> int:
     try:
         registry.check_root()  # a wrong --registry fails now, not after the training
     except USAGE_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        check_sync_batchnorm(trainer, bool(cli.config.trainer.sync_batchnorm))
+    except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     ckpt = cli.last_checkpoint

@@ -352,3 +352,14 @@ def test_sync_batchnorm_is_on_by_default_and_on_the_card(
     assert "sync_batchnorm: true" in capsys.readouterr().out
     card = Registry(smoke_run["root"] / "registry").card("smoke@1")
     assert card.extra["trainer"]["sync_batchnorm"] is False
+
+
+def test_sync_batchnorm_across_cpu_processes_exits_2_naming_the_fix(
+    smoke_args: list[str], tmp_path: Path, capsys
+) -> None:
+    """torch's SyncBatchNorm runs on CUDA only: refused before any process is launched."""
+    argv = ["pretrain", *smoke_args, "--name", "sbn", "--out", str(tmp_path / "run")]
+    argv += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    assert cli_main([*argv, "--trainer.sync_batchnorm", "true"]) == 2
+    assert "set --trainer.sync_batchnorm false" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -14,7 +14,7 @@ from lightly.loss import NTXentLoss
 
 from histcode.encoders import create_encoder, encoder_card
 from histcode.pretrain.data import TileDataModule
-from histcode.pretrain.module import SimCLRModule, check_sync_batchnorm
+from histcode.pretrain.module import SimCLRModule
 from histcode.registry import Registry
 
 pytestmark = [  # Lightning's own chatter when a Trainer is used directly
@@ -162,13 +162,3 @@ def test_lars_with_weight_decay_0_is_refused() -> None:
         SimCLRModule(encoder="tiny", optimizer="lars", weight_decay=0.0, lr=0.3)
     SimCLRModule(encoder="tiny", optimizer="sgd", weight_decay=0.0)  # others are fine with 0
     SimCLRModule(encoder="tiny", optimizer="adamw", weight_decay=0.0)
-
-
-def test_sync_batchnorm_across_cpu_processes_is_refused_with_a_fix() -> None:
-    model = SimCLRModule(encoder="tiny", projection_dim=8)
-    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # what sync_batchnorm does
-    with pytest.raises(ValueError, match=r"--trainer\.sync_batchnorm false"):
-        check_sync_batchnorm(synced, torch.device("cpu"), world_size=2)
-    assert check_sync_batchnorm(synced, torch.device("cpu"), world_size=1)  # a no-op: allowed
-    assert check_sync_batchnorm(synced, torch.device("cuda"), world_size=2)
-    assert not check_sync_batchnorm(SimCLRModule(encoder="tiny"), torch.device("cpu"), 2)
