@@ -85,6 +85,10 @@ def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     return torch.softmax(filled, dim=-1) * mask
 
 
+#: How abmil turns attention scores into pooling weights (see :class:`AttentionMIL`).
+NORMALISE = ("softmax", "sigmoid", "mean")
+
+
 def uniform_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, N) weights ``1 / n_tiles`` on each bag's valid tiles, 0 on padding (mean pooling)."""
     return mask.to(dtype) / mask.sum(-1, keepdim=True).clamp(min=1)
@@ -199,10 +203,12 @@ class AttentionMIL(nn.Module):
         dropout: dropout after the tile MLP and in the attention layer.
         attention_dim: attention layer size (default ``hidden // 2``).
         gated: gated attention (``True``) or plain tanh attention.
-        normalise: ``softmax`` (Ilse et al.: weights sum to 1 over the bag) or ``sigmoid``
+        normalise: ``softmax`` (Ilse et al.: weights sum to 1 over the bag), ``sigmoid``
             (each tile's weight is ``sigmoid(score) / n_tiles``: the embedding keeps *how
             much* of the attended tissue a slide has, which softmax normalises away — for
-            targets that follow tissue fractions, such as expression).
+            targets that follow tissue fractions, such as expression) or ``mean`` (weights
+            ``1 / n_tiles``: plain mean pooling, additive in the tissue's composition); with
+            branches, a list gives each branch its own (the slide model's ``gene_pooling``).
         branches: attention branches ``K``, each with its own weights over the tiles and its
             own slide embedding (the tile MLP and the attention layer are shared, as in
             CLAM-MB). The slide model gives every task its own branch (abmil option
@@ -217,15 +223,19 @@ class AttentionMIL(nn.Module):
         dropout: float = 0.25,
         attention_dim: int | None = None,
         gated: bool = True,
-        normalise: str = "softmax",
+        normalise: str | list[str] = "softmax",
         branches: int = 1,
     ) -> None:
         super().__init__()
-        if normalise not in ("softmax", "sigmoid"):
-            raise ValueError(f"abmil normalise must be 'softmax' or 'sigmoid', not {normalise!r}")
         if not isinstance(branches, int) or branches < 1:
             raise ValueError(f"abmil branches must be a whole number ≥ 1, not {branches!r}")
-        self.normalise, self.branches = normalise, branches
+        per_branch = [normalise] * branches if isinstance(normalise, str) else list(normalise)
+        if len(per_branch) != branches or not set(per_branch) <= set(NORMALISE):
+            raise ValueError(
+                f"abmil normalise must be one of {NORMALISE}, or a list of one per branch "
+                f"({branches}), not {normalise!r}"
+            )
+        self.normalise, self.branches, self.per_branch = normalise, branches, per_branch
         self.in_dim, self.out_dim = in_dim, hidden
         self.scale = FeatureScaler(in_dim)
         self.tile = _tile_mlp(in_dim, hidden, dropout)
@@ -250,10 +260,7 @@ class AttentionMIL(nn.Module):
         scores = self.attention(tiles)  # (B, N), or (B, K, N) for K branches
         if self.branches > 1:
             mask = mask[:, None]
-        if self.normalise == "softmax":
-            weights = masked_softmax(scores, mask)
-        else:
-            weights = torch.sigmoid(scores) * uniform_weights(mask, scores.dtype)
+        weights = self._weights(scores, mask)
         if self.branches == 1:
             embedding = torch.einsum("bn,bnh->bh", weights, tiles)
             return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
@@ -265,6 +272,23 @@ class AttentionMIL(nn.Module):
             branch_embeddings=per_branch,
             branch_attention=weights,
         )
+
+    def _weights(self, scores: Tensor, mask: Tensor) -> Tensor:
+        """Pooling weights from scores (B, N), or (B, K, N) with ``mask`` (B, 1, N): each
+        branch normalised its own way (``normalise``)."""
+        kinds = sorted(set(self.per_branch))
+        by_kind = {}
+        for kind in kinds:
+            if kind == "softmax":
+                by_kind[kind] = masked_softmax(scores, mask)
+            elif kind == "sigmoid":
+                by_kind[kind] = torch.sigmoid(scores) * uniform_weights(mask, scores.dtype)
+            else:
+                by_kind[kind] = uniform_weights(mask, scores.dtype).expand_as(scores)
+        if len(kinds) == 1:
+            return by_kind[kinds[0]]
+        rows = [by_kind[kind][:, k] for k, kind in enumerate(self.per_branch)]
+        return torch.stack(rows, 1)  # (B, K, N)
 
 
 class CLAMSB(AttentionMIL):

@@ -233,7 +233,9 @@ def build_slide_model(
         n_genes: number of genes.
         options: further keyword arguments of the aggregator (e.g. ``{"layers": 1}``);
             abmil's ``branches`` is ``shared`` (one attention for all tasks) or ``per_task``
-            (one attention branch for tumour and one for each gene).
+            (one attention branch for tumour and one for each gene); with ``per_task``,
+            ``gene_pooling`` (``softmax``, ``sigmoid`` or ``mean``) is how the genes' branches
+            weigh their tiles, while the tumour branch keeps ``normalise``.
     """
     options = dict(options or {})
     head_tasks = int(tumour) + n_genes
@@ -246,6 +248,16 @@ def build_slide_model(
                 f"'per_task' (one attention per task), not {options['branches']!r}"
             )
         options["branches"] = head_tasks if options["branches"] == "per_task" else 1
+    gene_pooling = options.pop("gene_pooling", None)
+    if gene_pooling is not None and n_genes > 0:  # without genes there is nothing to pool
+        if options.get("branches", 1) == head_tasks:
+            tumour_pooling = options.get("normalise", "softmax")
+            options["normalise"] = [tumour_pooling] * int(tumour) + [gene_pooling] * n_genes
+        elif gene_pooling != "softmax":
+            raise ValueError(
+                f"gene_pooling {gene_pooling!r} needs abmil with one attention branch per task "
+                "(model.attention: per_task); drop gene_pooling, or use per_task"
+            )
     aggregator = create_aggregator(architecture, in_dim, hidden=hidden, dropout=dropout, **options)
     return SlideModel(aggregator, MultiTaskHead(aggregator.out_dim, tumour, n_genes, dropout))
 

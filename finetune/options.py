@@ -65,6 +65,13 @@ class ModelOptions:
             attention is not pulled towards the tissue the genes follow, and each gene's map
             shows its own hotspots) or ``shared`` (one attention for every task, Ilse et al.).
             The other aggregators pool once for all tasks.
+        gene_pooling: with per-task abmil, how each gene's branch weighs the tiles:
+            ``softmax`` attention (the weights sum to 1: *where* the gene's tissue is, but
+            not *how much* of it the slide has), ``sigmoid`` attention divided by the number
+            of tiles (a gated mean: where, and how much), or ``mean`` (every tile 1/n: the
+            slide value is the mean of the tiles' contributions, additive in the tissue's
+            composition, as bulk expression is a sum over the sample's cells). The tumour
+            task keeps softmax attention.
         options: further keyword arguments of the aggregator, e.g. ``{k: 8}`` for clam_sb,
             ``{layers: 1, heads: 4}`` for transformer, ``{gated: false}`` for abmil.
     """
@@ -73,6 +80,7 @@ class ModelOptions:
     hidden: int = 128
     dropout: float = 0.25
     attention: Literal["per_task", "shared"] = "per_task"
+    gene_pooling: Literal["softmax", "sigmoid", "mean"] = "softmax"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,12 +88,19 @@ class ModelOptions:
             raise ValueError(
                 f"model.attention must be 'per_task' or 'shared', not {self.attention!r}"
             )
+        if self.gene_pooling not in ("softmax", "sigmoid", "mean"):
+            raise ValueError(
+                "model.gene_pooling must be 'softmax', 'sigmoid' or 'mean', not "
+                f"{self.gene_pooling!r}"
+            )
 
     def aggregator_options(self) -> dict[str, Any]:
         """``options`` plus, for abmil, its attention ``branches`` (``attention``)."""
         options = dict(self.options)
         if self.aggregator == "abmil":
             options.setdefault("branches", self.attention)
+            if options["branches"] == "per_task":
+                options.setdefault("gene_pooling", self.gene_pooling)
         return options
 
 
@@ -125,11 +140,18 @@ class OptimOptions:
 
 @dataclass
 class CVOptions:
-    """Patient-grouped cross-validation, model selection and registration.
+    """Patient- or site-grouped cross-validation, model selection and registration.
 
     Args:
         folds: outer folds; each fold's test patients are never used for training or
             selection.
+        group: what the folds keep together: ``patient`` (no patient in two folds) or
+            ``site`` (each tissue source site — TCGA barcode characters 6–7, or the labels
+            CSV's ``site`` column — in exactly one test fold, so models are tested on sites
+            they never saw and a site's stain or scanner signature cannot pass for tumour
+            detection). ``site`` needs at least ``folds`` sites; its validation split is
+            site-grouped too where a training part has ``round(1 / val_fraction)`` sites or
+            more, else patient-grouped.
         val_fraction: share of each training fold's patients held out as validation, which
             alone chooses the epoch (early stopping and best weights).
         seed: seed of the splits, the initialisation and the shuffling.
@@ -143,12 +165,17 @@ class CVOptions:
     """
 
     folds: int = 5
+    group: Literal["patient", "site"] = "patient"
     val_fraction: float = 0.2
     seed: int = 0
     monitor: Literal["val/loss", "val/tumour", "val/log2fc", "val/classes"] = "val/loss"
     patience: int = 30
     alpha: float = 0.05
     register: Literal["refit", "folds", "none"] = "refit"
+
+    def __post_init__(self) -> None:
+        if self.group not in ("patient", "site"):
+            raise ValueError(f"cv.group must be 'patient' or 'site', not {self.group!r}")
 
 
 #: Defaults of ``trainer:`` where histcode's differ from Lightning's.

@@ -95,6 +95,8 @@ EXACT = [  # aggregators whose tile contributions add up to the slide outputs
     ("abmil", {}),
     ("abmil", {"branches": "per_task"}),
     ("abmil", {"normalise": "sigmoid"}),
+    ("abmil", {"branches": "per_task", "gene_pooling": "mean"}),
+    ("abmil", {"branches": "per_task", "gene_pooling": "sigmoid"}),
     ("clam_sb", {}),
     ("mean", {}),
     ("linear", {}),
@@ -189,7 +191,7 @@ def test_abmil_sigmoid_weights_keep_fractions_and_contributions_add_up() -> None
     scores = model.tile_scores(features, mask)
     total = scores.tumour.sum(-1) + model.head.linear.bias[0]
     assert torch.allclose(total, out.tumour_logit, atol=1e-5)
-    with pytest.raises(ValueError, match="softmax' or 'sigmoid"):
+    with pytest.raises(ValueError, match="'softmax', 'sigmoid', 'mean'"):
         create_aggregator("abmil", in_dim=8, normalise="relu")
 
 
@@ -226,6 +228,36 @@ def test_per_task_attention_gives_every_task_its_own_branch() -> None:
     assert not torch.allclose(moved.log2fc[:, 1], out.log2fc[:, 1])
 
 
+@pytest.mark.parametrize("pooling", ["mean", "sigmoid"])
+def test_gene_pooling_keeps_how_much_tissue_a_slide_has(pooling: str) -> None:
+    """With per-task abmil, ``gene_pooling`` mean / sigmoid weighs each gene's tiles by at most
+    1/n (the tumour branch keeps softmax, summing to 1): a slide with twice as many tiles of
+    the kind a gene follows moves that gene's embedding (about) twice as far from the
+    background's."""
+    torch.manual_seed(0)
+    model = build_slide_model(
+        "abmil", 4, hidden=8, n_genes=1, options={"branches": "per_task", "gene_pooling": pooling}
+    ).eval()
+    background, marked = torch.zeros(4), torch.tensor([3.0, 0.0, 0.0, 0.0])
+    few = torch.stack([marked] * 2 + [background] * 18)[None]  # 10 % marked tiles
+    many = torch.stack([marked] * 4 + [background] * 16)[None]  # 20 %
+    none = background.expand(1, 20, 4)
+    with torch.no_grad():
+        out = {k: model.aggregator(x) for k, x in (("few", few), ("many", many), ("none", none))}
+    tumour_weights = out["few"].branch_attention[0, 0]
+    assert float(tumour_weights.sum()) == pytest.approx(1.0, abs=1e-5)  # softmax
+    gene_weights = out["few"].branch_attention[0, 1]
+    assert float(gene_weights.max()) <= 1 / 20 + 1e-6
+    if pooling == "mean":
+        torch.testing.assert_close(gene_weights, torch.full((20,), 1 / 20))
+    gene = {k: o.branch_embeddings[0, 1] for k, o in out.items()}
+    step_few, step_many = gene["few"] - gene["none"], gene["many"] - gene["none"]
+    if pooling == "mean":  # exactly twice as far
+        torch.testing.assert_close(step_many, 2 * step_few)
+    else:
+        assert step_many.norm() > 1.5 * step_few.norm()
+
+
 def test_attention_branch_options() -> None:
     shared = build_slide_model("abmil", 12, hidden=16, n_genes=3, options={"branches": "shared"})
     assert shared.aggregator.branches == 1
@@ -242,8 +274,14 @@ def test_model_options_record_the_attention_in_the_card_arguments() -> None:
     from histcode.finetune.options import ModelOptions
 
     module = MILModule(12, True, ["MYC", "CD8A"], ModelOptions(hidden=16))
-    assert module.model_arguments()["options"] == {"branches": "per_task"}
+    assert module.model_arguments()["options"] == {
+        "branches": "per_task",
+        "gene_pooling": "softmax",
+    }
     assert module.model.aggregator.branches == 3
+    additive = MILModule(12, True, ["MYC", "CD8A"], ModelOptions(hidden=16, gene_pooling="mean"))
+    assert additive.model_arguments()["options"]["gene_pooling"] == "mean"
+    assert additive.model.aggregator.per_branch == ["softmax", "mean", "mean"]
     shared = MILModule(12, True, ["MYC"], ModelOptions(hidden=16, attention="shared"))
     assert shared.model.aggregator.branches == 1
     mean = MILModule(12, True, ["MYC"], ModelOptions(aggregator="mean", hidden=16))
