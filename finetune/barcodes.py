@@ -1,7 +1,8 @@
 """TCGA barcodes: patient, sample and sample type of a slide or an expression column.
 
 A TCGA barcode reads ``TCGA-<TSS>-<participant>-<sample type><vial>-…``, e.g. the slide
-``TCGA-S1-0001-01A-01-TS1``: patient ``TCGA-S1-0001`` (the first 12 characters), sample
+``TCGA-S1-0001-01A-01-TS1``: tissue source site ``S1`` (characters 6–7), patient
+``TCGA-S1-0001`` (the first 12 characters), sample
 ``TCGA-S1-0001-01A`` (16 characters with the vial letter, 15 without), sample type ``01``
 (characters 14–15). Sample types ``01``–``09`` are tumour, ``10``–``19`` normal and ``20``–``29``
 controls (GDC "Sample Type Codes").
@@ -36,6 +37,11 @@ class TCGABarcode:
     patient: str
     sample_type: int
     vial: str
+
+    @property
+    def site(self) -> str:
+        """The tissue source site code, characters 6–7 (``S1`` of ``TCGA-S1-0001``)."""
+        return self.patient[5:7]
 
     @property
     def sample(self) -> str:
@@ -86,8 +92,8 @@ def parse_barcode(text: str) -> TCGABarcode:
 
     Example:
         >>> b = parse_barcode("TCGA-S1-0001-01A-01-TS1")
-        >>> b.patient, b.sample, b.kind
-        ('TCGA-S1-0001', 'TCGA-S1-0001-01A', 'tumour')
+        >>> b.patient, b.site, b.sample, b.kind
+        ('TCGA-S1-0001', 'S1', 'TCGA-S1-0001-01A', 'tumour')
     """
     match = _BARCODE_RE.match(text.strip()) if isinstance(text, str) else None
     if not match:

@@ -1,13 +1,26 @@
-"""Patient-grouped cross-validation without leakage.
+"""Patient- or site-grouped cross-validation without leakage.
 
 * Outer folds: ``StratifiedGroupKFold`` over patients (stratified by tumour label), so no
-  patient's slides are split between training and test.
-* Inside each training fold, a patient-grouped validation split chooses the epoch: early
-  stopping and the best weights follow the validation loss only.
+  patient's slides are split between training and test. With ``group="site"``
+  (``--cv.group site``) the groups are tissue source sites (TCGA barcode characters 6–7, or
+  a ``site`` column of the labels CSV): each site is in exactly one test fold, so a model is
+  always tested on sites it never trained on and cannot pass a site's stain or scanner
+  signature off as tumour detection (Howard et al., Nat Commun 2021). Patients are nested in
+  sites, so they never cross folds either.
+* Inside each training fold, a grouped validation split chooses the epoch: early stopping
+  and the best weights follow the validation loss only. It is grouped by patient; with
+  ``group="site"`` it is grouped by site too when the training part has enough sites for it
+  (at least ``round(1 / val_fraction)``, 5 at the default 0.2, so that validation is about
+  ``val_fraction`` of the sites and training keeps the rest), else by patient — with 3 or 4
+  training sites a site-grouped validation would take a third or more of the training data
+  and could hold one class only. The epoch is then chosen on unseen sites where the cohort
+  allows it, and the choice is recorded per fold (``Fold.val_group``, ``folds.json``).
 * The test fold is predicted once, with the selected weights, after training; it is never
   used to select anything.
 * :func:`check_folds` proves, for every run, that test folds partition the patients and that
-  train, validation and test patients are disjoint (it raises :class:`LeakageError`).
+  train, validation and test patients are disjoint; for site-grouped folds also that test
+  sites are disjoint across folds and from their fold's train and validation sites (it
+  raises :class:`LeakageError`).
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -34,9 +47,12 @@ from histcode.finetune.options import CVOptions, DataOptions
 
 log = logging.getLogger(__name__)
 
+Group = Literal["patient", "site"]
+
 
 class LeakageError(RuntimeError):
-    """A patient would be in two of train / validation / test, or in two test folds."""
+    """A patient (or, for site-grouped folds, a site) would be in two of train / validation /
+    test, or in two test folds."""
 
 
 @dataclass
@@ -48,18 +64,31 @@ class Fold:
         train: rows trained on.
         val: rows that choose the epoch.
         test: rows predicted once with the chosen weights (empty for a refit).
+        group: what the test part is grouped by: ``patient`` or ``site``.
+        val_group: what the validation split is grouped by (``site`` only when ``group`` is
+            and the training part has enough sites; see the module docstring).
     """
 
     index: int
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    group: Group = "patient"
+    val_group: Group = "patient"
 
     def patients(self, labels: Labels) -> dict[str, list[str]]:
         """Sorted patient ids of each part."""
         pid = np.asarray(labels.patient_ids)
         return {
             part: sorted(set(pid[getattr(self, part)].tolist()))
+            for part in ("train", "val", "test")
+        }
+
+    def sites(self, labels: Labels) -> dict[str, list[str]]:
+        """Sorted tissue source sites of each part (``""``: unknown)."""
+        site = np.asarray(labels.sites, dtype=object)
+        return {
+            part: sorted(set(site[getattr(self, part)].tolist()))
             for part in ("train", "val", "test")
         }
 
@@ -73,23 +102,92 @@ def strata(labels: Labels) -> np.ndarray:
 
 
 def _grouped_split(
-    rows: np.ndarray, labels: Labels, n_splits: int, seed: int
+    rows: np.ndarray, labels: Labels, n_splits: int, seed: int, group: Group = "patient"
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     from sklearn.model_selection import StratifiedGroupKFold
 
     y = strata(labels)[rows]
-    groups = np.asarray(labels.patient_ids)[rows]
+    ids = labels.patient_ids if group == "patient" else labels.sites
+    groups = np.asarray(ids)[rows]
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # "least populated class has only …" on tiny cohorts
         warnings.filterwarnings("ignore", message=".*least populated class.*")
         return [(rows[a], rows[b]) for a, b in splitter.split(rows, y, groups)]
 
 
+def check_sites(labels: Labels, folds: int | None = None) -> None:
+    """Check that ``labels`` can be grouped by tissue source site.
+
+    Args:
+        labels: the cohort.
+        folds: the number of outer folds, which needs at least as many sites; ``None`` skips
+            that check.
+
+    Raises:
+        ValueError: slides without a site (non-TCGA ids and no ``site`` column in the labels
+            CSV), a patient with slides from two sites, or fewer sites than folds; each
+            message names the slides, patients or counts and says how to fix it.
+    """
+    unknown = [s for s, site in zip(labels.slide_ids, labels.sites, strict=True) if not site]
+    if unknown:
+        raise ValueError(
+            f"--cv.group site needs the tissue source site of every slide; {len(unknown)} of "
+            f"{len(labels)} have none: {preview(unknown)}. Sites are read from TCGA barcodes "
+            "(characters 6–7, the XX of TCGA-XX-…); for other ids add a 'site' column to the "
+            "labels CSV, or use --cv.group patient."
+        )
+    by_patient: dict[str, set[str]] = {}
+    for p, site in zip(labels.patient_ids, labels.sites, strict=True):
+        by_patient.setdefault(p, set()).add(site)
+    mixed = [f"{p} ({', '.join(sorted(s))})" for p, s in by_patient.items() if len(s) > 1]
+    if mixed:
+        raise ValueError(
+            f"patients with slides from more than one site: {preview(mixed, 5)}. Site-grouped "
+            "folds keep each patient in one site; fix the 'site' column of the labels CSV, or "
+            "use --cv.group patient."
+        )
+    n_sites = len(set(labels.sites))
+    if folds is not None and n_sites < folds:
+        raise ValueError(
+            f"--cv.group site puts each tissue source site in one test fold, so {folds} folds "
+            f"need at least {folds} sites; the cohort has {n_sites} "
+            f"({preview(sorted(set(labels.sites)))}). Use --cv.folds {n_sites} or fewer"
+            f"{'' if n_sites >= 2 else ' (needs 2 sites)'}, or --cv.group patient."
+        )
+
+
+def validation_group(
+    rows: np.ndarray, labels: Labels, val_fraction: float, group: Group = "patient"
+) -> Group:
+    """What the validation split of ``rows`` is grouped by: ``site`` when ``group`` is
+    ``site`` and ``rows`` hold at least ``round(1 / val_fraction)`` sites (5 at 0.2), else
+    ``patient`` (see the module docstring for why)."""
+    if group != "site":
+        return "patient"
+    n_sites = len(set(np.asarray(labels.sites)[rows].tolist()))
+    return "site" if n_sites >= max(2, round(1 / val_fraction)) else "patient"
+
+
 def validation_split(
-    rows: np.ndarray, labels: Labels, val_fraction: float, seed: int
+    rows: np.ndarray,
+    labels: Labels,
+    val_fraction: float,
+    seed: int,
+    group: Group = "patient",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``rows`` into (train, validation) by patient, ~``val_fraction`` of the patients
-    in validation, stratified by tumour label.
+    """Split ``rows`` into (train, validation), ~``val_fraction`` of the groups in
+    validation, stratified by tumour label.
+
+    Args:
+        rows: the rows to split (a training part).
+        labels: the cohort.
+        val_fraction: share of the groups in validation.
+        seed: seed of the split.
+        group: ``patient``, or ``site`` to group by site where the rows have enough sites
+            (:func:`validation_group`).
+
+    Returns:
+        ``(train, val)``: the rows of each part.
 
     Raises:
         ValueError: ``val_fraction`` is not in (0, 0.5], or fewer than 2 patients.
@@ -102,29 +200,40 @@ def validation_split(
             f"a validation split needs ≥ 2 patients in the training part, got {n_patients}; "
             "use fewer folds or a larger cohort"
         )
-    n_splits = min(max(2, round(1 / val_fraction)), n_patients)
-    train, val = _grouped_split(rows, labels, n_splits, seed)[0]
+    wanted = max(2, round(1 / val_fraction))
+    by = validation_group(rows, labels, val_fraction, group)
+    n_splits = min(wanted, n_patients) if by == "patient" else wanted
+    train, val = _grouped_split(rows, labels, n_splits, seed, by)[0]
     return train, val
 
 
 def make_folds(
-    labels: Labels, folds: int = 5, val_fraction: float = 0.2, seed: int = 0
+    labels: Labels,
+    folds: int = 5,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    group: Group = "patient",
 ) -> list[Fold]:
-    """Patient-grouped, stratified outer folds, each with an inner validation split.
+    """Patient- or site-grouped, stratified outer folds, each with an inner validation split.
 
     Args:
         labels: the cohort.
         folds: number of outer folds (≥ 2).
-        val_fraction: share of each training part's patients used for validation.
+        val_fraction: share of each training part's patients (or sites) used for validation.
         seed: seed of the splits.
+        group: ``patient`` (no patient in two folds) or ``site`` (no tissue source site in
+            two test folds, and so no patient either; see the module docstring).
 
     Returns:
         ``folds`` folds; their test parts partition the slides.
 
     Raises:
-        ValueError: fewer patients than folds (or than folds + 1 for the validation split).
+        ValueError: fewer patients than folds (or than folds + 1 for the validation split);
+            for ``group="site"``, see :func:`check_sites`.
         LeakageError: never, unless the splitter breaks (checked by :func:`check_folds`).
     """
+    if group not in ("patient", "site"):
+        raise ValueError(f"cv.group must be 'patient' or 'site', not {group!r}")
     n_patients = len(set(labels.patient_ids))
     if folds < 2:
         raise ValueError(f"cross-validation needs ≥ 2 folds, got {folds}")
@@ -133,11 +242,19 @@ def make_folds(
             f"{folds} patient-grouped folds need more patients than folds; the cohort has "
             f"{n_patients}. Use --cv.folds {max(2, n_patients - 1)} or fewer."
         )
+    if group == "site":
+        check_sites(labels, folds)
     rows = np.arange(len(labels))
     out = []
-    for k, (trainval, test) in enumerate(_grouped_split(rows, labels, folds, seed)):
-        train, val = validation_split(trainval, labels, val_fraction, seed + 1 + k)
-        out.append(Fold(k, np.sort(train), np.sort(val), np.sort(test)))
+    for k, (trainval, test) in enumerate(_grouped_split(rows, labels, folds, seed, group)):
+        train, val = validation_split(trainval, labels, val_fraction, seed + 1 + k, group)
+        by = validation_group(trainval, labels, val_fraction, group)
+        out.append(Fold(k, np.sort(train), np.sort(val), np.sort(test), group, by))
+    if len(out) < folds or any(not len(f.test) for f in out):
+        raise ValueError(
+            f"the {group}-grouped split left {folds - sum(bool(len(f.test)) for f in out)} of "
+            f"{folds} test folds empty; use fewer --cv.folds"
+        )
     check_folds(out, labels)
     return out
 
@@ -145,29 +262,43 @@ def make_folds(
 def check_folds(folds: list[Fold], labels: Labels) -> None:
     """Prove that no patient leaks: within a fold train / val / test patients are disjoint;
     across folds test patients are disjoint; every slide is tested once (refits excepted).
+    For site-grouped folds (``Fold.group == "site"``), the same of sites: a fold's test sites
+    are not among its train or validation sites, no site is in two test folds, and, where the
+    validation split is site-grouped, train and validation sites are disjoint.
 
     Raises:
-        LeakageError: naming the patients that leak.
+        LeakageError: naming the patients or sites that leak.
     """
+    _check_disjoint(folds, labels, "patient")
+    _check_disjoint([f for f in folds if f.group == "site"], labels, "site")
+    tested = [i for fold in folds for i in fold.test.tolist()]
+    if folds and folds[0].index >= 0 and sorted(tested) != list(range(len(labels))):
+        raise LeakageError("the test folds do not cover every slide exactly once")
+
+
+def _check_disjoint(folds: list[Fold], labels: Labels, what: Group) -> None:
+    """Raise :class:`LeakageError` when a patient (or site) is in two parts of a fold or in
+    the test parts of two folds; train and validation sites may share a site unless the
+    validation split was site-grouped."""
     seen: dict[str, int] = {}
-    tested: list[int] = []
     for fold in folds:
-        parts = {k: set(v) for k, v in fold.patients(labels).items()}
-        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        ids = fold.patients(labels) if what == "patient" else fold.sites(labels)
+        parts = {k: set(v) for k, v in ids.items()}
+        pairs = [("train", "test"), ("val", "test")]
+        if what == "patient" or fold.val_group == "site":
+            pairs.insert(0, ("train", "val"))
+        for a, b in pairs:
             shared = parts[a] & parts[b]
             if shared:
                 raise LeakageError(
-                    f"fold {fold.index}: patients in both {a} and {b}: {preview(sorted(shared))}"
+                    f"fold {fold.index}: {what}s in both {a} and {b}: {preview(sorted(shared))}"
                 )
         for p in parts["test"]:
             if p in seen:
                 raise LeakageError(
-                    f"patient {p} is in the test parts of folds {seen[p]} and {fold.index}"
+                    f"{what} {p} is in the test parts of folds {seen[p]} and {fold.index}"
                 )
             seen[p] = fold.index
-        tested += fold.test.tolist()
-    if folds and folds[0].index >= 0 and sorted(tested) != list(range(len(labels))):
-        raise LeakageError("the test folds do not cover every slide exactly once")
 
 
 @contextlib.contextmanager
@@ -323,10 +454,10 @@ def predict(module: MILModule, loader: Any, trainer: pl.Trainer | None = None) -
 def predictions_frame(labels: Labels, results: list[FoldResult], tumour: bool) -> pd.DataFrame:
     """One row per test slide: ids, fold, then predictions and truth of each task.
 
-    Columns (``DESIGN.md``): ``slide_id``, ``patient_id``, ``sample_id``, ``fold``,
-    ``tumour_prob``, ``tumour_true``, and per gene ``<GENE>_log2fc_pred``,
-    ``<GENE>_log2fc_true``, ``<GENE>_up_prob``, ``<GENE>_class_true`` (up / down / unchanged,
-    empty without target).
+    Columns (``DESIGN.md``): ``slide_id``, ``patient_id``, ``sample_id``, ``site`` (tissue
+    source site, ``""`` when unknown), ``fold``, ``tumour_prob``, ``tumour_true``, and per
+    gene ``<GENE>_log2fc_pred``, ``<GENE>_log2fc_true``, ``<GENE>_up_prob``,
+    ``<GENE>_class_true`` (up / down / unchanged, empty without target).
     """
     names = labels.class_names()
     where = {s: i for i, s in enumerate(labels.slide_ids)}
@@ -339,6 +470,7 @@ def predictions_frame(labels: Labels, results: list[FoldResult], tumour: bool) -
                 "slide_id": sid,
                 "patient_id": labels.patient_ids[r],
                 "sample_id": labels.sample_ids[r],
+                "site": labels.sites[r],
                 "fold": result.fold.index,
             }
             if tumour:
@@ -378,19 +510,19 @@ def run_cv(
     trainer_kwargs: dict[str, Any] | Callable[[], dict[str, Any]],
     tumour: bool = True,
 ) -> CVResult:
-    """Patient-grouped k-fold cross-validation (see the module docstring).
+    """Patient- or site-grouped k-fold cross-validation (see the module docstring).
 
     Args:
         labels: the cohort (slides with features and labels).
         bags: their features.
         make_module: builds a fresh, untrained module.
         data: batch and bag options.
-        cv: folds, validation share, seed, monitor, patience.
+        cv: folds, grouping, validation share, seed, monitor, patience.
         trainer_kwargs: ``pl.Trainer`` keyword arguments, or a function making fresh ones
             for each fold (so that callbacks and loggers are not shared between folds).
         tumour: whether the tumour task is trained (for the prediction columns).
     """
-    folds = make_folds(labels, cv.folds, cv.val_fraction, cv.seed)
+    folds = make_folds(labels, cv.folds, cv.val_fraction, cv.seed, cv.group)
     bags.preload(labels.slide_ids)
     results = []
     for fold in folds:
@@ -419,11 +551,15 @@ def refit(
     cv: CVOptions,
     trainer_kwargs: dict[str, Any],
 ) -> FoldResult:
-    """Train one model on every patient; a patient-grouped validation split (``val_fraction``)
-    chooses its epoch. Its honest performance is the cross-validation estimate."""
+    """Train one model on every patient; a validation split (``val_fraction``, grouped as in
+    :func:`validation_split`) chooses its epoch. Its honest performance is the
+    cross-validation estimate."""
     rows = np.arange(len(labels))
-    train, val = validation_split(rows, labels, cv.val_fraction, cv.seed)
-    fold = Fold(-1, np.sort(train), np.sort(val), np.zeros(0, dtype=np.int64))
+    if cv.group == "site":
+        check_sites(labels)
+    train, val = validation_split(rows, labels, cv.val_fraction, cv.seed, cv.group)
+    by = validation_group(rows, labels, cv.val_fraction, cv.group)
+    fold = Fold(-1, np.sort(train), np.sort(val), np.zeros(0, dtype=np.int64), cv.group, by)
     check_folds([fold], labels)
     return train_fold(fold, labels, bags, make_module, data, cv, trainer_kwargs)
 
@@ -433,8 +569,10 @@ __all__ = [
     "CVResult",
     "Fold",
     "FoldResult",
+    "Group",
     "LeakageError",
     "check_folds",
+    "check_sites",
     "make_folds",
     "predict",
     "predictions_frame",
@@ -443,5 +581,6 @@ __all__ = [
     "run_cv",
     "strata",
     "train_fold",
+    "validation_group",
     "validation_split",
 ]

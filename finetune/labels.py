@@ -4,9 +4,10 @@ Two sources, which combine:
 
 * **A labels CSV** (any cohort): one row per slide with ``slide_id``, ``patient_id`` and
   optionally ``tumour`` (1/0, true/false, tumour/normal), ``sample_id`` (the expression column
-  of the slide) and ``<GENE>_log2fc`` columns (ready-made regression targets). Without a CSV
-  the slides of the feature store are the rows and TCGA barcodes give patient and tumour
-  status (:mod:`histcode.finetune.barcodes`).
+  of the slide), ``site`` (the tissue source site, for ``--cv.group site`` and the within-site
+  AUC) and ``<GENE>_log2fc`` columns (ready-made regression targets). Without a CSV the slides
+  of the feature store are the rows and TCGA barcodes give patient, site and tumour status
+  (:mod:`histcode.finetune.barcodes`).
 * **An expression matrix** (TSV/CSV, genes × samples, TPM or raw counts): the first column
   names the gene, the others are samples (TCGA sample barcodes such as ``TCGA-S1-0001-01A``,
   or slide ids). For each gene ``g`` and tumour sample ``s``::
@@ -63,6 +64,7 @@ _ALIASES = {
         "sample_type",
     ),
     "sample_id": ("sample_id", "sample", "sample_barcode"),
+    "site": ("site", "site_id", "tss", "tissue_source_site"),
 }
 _TRUE = {"1", "1.0", "true", "yes", "tumour", "tumor", "cancer", "t"}
 _FALSE = {"0", "0.0", "false", "no", "normal", "n"}
@@ -290,12 +292,14 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
     ``patient_id`` (patient, case_id) required unless the slide ids are TCGA barcodes;
     ``tumour`` (tumor, label, tissue, sample_type) as 1/0, true/false, tumour/normal or a
     TCGA sample type code (01–09 tumour, 10–19 normal); ``sample_id``
-    (the slide's expression column); ``<GENE>_log2fc`` numeric targets. Other columns are
-    ignored.
+    (the slide's expression column); ``site`` (site_id, tss, tissue_source_site: the tissue
+    source site; empty cells of TCGA slides are read from the barcode, characters 6–7);
+    ``<GENE>_log2fc`` numeric targets. Other columns are ignored.
 
     Returns:
         A frame with ``slide_id``, ``patient_id``, ``tumour`` (float 1/0/NaN), ``sample_id``
-        (str or ``""``) and any ``<GENE>_log2fc`` (float) columns, one row per slide.
+        (str or ``""``), ``site`` (str, ``""`` when unknown) and any ``<GENE>_log2fc`` (float)
+        columns, one row per slide.
 
     Raises:
         FileNotFoundError: no such file.
@@ -374,6 +378,12 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
             1.0 if k == "tumour" else 0.0 if k == "normal" else np.nan for k in kinds
         ]
     out["sample_id"] = raw[found["sample_id"]].str.strip() if found["sample_id"] else ""
+    out["site"] = raw[found["site"]].str.strip() if found["site"] else ""
+    no_site = out["site"] == ""
+    if no_site.any():  # TCGA ids say it themselves
+        out.loc[no_site, "site"] = [
+            parse_barcode(s).site if is_tcga(s) else "" for s in out["slide_id"][no_site]
+        ]
     for col in raw.columns:
         if col.lower().endswith(LOG2FC_SUFFIX) and len(col) > len(LOG2FC_SUFFIX):
             gene = col[: -len(LOG2FC_SUFFIX)]
@@ -392,7 +402,8 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
 
 
 def table_from_slide_ids(slide_ids: Sequence[str]) -> pd.DataFrame:
-    """A labels table from TCGA slide ids alone: patient and tumour status from the barcode.
+    """A labels table from TCGA slide ids alone: patient, site and tumour status from the
+    barcode.
 
     Raises:
         ValueError: some ids are not TCGA barcodes, or are controls (sample types 20–29);
@@ -418,6 +429,7 @@ def table_from_slide_ids(slide_ids: Sequence[str]) -> pd.DataFrame:
             "patient_id": [b.patient for b in parsed],
             "tumour": [1.0 if b.is_tumour else 0.0 for b in parsed],
             "sample_id": "",
+            "site": [b.site for b in parsed],
         }
     )
 
@@ -610,6 +622,9 @@ class Labels:
             no target (normal slides, missing expression).
         threshold: ``|log2FC| ≥ threshold`` is up / down.
         warnings: what was dropped or masked while building the labels.
+        sites: (n,) tissue source site of each slide (TCGA barcode characters 6–7, or the
+            labels CSV's ``site`` column); ``""`` where unknown. ``None`` means unknown for
+            every slide.
     """
 
     slide_ids: list[str]
@@ -620,9 +635,13 @@ class Labels:
     log2fc: np.ndarray | None = None
     threshold: float = 1.0
     warnings: list[str] = field(default_factory=list)
+    sites: list[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.slide_ids)
+        self.sites = [""] * n if self.sites is None else [str(s) for s in self.sites]
+        if len(self.sites) != n:
+            raise ValueError("sites must have one entry per slide")
         self.tumour = np.asarray(self.tumour, np.float32).reshape(n)
         if self.log2fc is None:
             self.log2fc = np.full((n, len(self.genes)), np.nan, np.float32)
@@ -678,15 +697,18 @@ class Labels:
             log2fc=self.log2fc[rows],
             threshold=self.threshold,
             warnings=list(self.warnings),
+            sites=[self.sites[i] for i in rows],
         )
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per slide: ids, ``tumour``, and ``<GENE>_log2fc`` / ``<GENE>_class``."""
+        """One row per slide: ids, ``site``, ``tumour``, and ``<GENE>_log2fc`` /
+        ``<GENE>_class``."""
         frame = pd.DataFrame(
             {
                 "slide_id": self.slide_ids,
                 "patient_id": self.patient_ids,
                 "sample_id": self.sample_ids,
+                "site": self.sites,
                 "tumour": self.tumour,
             }
         )
@@ -817,6 +839,7 @@ def build_labels(
         log2fc=targets,
         threshold=threshold,
         warnings=warnings,
+        sites=table["site"].tolist() if "site" in table else None,
     )
 
 

@@ -1,6 +1,10 @@
 """Metrics of out-of-fold predictions: per fold, mean ± sd over folds, and FDR-tested genes.
 
-* Tumour: ROC AUC, accuracy and F1 (at probability 0.5) per test fold.
+* Tumour: ROC AUC, accuracy and F1 (at probability 0.5) per test fold; and the AUC
+  **within tissue source sites** (``tumour.within_site_auc``, :func:`within_site_auc`): TCGA
+  models learn a site's stain and scanner signature, and normals come from some sites more
+  than others, so a site shortcut can pass for tumour detection overall while ranking
+  tumour and normal slides of one site no better than chance.
 * Each gene, per test fold: AUC of up vs the rest (``<GENE>_up_prob``, on the tumour slides
   with a target), and Pearson and Spearman correlation of predicted and true log2FC on
   **one value per patient** (the mean prediction and the mean truth of the patient's slides
@@ -314,8 +318,126 @@ def gene_auc_summary(gene_out: dict[str, dict[str, Any]], folds: int) -> dict[st
     }
 
 
+def prediction_sites(predictions: pd.DataFrame) -> pd.Series | None:
+    """The tissue source site of each row of ``predictions``.
+
+    The ``site`` column where it is filled in; else, when every ``slide_id`` is a TCGA
+    barcode, characters 6–7 of it; else ``None`` (no site known).
+    """
+    from histcode.finetune.barcodes import is_tcga, parse_barcode
+
+    if "slide_id" not in predictions or not len(predictions):
+        return None
+    if "site" in predictions:
+        site = predictions["site"].fillna("").astype(str).str.strip()
+        if (site != "").all():
+            return site
+    ids = predictions["slide_id"].astype(str)
+    if all(is_tcga(s) for s in ids):
+        return pd.Series([parse_barcode(s).site for s in ids], index=predictions.index)
+    return None
+
+
+WITHIN_SITE_RULE = (
+    "stratified AUC: per site with tumour and normal slides, the ROC AUC of tumour_prob over "
+    "its slides; summary = mean of the site AUCs weighted by tumour x normal slide pairs, "
+    "which is the share of within-site tumour-normal pairs ranked correctly (ties count "
+    "half); sites with one class are listed, not used"
+)
+
+
+def within_site_auc(predictions: pd.DataFrame) -> dict[str, Any]:
+    """Tumour AUC within tissue source sites, on out-of-fold predictions.
+
+    For each site that has both tumour and normal slides among ``predictions``, the ROC AUC
+    (``sklearn.metrics.roc_auc_score``) of ``tumour_prob`` over that site's slides. The
+    summary ``auc`` is a *stratified* AUC: the mean of the site AUCs weighted by each site's
+    number of tumour × normal pairs, i.e. the probability that a tumour slide scores above
+    a normal slide **of the same site** (concordant pairs counted within sites only, as a
+    stratified concordance index counts them). Why pairs rather than slides: a site's AUC
+    rests on its pairs, so a site of 40 tumours and 1 normal (40 pairs) says less than one
+    of 10 and 10 (100 pairs), while a slide-weighted mean would trust it twice as much; and
+    the pooled-pairs reading is the question of the overall AUC, asked only of the pairs a
+    site signature cannot separate. The unweighted mean over sites is reported next to it.
+
+    A site shortcut shows as an overall AUC near 1 with a within-site AUC near 0.5.
+
+    Which models the predictions come from: out-of-fold predictions of one site come from
+    the fold model(s) that held its slides out. With patient-grouped folds a site's patients
+    are spread over folds, so a site's AUC compares predictions of possibly *different* fold
+    models, each with its own offset (``per_site[site]["folds"]`` lists them); with
+    ``--cv.group site`` every site is in one test fold, so its predictions all come from one
+    model, which never saw the site.
+
+    Args:
+        predictions: out-of-fold predictions with ``slide_id``, ``fold``, ``tumour_true``,
+            ``tumour_prob`` and a ``site`` column (or TCGA slide ids, whose characters 6–7
+            are the site; :func:`prediction_sites`).
+
+    Returns:
+        ``{"auc", "unweighted_mean", "sites", "slides", "pairs", "per_site", "one_class_sites",
+        "rule"}``: ``auc`` the stratified AUC (NaN without a site with both classes),
+        ``sites`` the number of sites with both classes, ``slides`` and ``pairs`` theirs;
+        ``per_site`` maps each such site to ``{"auc", "tumour", "normal", "folds"}``;
+        ``one_class_sites`` maps the other sites to their tumour and normal counts. Without
+        site information: ``{"auc": NaN, "sites": 0, "available": False, "reason": …}``.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    sites = prediction_sites(predictions)
+    if sites is None:
+        return {
+            "auc": math.nan,
+            "sites": 0,
+            "available": False,
+            "reason": "no site known: slide ids are not TCGA barcodes and the labels CSV has "
+            "no 'site' column",
+            "rule": WITHIN_SITE_RULE,
+        }
+    y = predictions["tumour_true"].to_numpy(np.float64)
+    p = predictions["tumour_prob"].to_numpy(np.float64)
+    keep = np.isfinite(y) & np.isfinite(p)
+    frame = pd.DataFrame(
+        {
+            "site": sites.to_numpy()[keep],
+            "fold": predictions["fold"].to_numpy()[keep],
+            "y": y[keep],
+            "p": p[keep],
+        }
+    )
+    per_site: dict[str, dict[str, Any]] = {}
+    one_class: dict[str, dict[str, int]] = {}
+    for site, part in frame.groupby("site", sort=True):
+        n_t, n_n = int((part["y"] == 1).sum()), int((part["y"] == 0).sum())
+        if n_t and n_n:
+            per_site[str(site)] = {
+                "auc": float(roc_auc_score(part["y"].astype(int), part["p"])),
+                "tumour": n_t,
+                "normal": n_n,
+                "folds": sorted(int(k) for k in part["fold"].unique()),
+            }
+        else:
+            one_class[str(site)] = {"tumour": n_t, "normal": n_n}
+    pairs = np.array([v["tumour"] * v["normal"] for v in per_site.values()], dtype=np.float64)
+    aucs = np.array([v["auc"] for v in per_site.values()], dtype=np.float64)
+    return {
+        "auc": float((aucs * pairs).sum() / pairs.sum()) if len(aucs) else math.nan,
+        "unweighted_mean": float(aucs.mean()) if len(aucs) else math.nan,
+        "sites": len(per_site),
+        "slides": int(sum(v["tumour"] + v["normal"] for v in per_site.values())),
+        "pairs": int(pairs.sum()),
+        "per_site": per_site,
+        "one_class_sites": one_class,
+        "rule": WITHIN_SITE_RULE,
+    }
+
+
 def compute_metrics(
-    predictions: pd.DataFrame, genes: Sequence[str], tumour: bool, alpha: float = 0.05
+    predictions: pd.DataFrame,
+    genes: Sequence[str],
+    tumour: bool,
+    alpha: float = 0.05,
+    group: str | None = None,
 ) -> dict[str, Any]:
     """All metrics of a cross-validation run (the content of ``metrics.json``).
 
@@ -324,10 +446,13 @@ def compute_metrics(
         genes: the genes.
         tumour: whether the tumour task was trained.
         alpha: FDR level for significant genes.
+        group: what the folds were grouped by (``patient`` or ``site``), recorded as
+            ``cv_group``; ``None`` leaves it out.
 
     Returns:
-        ``{"folds", "slides", "patients", "tumour": {metric: {mean, sd, n, folds}, "pooled":
-        {...}}, "genes": {gene: {...}}, "fdr": {...}, "significant_genes": [...],
+        ``{"folds", "slides", "patients", ["cv_group"], "tumour": {metric: {mean, sd, n,
+        folds}, "pooled": {...}, "within_site_auc": {...}}, "genes": {gene: {...}}, "fdr":
+        {...}, "significant_genes": [...],
         "gene_auc_up": {...}, "mean_gene_auc_up"}``. Per gene: ``auc_up``, ``pearson_r``,
         ``spearman_r`` (:func:`summarise` over folds), ``test`` (:func:`fold_combined_test`
         plus ``pearson_q`` and ``spearman_q``), ``significant``, ``in_mean_gene_auc`` and
@@ -341,6 +466,8 @@ def compute_metrics(
         "slides": len(predictions),
         "patients": int(predictions["patient_id"].nunique()) if len(predictions) else 0,
     }
+    if group is not None:
+        out["cv_group"] = group
     by_fold = {k: predictions[predictions["fold"] == k] for k in folds}
     if tumour:
         per = [binary_metrics(f["tumour_true"], f["tumour_prob"]) for f in by_fold.values()]
@@ -348,6 +475,7 @@ def compute_metrics(
         out["tumour"]["pooled"] = binary_metrics(
             predictions["tumour_true"], predictions["tumour_prob"]
         )
+        out["tumour"]["within_site_auc"] = within_site_auc(predictions)
     gene_out: dict[str, Any] = {}
     for gene in genes:
         per = [gene_fold_metrics(f, gene) for f in by_fold.values()]
@@ -418,7 +546,9 @@ __all__ = [
     "gene_fold_metrics",
     "jsonable",
     "patient_level",
+    "prediction_sites",
     "sample_level",
     "significance_label",
     "summarise",
+    "within_site_auc",
 ]

@@ -4,7 +4,7 @@
 
 1. choose the slides: status ``ok`` in the feature store and labelled (the rest is reported);
 2. build the labels (:mod:`histcode.finetune.labels`);
-3. patient-grouped cross-validation (:mod:`histcode.finetune.cv`);
+3. patient- or site-grouped cross-validation (:mod:`histcode.finetune.cv`);
 4. write ``predictions.csv``, ``metrics.json``, ``folds.json``, ``targets.csv`` and
    ``plots/*.png`` into the output folder;
 5. register the selected model(s) with their lineage (encoder ref and feature store).
@@ -231,6 +231,7 @@ class FinetuneRun:
 
         m = self.metrics
         auc = m.get("tumour", {}).get("auc", {})
+        within = m.get("tumour", {}).get("within_site_auc", {})
         return jsonable(
             {
                 "out": str(self.out),
@@ -239,6 +240,9 @@ class FinetuneRun:
                 "folds": m.get("folds"),
                 "tumour_auc": auc.get("mean"),
                 "tumour_auc_sd": auc.get("sd"),
+                "tumour_auc_within_site": within.get("auc"),
+                "within_site_sites": within.get("sites"),
+                "cv_group": m.get("cv_group"),
                 "genes_evaluated": len(self.labels.genes),
                 "mean_gene_auc_up": m.get("mean_gene_auc_up"),
                 "significant_genes": len(m.get("significant_genes", [])),
@@ -308,6 +312,8 @@ def run_finetune(
         return MILModule(in_dim, tumour, genes, model, loss, optim)
 
     make_module()  # unknown aggregator or option: fail before any training
+    if cv.group == "site":  # sites unknown or too few: fail before any training
+        cvmod.check_sites(built, cv.folds)
 
     def trainer_kwargs() -> dict[str, Any]:
         made = trainer() if callable(trainer) else dict(trainer or TRAINER_DEFAULTS)
@@ -330,7 +336,7 @@ def run_finetune(
     )
     bags = FeatureBags(store, cache=data.cache)
     result = cvmod.run_cv(built, bags, make_module, data, cv, trainer_kwargs, tumour)
-    metrics = compute_metrics(result.predictions, genes, tumour, cv.alpha)
+    metrics = compute_metrics(result.predictions, genes, tumour, cv.alpha, cv.group)
 
     refitted = None
     if cv.register == "refit":  # every process trains (distributed strategies need all)
@@ -385,6 +391,9 @@ def _write_outputs(
             "val_history": r.history,
             "slides": {k: len(getattr(r.fold, k)) for k in ("train", "val", "test")},
             "patients": r.fold.patients(labels),
+            "group": r.fold.group,
+            "val_group": r.fold.val_group,
+            "sites": r.fold.sites(labels),
         }
         for r in result.folds
     ]
@@ -451,9 +460,17 @@ def _register(
 def _card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The cross-validation estimate for a registry card: mean ± sd of the headline metrics."""
     card: dict[str, Any] = {"cv_folds": metrics.get("folds"), "slides": metrics.get("slides")}
+    card["cv_group"] = metrics.get("cv_group")
     for m, v in metrics.get("tumour", {}).items():
-        if m != "pooled":
+        if m not in ("pooled", "within_site_auc"):
             card[f"tumour_{m}"] = {"mean": v["mean"], "sd": v["sd"]}
+    if "within_site_auc" in metrics.get("tumour", {}):
+        within = metrics["tumour"]["within_site_auc"]
+        card["tumour_auc_within_site"] = {
+            "auc": within["auc"],
+            "sites": within["sites"],
+            "per_site": {s: v["auc"] for s, v in within.get("per_site", {}).items()},
+        }
     if "genes" in metrics:
         auc = metrics.get("gene_auc_up", {})
         card["genes_evaluated"] = len(metrics["genes"])

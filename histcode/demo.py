@@ -244,14 +244,34 @@ def _format(value: float | None, sd: float | None = None) -> str:
     return f"{value:.2f}" if sd is None else f"{value:.2f} ± {sd:.2f}"
 
 
+def _within_site_row(arms: dict[str, dict[str, Any]], cols: list[str]) -> tuple[str, list[str]]:
+    """The row of the tumour AUC within tissue source sites (finetune's
+    ``tumour.within_site_auc``: a stratified AUC over the sites with tumour and normal
+    slides). The label names the number of such sites when the arms agree on it; otherwise
+    each cell does."""
+    counts = {arms[a].get("within_site_sites") for a in cols}
+    label = "tumour AUC within sites"
+    if len(counts) == 1 and None not in counts:
+        return f"{label} ({counts.pop()} sites with both classes)", [
+            _format(arms[a].get("tumour_auc_within_site")) for a in cols
+        ]
+    cells = []
+    for a in cols:
+        n = arms[a].get("within_site_sites")
+        value = _format(arms[a].get("tumour_auc_within_site"))
+        cells.append(value if n is None else f"{value} ({n} sites)")
+    return f"{label} (N sites with both classes)", cells
+
+
 def results_table(
     arms: dict[str, dict[str, Any]], signal_genes: dict[str, int], aggregator: str = "abmil"
 ) -> str:
     """The demo's results as a markdown table, one column per arm.
 
     Args:
-        arms: arm name → ``{"tumour_auc", "tumour_auc_sd", "genes": _gene_summary(...),
-            "localisation": {...}}``.
+        arms: arm name → ``{"tumour_auc", "tumour_auc_sd", "tumour_auc_within_site",
+            "within_site_sites", "genes": _gene_summary(...), "localisation": {...}}``
+            (the within-site entries may be absent: runs of older versions).
         signal_genes: role → number of genes with that role (for "of N").
         aggregator: the pipeline's aggregator (column title).
     """
@@ -270,6 +290,7 @@ def results_table(
             "tumour vs normal AUC (test folds, mean ± sd)",
             [_format(arms[a].get("tumour_auc"), arms[a].get("tumour_auc_sd")) for a in cols],
         ),
+        _within_site_row(arms, cols),
         (
             f"genes significant ({test}, FDR {alpha}; of {n_signal} with signal / noise genes)",
             [
@@ -461,6 +482,8 @@ def demo(
         arms[arm] = {
             "tumour_auc": finetuned[arm].get("tumour_auc"),
             "tumour_auc_sd": finetuned[arm].get("tumour_auc_sd"),
+            "tumour_auc_within_site": finetuned[arm].get("tumour_auc_within_site"),
+            "within_site_sites": finetuned[arm].get("within_site_sites"),
             "genes": _gene_summary(metrics, roles),
             "localisation": maps[arm],
         }
@@ -486,8 +509,11 @@ def demo(
             "averaged); each fold's model is tested on its own test patients (one-sided "
             "Pearson), the folds' p-values combined by Stouffer's method and "
             "Benjamini–Hochberg applied over all genes; r is the mean over a group's genes in "
-            "each fold, mean ± sd over folds. Map AUROC: tile scores vs the cohort's truth "
-            "masks, mean over tumour slides.",
+            "each fold, mean ± sd over folds. Tumour AUC within sites: tumour vs normal slides "
+            "of the same tissue source site only (a stratified AUC over the sites with both "
+            "classes), so a model that scores a site's stain instead of tumour falls to ~0.5 "
+            "there. Map AUROC: tile scores vs the cohort's truth masks, mean over tumour "
+            "slides.",
             "",
             table,
             "",

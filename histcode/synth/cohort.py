@@ -1,8 +1,11 @@
 """A synthetic TCGA-style cohort: patients, slides, expression matrix and ground truth.
 
 Every patient has a tumour slide (sample type ``01``); some also a normal slide (``11``).
-Patients come from a few tissue source sites, each with its own stain; sites are not
-confounded with the label (each site has tumour and normal samples). Slides are scanned at
+Patients come from a few tissue source sites, each with its own stain; by default sites are
+not confounded with the label (each site has tumour and normal samples). ``normal_sites=k``
+takes normal slides only from the first ``k`` sites, as TCGA's normals come from some sites
+more than others: a model can then score "tumour" by the site's stain, which the
+within-site tumour AUC of ``histcode finetune`` exposes. Slides are scanned at
 40x or 20x, mostly as Aperio SVS, some as generic TIFF. The expression matrix has driver
 genes that follow the slide's tumour burden or lymphocyte content, and genes that are noise.
 
@@ -192,6 +195,7 @@ def _check_params(
     slide_mm: tuple[float, float],
     normal_fraction: float,
     sites: int,
+    normal_sites: int | None = None,
 ) -> None:
     if not 2 <= patients <= 9999:
         raise ValueError(f"patients={patients}: give 2 to 9999 patients (default 12)")
@@ -203,6 +207,19 @@ def _check_params(
         raise ValueError(f"normal_fraction={normal_fraction} must be in [0, 1]")
     if not 1 <= sites <= len(SITE_CHARS):
         raise ValueError(f"sites={sites}: give 1 to {len(SITE_CHARS)} tissue source sites")
+    if normal_sites is not None:
+        if not 1 <= normal_sites <= sites:
+            raise ValueError(
+                f"normal_sites={normal_sites}: give 1 to sites={sites} (normal slides come from "
+                "the first normal_sites sites), or leave it unset for normals from every site"
+            )
+        eligible = sum(p % sites < normal_sites for p in range(patients))
+        if eligible < 2:
+            raise ValueError(
+                f"normal_sites={normal_sites}: the first {normal_sites} of {sites} sites hold "
+                f"{eligible} of {patients} patients, and the cohort needs ≥ 2 normal slides; "
+                "give more patients or a larger normal_sites"
+            )
 
 
 def plan_cohort(
@@ -212,13 +229,14 @@ def plan_cohort(
     slide_mm: tuple[float, float] = (4.0, 3.0),
     normal_fraction: float = 0.5,
     sites: int = 3,
+    normal_sites: int | None = None,
 ) -> list[SlidePlan]:
     """The slides of a cohort, without writing anything (see :func:`make_cohort`).
 
     Returns:
         One plan per slide, patient by patient (tumour slide first).
     """
-    _check_params(patients, difficulty, slide_mm, normal_fraction, sites)
+    _check_params(patients, difficulty, slide_mm, normal_fraction, sites, normal_sites)
     rng = np.random.default_rng([seed, 0xC0407])
     site_of = [p % sites for p in range(patients)]
     # normal slides spread over sites: take patients round by round (one per site per round)
@@ -226,6 +244,9 @@ def plan_cohort(
         [rng.permutation(np.arange(r, min(r + sites, patients))) for r in range(0, patients, sites)]
     )
     n_normal = min(patients, max(2, round(normal_fraction * patients)))
+    if normal_sites is not None:  # same draws; normals only from patients of the first sites
+        order = order[[site_of[p] < normal_sites for p in order]]
+        n_normal = min(len(order), n_normal)
     has_normal = set(order[:n_normal].tolist())
     pairs = [
         (p, t)
@@ -393,6 +414,7 @@ def make_cohort(
     slide_mm: tuple[float, float] = (4.0, 3.0),
     normal_fraction: float = 0.5,
     sites: int = 3,
+    normal_sites: int | None = None,
     progress: bool = True,
     workers: int = 0,
     on_slide: Callable[[str, str], None] | None = None,
@@ -412,6 +434,11 @@ def make_cohort(
         slide_mm: (width, height) of each slide in mm.
         normal_fraction: fraction of patients that also have a normal slide (at least 2).
         sites: number of tissue source sites (each with its own stain).
+        normal_sites: normal slides only from the first ``normal_sites`` sites (site
+            confounding: a site's stain then tells normal from tumour); as many normals as
+            without it (``normal_fraction``), at most the patients of those sites. ``None``
+            (default): normals from every site. Recorded in ``cohort.json`` only when set, so
+            cohorts made without it keep their parameters.
         progress: show a progress bar on stderr.
         workers: processes writing slides in parallel; 0 = one per CPU core (at most 8).
         on_slide: called with (slide_id, ``written`` | ``skipped``) after each slide.
@@ -427,7 +454,7 @@ def make_cohort(
 
     out = Path(out)
     slide_mm = (float(slide_mm[0]), float(slide_mm[1]))
-    plans = plan_cohort(patients, seed, difficulty, slide_mm, normal_fraction, sites)
+    plans = plan_cohort(patients, seed, difficulty, slide_mm, normal_fraction, sites, normal_sites)
     params = {
         "patients": patients,
         "seed": seed,
@@ -437,6 +464,8 @@ def make_cohort(
         "sites": sites,
         "generator": GENERATOR_VERSION,
     }
+    if normal_sites is not None:
+        params["normal_sites"] = normal_sites
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -558,6 +587,7 @@ def describe(cohort: Cohort) -> dict[str, Any]:
         "tumour_slides": len(tumour),
         "normal_slides": len(rows) - len(tumour),
         "sites": sorted({r["site"] for r in rows}),
+        "sites_with_normals": sorted({r["site"] for r in rows if r["sample_type"] == "normal"}),
         "at_40x": sum(r["objective_power"] == 40 for r in rows),
         "tiff": sum(r["format"] == "tiff" for r in rows),
         "genes": len(cohort.genes),

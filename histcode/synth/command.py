@@ -17,6 +17,7 @@ def synth(
     slide_mm: tuple[float, float] = (4.0, 3.0),
     normal_fraction: float = 0.5,
     sites: int = 3,
+    normal_sites: int | None = None,
     progress: bool = True,
     workers: int = 0,
 ) -> CommandResult:
@@ -35,6 +36,9 @@ def synth(
         slide_mm: Width and height of each slide in mm, e.g. [4.0, 3.0].
         normal_fraction: Fraction of patients that also have a normal slide (at least 2).
         sites: Number of tissue source sites, each with its own stain.
+        normal_sites: Normal slides only from the first N sites (site confounding, as in
+            TCGA: a site's stain then tells normal from tumour, a shortcut that
+            'histcode finetune' exposes with its within-site tumour AUC); unset: every site.
         progress: Show a progress bar on stderr.
         workers: Processes writing slides in parallel; 0 = one per CPU core (at most 8).
     """
@@ -48,6 +52,7 @@ def synth(
         slide_mm=slide_mm,
         normal_fraction=normal_fraction,
         sites=sites,
+        normal_sites=normal_sites,
         progress=progress,
         workers=workers,
     )

@@ -97,3 +97,94 @@ def test_max_tiles_subsamples_training_only(small_signal_cohort: SignalCohort) -
     assert BagDataset(bags, labels)[0].features.shape == full.shape
     with pytest.raises(ValueError, match="max_tiles"):
         BagDataset(bags, labels, max_tiles=0)
+
+
+# -- site-grouped folds (--cv.group site) ------------------------------------------------------
+
+
+def _site_labels(n_sites: int = 12, per_site: int = 3, seed: int = 0) -> Labels:
+    """TCGA-style slides: ``per_site`` patients in each of ``n_sites`` sites, every patient a
+    tumour slide and every second one a normal slide; sites read from the barcodes."""
+    from histcode.finetune.labels import table_from_slide_ids
+
+    rng = np.random.default_rng(seed)
+    slides = []
+    for s in range(n_sites):
+        for p in range(per_site):
+            patient = f"TCGA-{chr(65 + s)}{s % 10}-{s * 100 + p:04d}"
+            slides.append(f"{patient}-01A-01-TS1")
+            if p % 2 == 0 or rng.random() < 0.3:
+                slides.append(f"{patient}-11A-01-TS1")
+    table = table_from_slide_ids(slides)
+    n = len(slides)
+    return Labels(
+        slides,
+        table["patient_id"].tolist(),
+        slides,
+        table["tumour"].to_numpy(),
+        ["G"],
+        rng.normal(size=(n, 1)),
+        sites=table["site"].tolist(),
+    )
+
+
+def test_site_groups_keep_each_site_in_one_test_fold() -> None:
+    labels = _site_labels(n_sites=12)
+    assert labels.sites[0] == labels.slide_ids[0][5:7]  # barcode characters 6-7
+    folds = make_folds(labels, folds=3, val_fraction=0.2, seed=1, group="site")
+    site = np.asarray(labels.sites)
+    pid = np.asarray(labels.patient_ids)
+    tested_sites: list[str] = []
+    for fold in folds:
+        assert fold.group == "site"
+        train, val, test = (set(site[getattr(fold, k)]) for k in ("train", "val", "test"))
+        assert not test & train and not test & val  # a fold's test sites are unseen
+        assert fold.val_group == "site" and not train & val  # 8 training sites: enough
+        tested_sites += sorted(test)
+        ptrain, pval, ptest = (set(pid[getattr(fold, k)]) for k in ("train", "val", "test"))
+        assert not ptrain & pval and not ptrain & ptest and not pval & ptest
+    assert sorted(tested_sites) == sorted(set(labels.sites))  # every site in exactly one
+    tested = np.concatenate([f.test for f in folds])
+    assert sorted(tested.tolist()) == list(range(len(labels)))
+    # patient grouping (the default) does spread sites over test folds
+    by_patient = make_folds(labels, folds=3, val_fraction=0.2, seed=1)
+    assert sum(len(set(site[f.test])) for f in by_patient) > len(set(labels.sites))
+
+
+def test_site_grouped_validation_falls_back_to_patients() -> None:
+    labels = _site_labels(n_sites=4, per_site=4)
+    folds = make_folds(labels, folds=2, val_fraction=0.2, seed=0, group="site")
+    site = np.asarray(labels.sites)
+    for fold in folds:  # 2 training sites < round(1 / 0.2): validation by patient
+        assert fold.val_group == "patient"
+        assert not set(site[fold.test]) & set(site[np.concatenate([fold.train, fold.val])])
+
+
+def test_site_grouping_refuses_too_few_sites() -> None:
+    labels = _site_labels(n_sites=3, per_site=4)
+    with pytest.raises(ValueError, match=r"5 folds need at least 5 sites; the cohort has 3") as e:
+        make_folds(labels, folds=5, group="site")
+    assert "--cv.folds 3" in str(e.value) and "--cv.group patient" in str(e.value)
+    make_folds(labels, folds=5)  # 12 patients: patient grouping still works
+
+
+def test_site_grouping_needs_known_sites() -> None:
+    labels = _labels(12)  # plain ids, no site column: no site known
+    with pytest.raises(ValueError, match=r"'site' column to the labels CSV.*--cv\.group patient"):
+        make_folds(labels, folds=3, group="site")
+    mixed = _site_labels(n_sites=4, per_site=3)
+    mixed.sites[1] = "ZZ"  # the second slide of a patient at another site
+    with pytest.raises(ValueError, match="more than one site"):
+        make_folds(mixed, folds=3, group="site")
+
+
+def test_check_folds_catches_site_leaks() -> None:
+    labels = _site_labels(n_sites=6)
+    folds = make_folds(labels, folds=3, seed=0, group="site")
+    leaky = folds[0]
+    pid = np.asarray(labels.patient_ids)
+    moved = leaky.test[pid[leaky.test] == pid[leaky.test[0]]]  # one test patient, all slides
+    leaky.test = np.setdiff1d(leaky.test, moved)
+    leaky.train = np.sort(np.concatenate([leaky.train, moved]))  # its site now in train too
+    with pytest.raises(LeakageError, match="sites in both train and test"):
+        check_folds(folds, labels)

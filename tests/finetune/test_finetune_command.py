@@ -111,6 +111,55 @@ def test_end_to_end(
     assert card.metrics["significance_test"] == metrics["fdr"]["label"]
 
 
+def test_site_grouped_known_signal_end_to_end(
+    small_signal_cohort: SignalCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--cv.group site: each tissue source site (barcode characters 6-7: S1, S2, S3) is in one
+    test fold, recorded in folds.json, metrics.json, config.yaml and the registry cards; the
+    within-site AUC is reported and every site's predictions come from one fold model."""
+    c = small_signal_cohort
+    out, registry = tmp_path / "run", tmp_path / "registry"
+    argv = [
+        "finetune",
+        "--config", str(CONFIGS / "tumour.yaml"),
+        "--config", str(CONFIGS / "cpu_smoke.yaml"),
+        "--features", str(c.features),
+        "--name", "by-site",
+        "--out", str(out),
+        "--registry", str(registry),
+        "--model.aggregator", "mean",
+        "--cv.group", "site",
+        "--cv.register", "folds",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert result["cv_group"] == "site" and result["folds"] == 3
+    assert result["tumour_auc"] >= 0.8  # the known signal, on sites the models never saw
+    assert result["within_site_sites"] == 3 and result["tumour_auc_within_site"] >= 0.8
+
+    folds = json.loads((out / "folds.json").read_text())
+    tested = [fold["sites"]["test"] for fold in folds]
+    assert sorted(s for t in tested for s in t) == ["S1", "S2", "S3"]  # each site once
+    for fold in folds:
+        assert fold["group"] == "site" and fold["val_group"] == "patient"  # 2 training sites
+        assert not set(fold["sites"]["test"]) & set(fold["sites"]["train"] + fold["sites"]["val"])
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert (predictions["site"] == predictions["slide_id"].str[5:7]).all()
+    assert (predictions.groupby("site")["fold"].nunique() == 1).all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    within = metrics["tumour"]["within_site_auc"]
+    assert metrics["cv_group"] == "site" and within["auc"] == result["tumour_auc_within_site"]
+    assert all(len(v["folds"]) == 1 for v in within["per_site"].values())  # one model a site
+    assert "group: site" in (out / "config.yaml").read_text()
+    card = Registry(registry).card("by-site@1")
+    assert card.metrics["cv_group"] == "site"
+    assert card.metrics["tumour_auc_within_site"]["sites"] == 3
+
+    assert cli.main([*argv, "--cv.folds", "4", "--out", str(tmp_path / "four")]) == 2
+    err = capsys.readouterr().err
+    assert "4 folds need at least 4 sites; the cohort has 3" in err and "--cv.folds 3" in err
+
+
 def test_missing_features_exit_1_and_bad_arguments_exit_2(
     small_signal_cohort: SignalCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -154,6 +154,16 @@ def test_sample_type_codes_and_barcode_fill(tmp_path: Path) -> None:
     table = read_label_table(path)
     assert table["tumour"].tolist() == [1.0, 0.0]
     assert table["patient_id"].tolist() == ["TCGA-S1-0001"] * 2
+    assert table["site"].tolist() == ["S1"] * 2  # barcode characters 6-7
+
+
+def test_site_column_of_a_plain_csv(tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,patient_id,tumour,site\na1,p1,1,Leeds\na2,p1,0,Leeds\nb1,p2,1,\n")
+    labels = build_labels(read_label_table(path), with_genes=False)
+    assert labels.sites == ["Leeds", "Leeds", ""]  # unknown where empty and not TCGA
+    assert labels.subset([2, 0]).sites == ["", "Leeds"]
+    assert labels.to_frame()["site"].tolist() == ["Leeds", "Leeds", ""]
 
 
 # -- every bad input is an error naming the offending ids -------------------------------------

@@ -15,6 +15,7 @@ from histcode.finetune.metrics import (
     correlation,
     jsonable,
     summarise,
+    within_site_auc,
 )
 
 
@@ -235,3 +236,68 @@ def test_mean_gene_auc_leaves_out_genes_missing_folds() -> None:
     assert summary["folds"] == 5
     assert not metrics["genes"]["U"]["in_mean_gene_auc"]
     assert metrics["genes"]["D"]["in_mean_gene_auc"]
+
+
+def _site_table(rows: list[tuple[str, int, float]], fold_of=lambda i: i % 3) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=["site", "tumour_true", "tumour_prob"])
+    frame["slide_id"] = [f"s{i}" for i in range(len(frame))]
+    frame["patient_id"] = frame["slide_id"]
+    frame["fold"] = [fold_of(i) for i in range(len(frame))]
+    return frame
+
+
+def test_within_site_auc_exposes_a_site_shortcut() -> None:
+    """Tumours from sites A and B, normals from C plus some from A. A model that learned
+    "site C = normal" ranks C's normals below every tumour (overall AUC ≈ 1), but within A
+    its scores are random: within-site AUC ≈ 0.5."""
+    rng = np.random.default_rng(0)
+    rows = [("A", 1, p) for p in rng.uniform(0.5, 1.0, 200)]
+    rows += [("B", 1, p) for p in rng.uniform(0.5, 1.0, 200)]
+    rows += [("C", 0, p) for p in rng.uniform(0.0, 0.1, 400)]
+    rows += [("A", 0, p) for p in rng.uniform(0.5, 1.0, 40)]  # same scores as A's tumours
+    frame = _site_table(rows)
+    m = compute_metrics(frame, [], tumour=True, group="patient")
+    assert m["tumour"]["auc"]["mean"] > 0.95 and m["tumour"]["pooled"]["auc"] > 0.95
+    within = m["tumour"]["within_site_auc"]
+    assert abs(within["auc"] - 0.5) < 0.1, within["auc"]
+    assert within["sites"] == 1 and set(within["per_site"]) == {"A"}
+    assert within["per_site"]["A"]["tumour"] == 200 and within["per_site"]["A"]["normal"] == 40
+    assert within["per_site"]["A"]["folds"] == [0, 1, 2]  # patient-grouped: several models
+    one_class = within["one_class_sites"]
+    assert one_class == {"B": {"tumour": 200, "normal": 0}, "C": {"tumour": 0, "normal": 400}}
+    assert m["cv_group"] == "patient"
+    # a model that sees tumour, not site, keeps its AUC within the site
+    honest = frame.assign(tumour_prob=frame["tumour_true"] * 0.5 + rng.uniform(0, 0.4, len(frame)))
+    assert within_site_auc(honest)["auc"] == 1.0
+
+
+def test_within_site_auc_weights_sites_by_pairs() -> None:
+    # site X: 2 tumours above 1 normal (AUC 1, 2 pairs); site Y: 2 + 2 interleaved (AUC 0.5,
+    # 4 pairs); site Z: tumours only
+    rows = [("X", 1, 0.9), ("X", 1, 0.8), ("X", 0, 0.1)]
+    rows += [("Y", 1, 0.9), ("Y", 0, 0.8), ("Y", 1, 0.3), ("Y", 0, 0.4)]
+    rows += [("Z", 1, 0.5)]
+    w = within_site_auc(_site_table(rows, fold_of=lambda i: 0 if i < 3 else 1))
+    assert w["per_site"]["X"]["auc"] == 1.0 and w["per_site"]["Y"]["auc"] == 0.5
+    assert math.isclose(w["auc"], (2 * 1.0 + 4 * 0.5) / 6)  # share of within-site pairs
+    assert math.isclose(w["unweighted_mean"], 0.75)
+    assert (w["sites"], w["slides"], w["pairs"]) == (2, 7, 6)
+    assert w["per_site"]["X"]["folds"] == [0] and w["one_class_sites"] == {
+        "Z": {"tumour": 1, "normal": 0}
+    }
+
+
+def test_within_site_auc_reads_tcga_barcodes_or_says_why_not() -> None:
+    rows = [("", 1, 0.9), ("", 0, 0.2), ("", 1, 0.7), ("", 0, 0.8)]
+    frame = _site_table(rows)
+    frame["slide_id"] = [
+        "TCGA-AA-0001-01A-01-TS1",
+        "TCGA-AA-0001-11A-01-TS1",
+        "TCGA-BB-0002-01A-01-TS1",
+        "TCGA-BB-0002-11A-01-TS1",
+    ]
+    w = within_site_auc(frame)  # empty site column: the barcodes' characters 6-7
+    assert set(w["per_site"]) == {"AA", "BB"} and w["auc"] == 0.5
+    plain = within_site_auc(_site_table(rows).drop(columns="site"))
+    assert plain["available"] is False and "'site' column" in plain["reason"]
+    assert math.isnan(plain["auc"]) and plain["sites"] == 0

@@ -178,6 +178,29 @@ def test_plan_barcodes_sites_and_scans() -> None:
         plan_cohort(patients=1)
 
 
+def test_normal_sites_put_normals_only_in_the_first_sites() -> None:
+    default = plan_cohort(patients=20, seed=0, difficulty="hard")
+    assert plan_cohort(patients=20, seed=0, difficulty="hard", normal_sites=None) == default
+    # every site allowed: the same draws as the default, slide for slide
+    assert plan_cohort(patients=20, seed=0, difficulty="hard", normal_sites=3) == default
+    for k in (1, 2):
+        plans = plan_cohort(patients=20, seed=0, difficulty="hard", normal_sites=k)
+        allowed = {f"S{i + 1}" for i in range(k)}
+        normals = [p for p in plans if p.sample_type == "normal"]
+        assert {p.site for p in normals} == allowed  # normals in every chosen site, only there
+        assert {p.site for p in plans if p.sample_type == "tumour"} == {"S1", "S2", "S3"}
+        assert all(p.slide_id[5:7] == p.site for p in normals)
+    # as many normals as without it (10 of 20 patients), at most the patients of S1 (7)
+    assert sum(p.sample_type == "normal" for p in plans) == 10
+    one = plan_cohort(patients=20, seed=0, difficulty="hard", normal_sites=1)
+    assert sum(p.sample_type == "normal" for p in one) == 7
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="normal_sites"):
+            plan_cohort(patients=20, sites=3, normal_sites=bad)
+    with pytest.raises(ValueError, match="≥ 2 normal slides"):
+        plan_cohort(patients=3, sites=3, normal_sites=1)
+
+
 def test_expression_follows_true_fractions() -> None:
     plans = plan_cohort(patients=16, seed=1, difficulty="hard", slide_mm=(2.0, 1.5))
     truths = [make_layout(p.layout, p.seed).truth() for p in plans]
@@ -222,6 +245,24 @@ def test_cohort_files_resume_and_refuse_other_parameters(tmp_path: Path) -> None
     assert not again.written and len(again.skipped) == 4
     with pytest.raises(FileExistsError, match="other parameters"):
         make_cohort(out, **{**kwargs, "seed": 4})
+    assert "normal_sites" not in json.loads((out / "cohort.json").read_text())["parameters"]
+    with pytest.raises(FileExistsError, match="normal_sites"):
+        make_cohort(out, **{**kwargs, "normal_sites": 2})
+
+
+def test_cli_normal_sites_recorded_in_cohort(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "c"
+    argv = ["synth", "--out", str(out), "--patients", "4", "--sites", "2", "--normal_sites", "1"]
+    argv += ["--slide_mm", "[0.6, 0.5]", "--difficulty", "easy", "--progress", "false"]
+    assert cli_main([*argv, "--workers", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["sites"] == ["S1", "S2"] and result["sites_with_normals"] == ["S1"]
+    assert json.loads((out / "cohort.json").read_text())["parameters"]["normal_sites"] == 1
+    with open(out / "cohort.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["site"] for r in rows if r["sample_type"] == "normal"} == {"S1"}
+    assert all(r["site"] == r["slide_id"][5:7] for r in rows)
+    assert cli_main([*argv[:-2], "--normal_sites", "2", "--workers", "1"]) == 2  # other setting
 
 
 def test_cli_writes_summary_and_json_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
