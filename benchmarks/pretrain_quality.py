@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.ceiling import tile_labels, tile_probe
+
 
 def make_data(args: argparse.Namespace) -> tuple[Path, Path]:
     """The hard cohort and its tile store (cached in ``--work``)."""
@@ -58,43 +60,6 @@ def make_data(args: argparse.Namespace) -> tuple[Path, Path]:
     except ValueError:  # a cached store made by another histcode version: redo it
         tile_slides(slides, tiles, params, overwrite=True, progress=False)
     return cohort.out, tiles
-
-
-def tile_labels(cohort: Path, tiles: Path, max_neg_per_slide: int, seed: int):
-    """Labelled tiles: flat indices into the TileIndex, labels, patient of each tile."""
-    from histcode.synth import SlideTruth
-    from histcode.tilereader import TileIndex
-
-    index = TileIndex(tiles)
-    rng = np.random.default_rng(seed)
-    chosen, labels, patients = [], [], []
-    for s, geometry in enumerate(index.slides):
-        truth = SlideTruth.load(cohort / "truth" / f"{geometry.slide_id}.npz")
-        rows = index.slide_range(s)
-        coords = index.coords[rows.start : rows.stop]
-        store_tiles = index.store.read(geometry.slide_id)
-        side, mpp0 = store_tiles.attrs["tile_size_level0"], store_tiles.attrs["mpp_level0"]
-        scale = mpp0 / truth.mask_mpp  # mask px per level-0 px
-        h, w = truth.tumour.shape
-        centre = np.clip(((coords + side / 2) * scale).astype(int), 0, [w - 1, h - 1])
-        on_tumour = truth.tumour[centre[:, 1], centre[:, 0]]
-        # any tumour under the tile (mask pixels overlapping it)
-        x0 = np.clip(np.floor(coords[:, 0] * scale).astype(int), 0, w - 1)
-        y0 = np.clip(np.floor(coords[:, 1] * scale).astype(int), 0, h - 1)
-        x1 = np.clip(np.ceil((coords[:, 0] + side) * scale).astype(int), 1, w)
-        y1 = np.clip(np.ceil((coords[:, 1] + side) * scale).astype(int), 1, h)
-        any_tumour = np.array(
-            [truth.tumour[a:b, c:d].any() for a, b, c, d in zip(y0, y1, x0, x1, strict=True)]
-        )
-        pos = np.flatnonzero(on_tumour)
-        neg = np.flatnonzero(~any_tumour)
-        neg = rng.choice(neg, min(len(neg), max_neg_per_slide), replace=False)
-        patient = geometry.slide_id[:12]
-        for local, label in [(pos, 1), (neg, 0)]:
-            chosen += [rows.start + int(i) for i in local]
-            labels += [label] * len(local)
-            patients += [patient] * len(local)
-    return index, np.array(chosen), np.array(labels), np.array(patients)
 
 
 @torch.no_grad()
@@ -142,26 +107,15 @@ def features(
 
 
 def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int, c: float) -> dict:
-    """Patient-grouped cross-validated linear probe: pooled and per-fold ROC AUC."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import GroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """Patient-grouped cross-validated linear probe: pooled and per-fold ROC AUC.
 
-    oof = np.zeros(len(y))
-    per_fold = []
-    for train, test in GroupKFold(n_splits=folds).split(x, y, groups):
-        assert not set(groups[train]) & set(groups[test])
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
-        model.fit(x[train], y[train])
-        oof[test] = model.predict_proba(x[test])[:, 1]
-        if len(set(y[test])) == 2:
-            per_fold.append(round(float(roc_auc_score(y[test], oof[test])), 4))
+    A thin wrapper of :func:`benchmarks.ceiling.tile_probe` that keeps this benchmark's keys.
+    """
+    result = tile_probe(x, y, groups, folds, c)
     return {
-        "auc": round(float(roc_auc_score(y, oof)), 4),
-        "auc_per_fold": per_fold,
-        "auc_fold_mean": round(float(np.mean(per_fold)), 4),
+        "auc": result.auc,
+        "auc_per_fold": result.auc_per_fold,
+        "auc_fold_mean": round(float(np.mean(result.auc_per_fold)), 4),
     }
 
 

@@ -123,6 +123,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick=None,
     ),
     Benchmark(
+        "ceiling",
+        "tile probes with truth-mask labels: what the features can separate, per resolution",
+        quick=["--quick"],
+        timeout=3 * 3600,
+    ),
+    Benchmark(
         "accuracy",
         "encoder × aggregator on the hard cohort vs the naive baseline",
         quick=["--quick"],
@@ -647,6 +653,99 @@ def accuracy_section(entry: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: Slide ceilings at or below this leave MIL little to find (a reading, not a goal).
+CEILING_WEAK = 0.75
+
+
+def _pm2(stat: dict[str, Any] | None, digits: int = 2) -> str:
+    """``mean ± sd (n)`` with fewer digits, for the ceiling table."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    sd = "" if stat.get("sd") is None else f" ± {stat['sd']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}{sd}"
+
+
+def ceiling_table(r: dict[str, Any]) -> list[str]:
+    """The markdown table of ``benchmarks.ceiling``'s result: one row a cohort × µm/px × encoder."""
+    lines = [
+        "| cohort | µm/px (px) | encoder | seeds | tumour tile AUC | tumour slide AUC (top "
+        "2 %) | lymphocyte tile AUC | lymphocyte slide r | effective rank | SimCLR final loss "
+        "(ln(2B−1)) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    dims = {}
+    for cell in r.get("cells", []):
+        for name, e in cell.get("encoders", {}).items():
+            if e.get("status") == "ok":
+                dims[name] = (e.get("features") or {}).get("dim")
+            else:
+                lines.append(
+                    f"| {cell.get('difficulty')} | {cell.get('mpp')} | {name} | seed "
+                    f"{cell.get('seed')} | failed: {_tail(str(e.get('error')), 100)} "
+                    "| | | | | |"
+                )
+    rows = sorted(
+        r.get("rows", []),
+        key=lambda x: (x.get("difficulty") != "hard", -(x.get("mpp") or 0), x.get("encoder", "")),
+    )
+    for row in rows:
+        px = round(r.get("context_um", 64) / row["mpp"]) if row.get("mpp") else "?"
+        loss = "–"
+        if row.get("final_loss"):
+            loss = f"{_pm2(row['final_loss'])} ({row.get('chance_loss', 0):.2f})"
+        dim = dims.get(row["encoder"])
+        lines.append(
+            f"| {row['difficulty']} | {row['mpp']:g} ({px}) | {row['encoder']} | {row['seeds']} "
+            f"| {_pm2(row.get('tumour_tile_auc'))} | {_pm2(row.get('tumour_slide_auc'))} "
+            f"| {_pm2(row.get('lymphocyte_tile_auc'))} | {_pm2(row.get('lymphocyte_slide_r'))} "
+            f"| {_pm2(row.get('effective_rank'), 1)}{f' / {dim}' if dim else ''} | {loss} |"
+        )
+    return lines
+
+
+def ceiling_section(entry: dict[str, Any]) -> list[str]:
+    """Setup, table and a reading of the ceiling benchmark."""
+    r = entry["result"]
+    lines = []
+    if r.get("quick"):
+        lines += ["*Quick run: a smoke test of the benchmark, not evidence.*", ""]
+    cohorts = "; ".join(
+        f"{d}: {c.get('patients')} patients, {c.get('slides')} slides ({c.get('normal_slides')} "
+        f"normal), tumour {100 * (c.get('mean_tumour_fraction') or 0):.1f} % of the tissue"
+        for d, c in (r.get("cohorts") or {}).items()
+    )
+    recipe = r.get("simclr_recipe") or {}
+    lines += [
+        f"Synthetic cohorts ({cohorts}); tiles of {r.get('context_um', 64):g} µm at every "
+        f"resolution, up to {r.get('tiles_per_slide')} a slide. Probe: {r.get('probe')}. "
+        f"Encoders: the tiny CNN with random weights, a random-weight ResNet-18 (the naive "
+        f"baseline's) and the tiny CNN after SimCLR with the demo's recipe "
+        f"({recipe.get('optimizer')} lr {recipe.get('lr')}, batch {recipe.get('batch_size')}, "
+        f"{recipe.get('steps')} steps). Figures are mean ± sd over seeds {r.get('seeds')} "
+        "(encoder initialisation and SimCLR; cohort and folds fixed). Lymphocyte slide r: "
+        "Pearson r of a slide's mean tile probability with its true lymphocyte fraction.",
+        "",
+        *ceiling_table(r),
+    ]
+    notes = []
+    for row in r.get("rows", []):
+        loss, chance = (row.get("final_loss") or {}).get("mean"), row.get("chance_loss")
+        if loss is not None and chance and abs(loss - chance) <= 0.02 * chance:
+            notes.append(
+                f"{row['encoder']} on {row['difficulty']} at {row['mpp']:g} µm/px ended at the "
+                f"loss of a constant embedding ({loss:.2f} vs ln(2B−1) = {chance:.2f}): collapsed"
+            )
+        slide = (row.get("tumour_slide_auc") or {}).get("mean")
+        if row["encoder"] == "simclr" and slide is not None and slide <= CEILING_WEAK:
+            notes.append(
+                f"simclr's tumour slide ceiling on {row['difficulty']} at {row['mpp']:g} µm/px "
+                f"is {slide:.2f}: the features, not the aggregator, cap the slide result"
+            )
+    if notes:
+        lines += ["", "Reading: " + "; ".join(notes) + "."]
+    return lines
+
+
 def why_not(r: dict[str, Any]) -> list[str]:
     """Why the full pipeline does not clearly beat the naive baseline, from the figures."""
     c, t, p = r.get("cohort", {}), r.get("tiles", {}), r.get("pretrain", {})
@@ -801,6 +900,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             "## Accuracy: encoder × aggregator vs the naive baseline",
             "",
             *accuracy_section(acc),
+            "",
+        ]
+    if (ceil := results.get("ceiling")) and ceil.get("status") == "ok":
+        lines += [
+            "## Ceiling: what the tile features can separate (labels MIL never gets)",
+            "",
+            *ceiling_section(ceil),
             "",
         ]
     others = [
