@@ -753,15 +753,24 @@ def mean_sd(values: list[float | None]) -> dict[str, Any]:
 
 
 def summarise(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per cohort × resolution × encoder: each figure's mean ± sd over seeds."""
-    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
+    """One row per cohort × resolution × encoder (× SimCLR steps): mean ± sd over seeds.
+
+    An encoder measured twice for the same cohort, resolution, seed and steps (merged runs)
+    counts once: the first one.
+    """
+    groups: dict[tuple[str, float, str, int | None], list[dict[str, Any]]] = {}
+    seen = set()
     for cell in cells:
         for name, entry in cell["encoders"].items():
-            if entry.get("status") == "ok":
-                groups.setdefault((cell["difficulty"], cell["mpp"], name), []).append(entry)
+            steps = (entry.get("pretrain") or {}).get("steps")
+            key = (cell["difficulty"], cell["mpp"], name, steps)
+            if entry.get("status") == "ok" and (*key, cell["seed"]) not in seen:
+                seen.add((*key, cell["seed"]))
+                groups.setdefault(key, []).append(entry)
     rows = []
-    for (difficulty, mpp, name), entries in groups.items():
+    for (difficulty, mpp, name, steps), entries in groups.items():
         row: dict[str, Any] = {"difficulty": difficulty, "mpp": mpp, "encoder": name}
+        row["steps"] = steps
         row["seeds"] = len(entries)
         for figure, path in FIGURES.items():
             if any(_get(e, path) is not None for e in entries):
@@ -770,6 +779,23 @@ def summarise(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["chance_loss"] = entries[0]["pretrain"]["chance_loss"]
         rows.append(row)
     return rows
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    """The last JSON line of a file this benchmark's stdout went to.
+
+    Raises:
+        ValueError: the file holds no result of this benchmark.
+    """
+    for line in reversed(path.read_text().strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if value.get("benchmark") == "ceiling":
+                return value
+    raise ValueError(f"--merge {path}: no JSON line of benchmarks.ceiling in it")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -782,31 +808,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cells, made = [], {}
     for difficulty, mpps, seeds in cohorts:
         cohort = make_cohort(args.work, difficulty, args.patients, args.slide_mm)
-        made[difficulty] = json.loads((cohort / "summary.json").read_text()).get("result", {})
+        result = json.loads((cohort / "summary.json").read_text()).get("result", {})
+        made[difficulty] = {
+            "patients": args.patients,
+            "slides": result.get("slides"),
+            "normal_slides": result.get("normal_slides"),
+            "mean_tumour_fraction": result.get("mean_tumour_fraction"),
+            "slide_mm": list(args.slide_mm),
+            "synth_seed": 0,
+        }
         for mpp in mpps:
             for seed in seeds:
-                variants = (
-                    list(args.variants)
-                    if difficulty == args.difficulty
-                    and mpp == args.variant_mpp
-                    and seed == seeds[0]
-                    else []
-                )
+                first = difficulty == args.difficulty and seed == seeds[0]
+                variants = list(args.variants) if first and mpp == args.variant_mpp else []
                 cells.append(cached_cell(args, difficulty, cohort, mpp, seed, variants))
     _, config = pretrain_config(args.work, args.seeds[0], args.steps, args.batch_size)
+    for old in (load_result(path) for path in args.merge):
+        cells += old["cells"]
+        for d, c in old.get("cohorts", {}).items():
+            made.setdefault(d, c)
+    pretrained = [e["pretrain"] for c in cells for e in c["encoders"].values() if "pretrain" in e]
     return {
         "benchmark": "ceiling",
-        "cohorts": {
-            d: {
-                "patients": args.patients,
-                "slides": made[d].get("slides"),
-                "normal_slides": made[d].get("normal_slides"),
-                "mean_tumour_fraction": made[d].get("mean_tumour_fraction"),
-                "slide_mm": list(args.slide_mm),
-                "synth_seed": 0,
-            }
-            for d in made
-        },
+        "cohorts": made,
         "context_um": CONTEXT_UM,
         "probe": f"StandardScaler + LogisticRegression(C={args.probe_c}), {args.folds}-fold "
         f"GroupKFold by patient; slide ceiling: mean of a slide's top {args.top:.0%} tiles",
@@ -815,9 +839,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "source": "histcode.demo._pretrain_config",
             **config["model"],
             "batch_size": args.batch_size,
-            "steps": args.steps,
+            "steps": sorted({p["steps"] for p in pretrained}) or [args.steps],
         },
-        "seeds": args.seeds,
+        "merged_from": [str(p) for p in args.merge],
+        "seeds": sorted({c["seed"] for c in cells}),
         "rows": summarise(cells),
         "cells": cells,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -845,6 +870,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--top", type=float, default=0.02, help="slide score: top share of tiles")
     parser.add_argument("--tiles-per-slide", type=int, default=None, help="600 (quick 200)")
     parser.add_argument("--work", type=Path, default=None, help="default benchmarks/out/ceiling")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="earlier runs' stdout: their cells join this run's table (e.g. other --steps)",
+    )
     args = parser.parse_args(argv)
     q = args.quick
     args.patients = args.patients or (8 if q else 20)

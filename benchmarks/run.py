@@ -686,7 +686,12 @@ def ceiling_table(r: dict[str, Any]) -> list[str]:
                 )
     rows = sorted(
         r.get("rows", []),
-        key=lambda x: (x.get("difficulty") != "hard", -(x.get("mpp") or 0), x.get("encoder", "")),
+        key=lambda x: (
+            x.get("difficulty") != "hard",
+            -(x.get("mpp") or 0),
+            x.get("encoder", ""),
+            x.get("steps") or 0,
+        ),
     )
     for row in rows:
         px = round(r.get("context_um", 64) / row["mpp"]) if row.get("mpp") else "?"
@@ -694,8 +699,9 @@ def ceiling_table(r: dict[str, Any]) -> list[str]:
         if row.get("final_loss"):
             loss = f"{_pm2(row['final_loss'])} ({row.get('chance_loss', 0):.2f})"
         dim = dims.get(row["encoder"])
+        name = row["encoder"] + (f" ({row['steps']} steps)" if row.get("steps") else "")
         lines.append(
-            f"| {row['difficulty']} | {row['mpp']:g} ({px}) | {row['encoder']} | {row['seeds']} "
+            f"| {row['difficulty']} | {row['mpp']:g} ({px}) | {name} | {row['seeds']} "
             f"| {_pm2(row.get('tumour_tile_auc'))} | {_pm2(row.get('tumour_slide_auc'))} "
             f"| {_pm2(row.get('lymphocyte_tile_auc'))} | {_pm2(row.get('lymphocyte_slide_r'))} "
             f"| {_pm2(row.get('effective_rank'), 1)}{f' / {dim}' if dim else ''} | {loss} |"
@@ -732,13 +738,15 @@ def ceiling_section(entry: dict[str, Any]) -> list[str]:
         loss, chance = (row.get("final_loss") or {}).get("mean"), row.get("chance_loss")
         if loss is not None and chance and abs(loss - chance) <= 0.02 * chance:
             notes.append(
-                f"{row['encoder']} on {row['difficulty']} at {row['mpp']:g} µm/px ended at the "
+                f"{row['encoder']} ({row.get('steps')} steps) on {row['difficulty']} at "
+                f"{row['mpp']:g} µm/px ended at the "
                 f"loss of a constant embedding ({loss:.2f} vs ln(2B−1) = {chance:.2f}): collapsed"
             )
         slide = (row.get("tumour_slide_auc") or {}).get("mean")
         if row["encoder"] == "simclr" and slide is not None and slide <= CEILING_WEAK:
             notes.append(
-                f"simclr's tumour slide ceiling on {row['difficulty']} at {row['mpp']:g} µm/px "
+                f"simclr's ({row.get('steps')} steps) tumour slide ceiling on {row['difficulty']} "
+                f"at {row['mpp']:g} µm/px "
                 f"is {slide:.2f}: the features, not the aggregator, cap the slide result"
             )
     if notes:
