@@ -601,13 +601,37 @@ def _n_tiles(tiles: Path) -> int:
     return int(json.loads((tiles / "summary.json").read_text())["result"]["tiles"])
 
 
-def embed(
-    encoder: Any, labels: TileLabels, sampled: np.ndarray, batch_size: int = 256
-) -> np.ndarray:
-    """Features of the sampled tiles, as ``histcode embed`` computes them (eval mode, CPU)."""
-    from benchmarks.pretrain_quality import features
+#: Pixels of the sampled tiles per tile store, read once and shared by every encoder and seed.
+_PIXELS: dict[tuple[str, int, int], np.ndarray] = {}
 
-    return features(encoder.eval(), labels.index, sampled, batch_size, "cpu")
+
+def tile_pixels(labels: TileLabels, sampled: np.ndarray) -> np.ndarray:
+    """``(M, 3, S, S)`` uint8 pixels of the sampled tiles (read from the slides once a run)."""
+    from histcode.tilereader import TileDataset
+
+    key = (str(labels.index.store.path), len(sampled), hash(sampled.tobytes()))
+    if key not in _PIXELS:
+        _PIXELS.clear()  # one store at a time: 128 px tiles of a cohort are ~0.6 GB
+        dataset = TileDataset(labels.index)
+        _PIXELS[key] = np.stack([dataset[int(i)].numpy() for i in sampled])
+    return _PIXELS[key]
+
+
+def embed(encoder: Any, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``(M, D)`` features of uint8 tiles ``(M, 3, S, S)``, as ``histcode embed`` computes them:
+    eval mode, the encoder's input normalisation, float32 on the CPU."""
+    import torch
+
+    spec = encoder.input_spec
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    encoder = encoder.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            x = torch.from_numpy(pixels[start : start + batch_size]).float() / 255
+            out.append(encoder((x - mean) / std).float())
+    return torch.cat(out).numpy()
 
 
 def run_cell(
@@ -655,7 +679,7 @@ def run_cell(
                 encoder, _ = Registry(args.work / "registry").load(run["ref"])
                 entry["encoder"] = f"tiny SimCLR {run['ref']}"
                 entry["pretrain"] = run
-            x = embed(encoder, labels, sampled)
+            x = embed(encoder, tile_pixels(labels, sampled))
             entry.update(probe_features(x, labels, sampled, args.folds, args.probe_c, args.top))
             entry["features"] = feature_stats(x, seed=seed)
             entry["status"] = "ok"
