@@ -70,6 +70,7 @@ def test_demo_results_table(demo_run: tuple[Path, dict, str]) -> None:
     assert "naive: random encoder + mean pooling + linear" in table
     for row in ("tumour vs normal AUC", "genes significant", "attention vs true tumour"):
         assert row in table
+    assert "| tumour AUC within sites (" in table  # with its count of sites with both classes
     # the table says which test made a gene "significant", and r is per fold, mean ± sd
     assert "Stouffer" in table and "BH over all 20 genes" in table
     assert "(per fold, mean ± sd over folds)" in table
@@ -83,6 +84,10 @@ def test_demo_results_table(demo_run: tuple[Path, dict, str]) -> None:
             if f["tumour_true"].nunique() == 2
         ]
         assert arm["tumour_auc"] == pytest.approx(float(np.mean(per_fold)), abs=1e-6)
+        metrics = json.loads((out / "finetune" / name / "metrics.json").read_text())
+        within = metrics["tumour"]["within_site_auc"]
+        assert arm["within_site_sites"] == within["sites"]
+        assert arm["tumour_auc_within_site"] == pytest.approx(within["auc"], nan_ok=True)
         assert arm["genes"]["genes"] == 20
         assert "Stouffer" in arm["genes"]["test"]
         for value in arm["localisation"].values():
@@ -131,3 +136,20 @@ def test_gene_summary_per_fold_r_and_named_test() -> None:
     )
     assert "genes significant (per-fold one-sided Pearson, BH over all 3 genes, FDR 5 %" in table
     assert "| 0.55 ± 0.21 |" in table
+    assert "| tumour AUC within sites (N sites with both classes) | — |" in table  # not recorded
+
+
+def test_results_table_within_site_row() -> None:
+    arm = {"tumour_auc": 0.95, "genes": {}, "localisation": {}}
+    genes = {"pearson_r": {}, "significant_with_signal": 0, "significant_noise": 0}
+    arms = {
+        "simclr": {**arm, "genes": genes, "tumour_auc_within_site": 0.81, "within_site_sites": 3},
+        "naive": {**arm, "genes": genes, "tumour_auc_within_site": 0.52, "within_site_sites": 3},
+    }
+    table = results_table(arms, {"tumour": 1})
+    assert "| tumour AUC within sites (3 sites with both classes) | 0.81 | 0.52 |" in table
+    arms["naive"]["within_site_sites"] = 2  # the arms disagree: each cell says its count
+    table = results_table(arms, {"tumour": 1})
+    assert (
+        "| tumour AUC within sites (N sites with both classes) | 0.81 (3 sites) | 0.52 (2" in table
+    )
