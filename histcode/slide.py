@@ -68,44 +68,40 @@ class MppSource:
     Attributes:
         mpp: level-0 µm/px (mean of x and y).
         source: ``override`` | ``openslide`` | ``tiff-resolution`` | ``objective-power``.
+        replaced: when an override replaced a µm/px that the slide's metadata has, that
+            value and where it came from (``openslide`` or ``tiff-resolution``); else None.
     """
 
     mpp: float
     source: str
+    replaced: tuple[float, str] | None = None
 
 
 def _plausible(mpp: float) -> bool:
     return math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]
 
 
-def resolve_mpp(
-    properties: dict[str, str], path: Path | str, mpp_override: float | None = None
-) -> MppSource:
-    """Level-0 µm/px of a slide from its OpenSlide properties.
-
-    Order: the user's override; OpenSlide's ``openslide.mpp-x``/``-y``; the TIFF resolution
-    tags (``tiff.XResolution`` with ``tiff.ResolutionUnit`` centimeter or inch); the objective
-    power (``openslide.objective-power``) with ``MPP_TIMES_POWER`` µm/px per unit, which is
-    an assumption and logged as a warning.
-
-    Args:
-        properties: OpenSlide's property map of the slide.
-        path: the slide's path, for messages.
-        mpp_override: µm/px of level 0 given by the user; wins over metadata.
-
-    Returns:
-        The µm/px and where it came from.
+def check_mpp(mpp: float, given_by: str = "--mpp_override") -> float:
+    """``mpp`` as a float if it is a plausible level-0 µm/px.
 
     Raises:
-        MissingMppError: no source gives a plausible value; the message says how to fix it.
+        ValueError: outside :data:`MPP_RANGE` or not finite; names ``given_by``.
     """
-    if mpp_override is not None:
-        if not _plausible(mpp_override):
-            raise ValueError(
-                f"--mpp_override {mpp_override} is not a plausible µm/px for level 0 "
-                f"(expected {MPP_RANGE[0]}–{MPP_RANGE[1]}; 40x scans are about 0.25, 20x 0.5)"
-            )
-        return MppSource(float(mpp_override), "override")
+    if not _plausible(float(mpp)):
+        raise ValueError(
+            f"{given_by} {mpp} is not a plausible µm/px for level 0 "
+            f"(expected {MPP_RANGE[0]}–{MPP_RANGE[1]}; 40x scans are about 0.25, 20x 0.5)"
+        )
+    return float(mpp)
+
+
+def metadata_mpp(properties: dict[str, str]) -> MppSource | None:
+    """The µm/px of level 0 that a slide's metadata states, or None.
+
+    OpenSlide's ``openslide.mpp-x``/``-y``, else the TIFF resolution tags
+    (``tiff.XResolution`` with ``tiff.ResolutionUnit`` centimeter or inch). The objective
+    power is not a µm/px and is not used here (see :func:`resolve_mpp`).
+    """
 
     def number(key: str) -> float | None:
         try:
@@ -126,9 +122,52 @@ def resolve_mpp(
         mpp = (um_per_unit / rx + um_per_unit / ry) / 2
         if _plausible(mpp):
             return MppSource(mpp, "tiff-resolution")
+    return None
 
-    power = number(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
-    if power and _plausible(MPP_TIMES_POWER / power):
+
+def resolve_mpp(
+    properties: dict[str, str],
+    path: Path | str,
+    mpp_override: float | None = None,
+    mpp_fallback: float | None = None,
+) -> MppSource:
+    """Level-0 µm/px of a slide from its OpenSlide properties.
+
+    Order: ``mpp_override`` (this slide's value, e.g. a ``--mpp_csv`` row; the metadata value
+    it replaces is kept in ``replaced``); the metadata (:func:`metadata_mpp`: OpenSlide's
+    mpp, else the TIFF resolution); ``mpp_fallback`` (``--mpp_override``, for slides whose
+    metadata has no µm/px); the objective power (``openslide.objective-power``) with
+    ``MPP_TIMES_POWER`` µm/px per unit, which is an assumption and logged as a warning.
+
+    Args:
+        properties: OpenSlide's property map of the slide.
+        path: the slide's path, for messages.
+        mpp_override: µm/px of level 0 of this slide; wins over metadata.
+        mpp_fallback: µm/px of level 0 used only when the metadata has none (it wins over
+            the objective-power assumption).
+
+    Returns:
+        The µm/px and where it came from (``override`` for either of the two given values).
+
+    Raises:
+        MissingMppError: no source gives a plausible value; the message says how to fix it.
+        ValueError: a given value is not plausible.
+    """
+    measured = metadata_mpp(properties)
+    if mpp_override is not None:
+        mpp = check_mpp(mpp_override, "--mpp_override")
+        replaced = None if measured is None else (measured.mpp, measured.source)
+        return MppSource(mpp, "override", replaced)
+    if measured is not None:
+        return measured
+    if mpp_fallback is not None:
+        return MppSource(check_mpp(mpp_fallback, "--mpp_override"), "override")
+
+    try:
+        power = float(properties[openslide.PROPERTY_NAME_OBJECTIVE_POWER])
+    except (KeyError, ValueError):
+        power = None
+    if power and power > 0 and _plausible(MPP_TIMES_POWER / power):
         mpp = MPP_TIMES_POWER / power
         log.warning(
             "%s: no µm/px in the metadata; assuming %.4g µm/px from objective power %gx "
@@ -143,8 +182,8 @@ def resolve_mpp(
     raise MissingMppError(
         f"{path}: no usable µm/px in the slide's metadata (no openslide.mpp-x, no TIFF "
         "resolution in centimeter or inch, no objective power). If you know the scanner's "
-        "resolution, pass it with --mpp_override (µm/px of level 0, e.g. 0.25 for 40x, "
-        "0.5 for 20x)."
+        "resolution, pass it with --mpp_override (µm/px of level 0 of every slide without "
+        "one, e.g. 0.25 for 40x, 0.5 for 20x) or per slide with --mpp_csv."
     )
 
 
@@ -236,6 +275,7 @@ class SlideReader:
     Args:
         path: the slide file.
         mpp_override: µm/px of level 0 to use instead of the metadata.
+        mpp_fallback: µm/px of level 0 to use when the metadata has none.
 
     Raises:
         FileNotFoundError: no such file.
@@ -247,7 +287,12 @@ class SlideReader:
         ...     tile = slide.read_region((0, 0), 0, (256, 256))  # (256, 256, 3) uint8
     """
 
-    def __init__(self, path: Path | str, mpp_override: float | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        mpp_override: float | None = None,
+        mpp_fallback: float | None = None,
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such slide file")
@@ -266,8 +311,8 @@ class SlideReader:
             ) from None
         self.properties: dict[str, str] = dict(self._slide.properties)
         try:
-            self.mpp_source = resolve_mpp(self.properties, self.path, mpp_override)
-        except MissingMppError:
+            self.mpp_source = resolve_mpp(self.properties, self.path, mpp_override, mpp_fallback)
+        except (MissingMppError, ValueError):
             self._slide.close()
             raise
         bg = self.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "FFFFFF")
@@ -410,12 +455,25 @@ class SlideReader:
 
 
 @readers.register("openslide")
-def _openslide_reader(path: Path | str, mpp_override: float | None = None) -> SlideReader:
-    return SlideReader(path, mpp_override=mpp_override)
+def _openslide_reader(
+    path: Path | str, mpp_override: float | None = None, mpp_fallback: float | None = None
+) -> SlideReader:
+    return SlideReader(path, mpp_override=mpp_override, mpp_fallback=mpp_fallback)
 
 
 def open_slide(
-    path: Path | str, mpp_override: float | None = None, reader: str = "openslide"
+    path: Path | str,
+    mpp_override: float | None = None,
+    reader: str = "openslide",
+    mpp_fallback: float | None = None,
 ) -> SlideReader:
-    """Open a slide with a registered reader (``openslide`` by default)."""
-    return readers.create(reader, path=path, mpp_override=mpp_override)
+    """Open a slide with a registered reader (``openslide`` by default).
+
+    Args:
+        path: the slide file.
+        mpp_override: level-0 µm/px that wins over the metadata.
+        reader: name of a registered reader.
+        mpp_fallback: level-0 µm/px used only when the metadata has none.
+    """
+    kwargs = {} if mpp_fallback is None else {"mpp_fallback": mpp_fallback}
+    return readers.create(reader, path=path, mpp_override=mpp_override, **kwargs)

@@ -7,10 +7,19 @@ is at least as fine (``level``), and resized to ``tile_size``.
 
 Each tile keeps its tissue fraction, measured exactly on the tissue mask by a summed-area
 table; tiles below ``min_tissue`` are dropped. Only coordinates are stored, never pixels.
+
+Before tiling, the thumbnail that tissue is segmented on is checked to be a brightfield H&E
+scan (:mod:`histcode.slideqc`: bright neutral glass, tissue that absorbs, in H&E colours); a
+fluorescence, inverted or mis-decoded slide is recorded as ``failed`` (``--brightfield_qc
+warn`` tiles it with a warning). The measurements are kept in each slide's ``qc`` attrs.
+
+Level-0 µm/px comes from the slide's metadata; ``--mpp_override`` is used only for slides
+without any, and ``--mpp_csv`` gives it per slide (replacing metadata, with a warning).
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import logging
 import multiprocessing
@@ -21,14 +30,22 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from histcode.cli import EXIT_OK, EXIT_PARTIAL, CommandResult, run_function
 from histcode.segmentation import SegmentationParams, segment_tissue
-from histcode.slide import SLIDE_EXTENSIONS, SlideError, SlideReader, open_slide, slide_id
+from histcode.slide import (
+    SLIDE_EXTENSIONS,
+    SlideError,
+    SlideReader,
+    check_mpp,
+    open_slide,
+    slide_id,
+)
+from histcode.slideqc import QC_MODES, QCMode, measure_brightfield
 from histcode.tilestore import TileStore
 
 log = logging.getLogger(__name__)
@@ -91,6 +108,19 @@ class SlideTiling:
     @property
     def status(self) -> str:
         return self.attrs["status"]
+
+
+@dataclass(frozen=True)
+class SlideMpp:
+    """One slide's level-0 µm/px given by the user (a ``--mpp_csv`` row).
+
+    Attributes:
+        mpp: level-0 µm/px; replaces the slide's metadata.
+        given_by: where it was given, for messages and attrs (``--mpp_csv FILE line N``).
+    """
+
+    mpp: float
+    given_by: str
 
 
 def tile_grid(width: int, height: int, side: float) -> np.ndarray:
@@ -162,31 +192,50 @@ def tile_slide(
     params: TilingParams = TilingParams(),
     mpp_override: float | None = None,
     segmentation: SegmentationParams | None = None,
+    *,
+    slide_mpp: SlideMpp | None = None,
+    brightfield_qc: QCMode = "fail",
 ) -> SlideTiling:
     """Segment and tile one slide. Never raises for a bad slide: it comes back ``failed``.
 
     Args:
         path: the slide file.
         params: tile geometry and thresholds.
-        mpp_override: level-0 µm/px to use instead of the slide's metadata.
+        mpp_override: level-0 µm/px used when the slide's metadata has none
+            (``--mpp_override``).
         segmentation: tissue segmentation parameters.
+        slide_mpp: this slide's level-0 µm/px, replacing its metadata (a ``--mpp_csv`` row).
+        brightfield_qc: ``fail``: a slide that does not look like brightfield H&E
+            (:func:`histcode.slideqc.measure_brightfield`) is ``failed``; ``warn``: it is
+            tiled, its ``qc`` attrs say it failed; ``off``: measured, not acted on.
 
     Returns:
         The slide's tiles and attributes; ``status`` is ``ok``, ``empty`` (no tissue) or
-        ``failed`` (``error`` says why and how to fix).
+        ``failed`` (``error`` says why and how to fix). ``qc`` holds the brightfield
+        measurements (None when the slide could not be read that far).
     """
     start = time.perf_counter()
     path = Path(path)
     sid = slide_id(path)
-    attrs: dict[str, Any] = {"path": str(path.resolve()), "status": "failed", "error": None}
+    attrs: dict[str, Any] = {
+        "path": str(path.resolve()),
+        "status": "failed",
+        "error": None,
+        "qc": None,
+    }
     empty = np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
     try:
-        with open_slide(path, mpp_override=mpp_override) as reader:
+        with open_slide(
+            path,
+            mpp_override=None if slide_mpp is None else slide_mpp.mpp,
+            mpp_fallback=mpp_override,
+        ) as reader:
             side = params.tile_size * params.mpp / reader.mpp
             level = reader.level_for_mpp(params.mpp)
+            source = reader.mpp_source
             attrs.update(
                 mpp_level0=reader.mpp,
-                mpp_source=reader.mpp_source.source,
+                mpp_source=source.source,
                 tile_size_level0=side,
                 level=level,
                 level_downsample=float(reader.level_downsamples[level]),
@@ -194,6 +243,12 @@ def tile_slide(
                 vendor=reader.vendor,
                 fingerprint=reader.fingerprint(),
             )
+            if source.source == "override":
+                attrs["mpp_override_from"] = (
+                    "--mpp_override" if slide_mpp is None else slide_mpp.given_by
+                )
+            if source.replaced is not None:
+                attrs["mpp_metadata"] = {"mpp": source.replaced[0], "source": source.replaced[1]}
             if min(reader.dimensions) < side:
                 raise SlideError(
                     f"{path}: the slide ({reader.dimensions[0]}×{reader.dimensions[1]} px at "
@@ -202,6 +257,15 @@ def tile_slide(
                 )
             thumb, thumb_mpp = reader.thumbnail(params.seg_mpp, params.seg_coarsen)
             mask = segment_tissue(thumb, thumb_mpp, segmentation)
+            qc = measure_brightfield(thumb, mask)
+            attrs["qc"] = qc.attrs(brightfield_qc)
+            if not qc.passed and brightfield_qc == "fail":
+                raise SlideError(
+                    f"{path}: not a brightfield H&E scan by its colours (brightfield QC "
+                    f"failed: {qc.describe()}). Re-export mis-decoded colours as RGB; if it "
+                    "is H&E after all (an unusual stain or scanner), tile it anyway with "
+                    "--brightfield_qc warn (or off)."
+                )
             scale = (reader.mpp / thumb_mpp, reader.mpp / thumb_mpp)  # mask px per level-0 px
             coords = tile_grid(*reader.dimensions, side)
             tissue = tissue_fractions(mask, scale, coords, side)
@@ -218,6 +282,97 @@ def tile_slide(
         attrs["error"] = f"{path}: unexpected {type(err).__name__}: {err}"
         coords, tissue = empty
     return SlideTiling(sid, attrs, coords, tissue, time.perf_counter() - start)
+
+
+def read_mpp_csv(path: Path | str, slides: Sequence[Path]) -> dict[str, SlideMpp]:
+    """Per-slide level-0 µm/px from a CSV of ``slide, mpp`` rows.
+
+    A slide is named by its id (the file name without extension, or with it) or by its path
+    (as given, else relative to the CSV's folder). A header row (e.g. ``slide,mpp``), blank
+    lines and ``#`` comments are allowed; fields are separated by commas, tabs or semicolons.
+
+    Args:
+        path: the CSV file.
+        slides: the slides of the run.
+
+    Returns:
+        slide id → its µm/px and the line that gave it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a row that is not ``slide, µm/px``, a µm/px that is not a plausible
+            number, a slide that is not in the run, or a slide listed twice; the message
+            names the file, the line and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--mpp_csv {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"--mpp_csv {path} is not UTF-8 text; save it as a CSV of 'slide,mpp' rows."
+        ) from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise ValueError(f"--mpp_csv {path} has no rows; expected 'slide,mpp' rows.")
+    first = lines[0][1]
+    delimiter = "\t" if "\t" in first else ";" if ";" in first and "," not in first else ","
+    ids = {slide_id(p): p for p in slides}
+    by_path = {p.resolve(): sid for sid, p in ids.items()}
+    fix = "Expected rows of 'slide,mpp' (slide id or path, level-0 µm/px such as 0.25)."
+    found: dict[str, SlideMpp] = {}
+    lines_of: dict[str, int] = {}
+    for index, (n, line) in enumerate(lines):
+        fields = [f.strip() for f in next(csv.reader([line], delimiter=delimiter))]
+        while len(fields) > 2 and not fields[-1]:
+            fields.pop()
+        where = f"--mpp_csv {path}, line {n}"
+        if len(fields) != 2 or not fields[0]:
+            raise ValueError(f"{where}: {line.strip()!r} has {len(fields)} fields. {fix}")
+        key, value = fields
+        try:
+            mpp = float(value)
+        except ValueError:
+            if index == 0:  # a header row
+                continue
+            raise ValueError(f"{where}: µm/px {value!r} is not a number. {fix}") from None
+        check_mpp(mpp, f"{where}: µm/px")
+        sid = _csv_slide(key, ids, by_path, path.parent)
+        if sid is None:
+            shown = ", ".join(sorted(ids)[:5]) + (", …" if len(ids) > 5 else "")
+            raise ValueError(
+                f"{where}: {key!r} is not a slide of this run (its slides: {shown}). Name a "
+                "slide of --slides by its id or path, or remove the row."
+            )
+        if sid in found:
+            raise ValueError(
+                f"{where}: slide {sid} is already given on line {lines_of[sid]}; keep one row "
+                "per slide."
+            )
+        found[sid] = SlideMpp(mpp, f"--mpp_csv {path} line {n}")
+        lines_of[sid] = n
+    return found
+
+
+def _csv_slide(
+    key: str, ids: dict[str, Path], by_path: dict[Path, str], folder: Path
+) -> str | None:
+    """The id of the run's slide that a ``--mpp_csv`` row names, or None."""
+    if "/" in key or "\\" in key:
+        for candidate in (Path(key), folder / key):
+            sid = by_path.get(candidate.resolve())
+            if sid is not None:
+                return sid
+        return None
+    if key in ids:
+        return key
+    try:
+        sid = slide_id(key)
+    except ValueError:
+        return None
+    return sid if sid in ids else None
 
 
 def discover_slides(inputs: Iterable[str]) -> list[Path]:
@@ -292,6 +447,9 @@ def tile_slides(
     overwrite: bool = False,
     mpp_override: float | None = None,
     progress: bool = True,
+    *,
+    mpp_csv: Path | str | None = None,
+    brightfield_qc: QCMode = "fail",
 ) -> TilingReport:
     """Tile many slides into a tile store; resumable, one slide's failure stops nothing.
 
@@ -301,20 +459,38 @@ def tile_slides(
         params: tile geometry and thresholds (must match an existing store's).
         workers: slides tiled in parallel (processes).
         overwrite: redo slides already in the store.
-        mpp_override: level-0 µm/px for every slide, instead of metadata.
+        mpp_override: level-0 µm/px for slides whose metadata has none (slides with it keep
+            theirs).
         progress: show a progress bar on stderr.
+        mpp_csv: a CSV of ``slide, mpp`` rows (:func:`read_mpp_csv`): those slides' level-0
+            µm/px, replacing their metadata (logged as a warning where the metadata has one).
+        brightfield_qc: ``fail`` | ``warn`` | ``off``: what a slide that does not look like
+            brightfield H&E gets (see :func:`tile_slide`).
 
     Returns:
         A report listing each slide's status, tiles and error.
+
+    Raises:
+        ValueError: unusable arguments, or a malformed ``mpp_csv`` (nothing is written).
     """
     params.check()
     if workers < 1:
         raise ValueError(f"--workers {workers}: expected at least 1")
+    if brightfield_qc not in QC_MODES:
+        raise ValueError(f"--brightfield_qc {brightfield_qc!r}: choose one of {QC_MODES}")
+    if mpp_override is not None:
+        check_mpp(mpp_override, "--mpp_override")
     paths = discover_slides([str(s) for s in slides])
+    per_slide = read_mpp_csv(mpp_csv, paths) if mpp_csv is not None else {}
     store = TileStore(out)
     report = TilingReport(store.path)
     with store.lock():
-        root = {**asdict(params), "mpp_override": mpp_override}
+        root = {
+            **asdict(params),
+            "mpp_override": mpp_override,
+            "mpp_csv": None if mpp_csv is None else str(Path(mpp_csv).resolve()),
+            "brightfield_qc": brightfield_qc,
+        }
         store.initialise(
             root,
             must_match=("mpp", "tile_size", "min_tissue", "seg_mpp", "seg_coarsen"),
@@ -325,9 +501,16 @@ def tile_slides(
             sid = slide_id(p)
             status = None if overwrite else store.status(sid)
             if status in ("ok", "empty"):
-                n = len(store.read(sid))
+                done = store.read(sid)
+                _warn_if_not_applied(done.attrs, per_slide.get(sid), sid)
                 report.slides.append(
-                    {"slide_id": sid, "status": status, "tiles": n, "error": None, "skipped": True}
+                    {
+                        "slide_id": sid,
+                        "status": status,
+                        "tiles": len(done),
+                        "error": None,
+                        "skipped": True,
+                    }
                 )
             else:
                 todo.append(p)
@@ -337,41 +520,90 @@ def tile_slides(
 
         def record(result: SlideTiling) -> None:
             store.write(result.slide_id, result.attrs, result.coords, result.tissue)
+            qc = result.attrs.get("qc") or {}
             report.slides.append(
                 {
                     "slide_id": result.slide_id,
                     "status": result.status,
                     "tiles": len(result.coords),
                     "error": result.attrs["error"],
+                    "qc_failed": qc.get("failed"),
                     "seconds": round(result.seconds, 3),
                     "skipped": False,
                 }
             )
-            if result.status == "failed":
-                log.error("%s failed: %s", result.slide_id, result.attrs["error"])
-            elif result.status == "empty":
-                log.warning(
-                    "%s: no tissue found in %s (a blank slide, or tissue too faint to segment); "
-                    "recorded as empty, with no tiles. If it has tissue, check the scan or lower "
-                    "--min_tissue.",
-                    result.slide_id,
-                    result.attrs["path"],
-                )
+            _log_outcome(result)
             bar.update()
             bar.set_postfix(tiles=sum(s["tiles"] for s in report.slides))
 
+        def options(p: Path) -> dict[str, Any]:
+            return {"slide_mpp": per_slide.get(slide_id(p)), "brightfield_qc": brightfield_qc}
+
         if workers == 1 or len(todo) <= 1:
             for p in todo:
-                record(tile_slide(p, params, mpp_override))
+                record(tile_slide(p, params, mpp_override, **options(p)))
         else:
             ctx = multiprocessing.get_context("spawn")  # no fork of zarr's I/O threads
             with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
-                futures = [pool.submit(tile_slide, p, params, mpp_override) for p in todo]
+                futures = [
+                    pool.submit(tile_slide, p, params, mpp_override, **options(p)) for p in todo
+                ]
                 for future in as_completed(futures):
                     record(future.result())
         bar.close()
     report.slides.sort(key=lambda s: s["slide_id"])
     return report
+
+
+def _log_outcome(result: SlideTiling) -> None:
+    """Log a slide's failure, emptiness, QC warning and µm/px override (main process)."""
+    attrs, sid = result.attrs, result.slide_id
+    if result.status == "failed":
+        log.error("%s failed: %s", sid, attrs["error"])
+    elif result.status == "empty":
+        log.warning(
+            "%s: no tissue found in %s (a blank slide, or tissue too faint to segment); "
+            "recorded as empty, with no tiles. If it has tissue, check the scan or lower "
+            "--min_tissue.",
+            sid,
+            attrs["path"],
+        )
+    qc = attrs.get("qc") or {}
+    if result.status != "failed" and qc.get("passed") is False and qc.get("mode") == "warn":
+        log.warning(
+            "%s: brightfield QC failed (%s) but the slide was tiled (--brightfield_qc warn): "
+            "%s. Its predictions may be meaningless unless it is brightfield H&E.",
+            sid,
+            ", ".join(qc["failed"]),
+            qc["message"],
+        )
+    meta = attrs.get("mpp_metadata")
+    if meta is not None:
+        log.warning(
+            "%s: µm/px %.4g from %s replaces %.4g from the slide's metadata (%s); the tiles "
+            "use %.4g. Remove the row if the metadata is right.",
+            sid,
+            attrs["mpp_level0"],
+            attrs.get("mpp_override_from"),
+            meta["mpp"],
+            meta["source"],
+            attrs["mpp_level0"],
+        )
+
+
+def _warn_if_not_applied(attrs: dict[str, Any], row: SlideMpp | None, sid: str) -> None:
+    """A finished slide is skipped: say so when its ``--mpp_csv`` row would change it."""
+    if row is None or abs(attrs.get("mpp_level0", row.mpp) - row.mpp) <= 1e-3 * row.mpp:
+        return
+    log.warning(
+        "%s is already tiled at %.4g µm/px (%s); %s gives %.4g, which is not applied to "
+        "finished slides. Rerun with --overwrite to retile it.",
+        sid,
+        attrs.get("mpp_level0"),
+        attrs.get("mpp_source"),
+        row.given_by,
+        row.mpp,
+    )
 
 
 def tile(
@@ -386,13 +618,16 @@ def tile(
     workers: int = 1,
     overwrite: bool = False,
     mpp_override: float | None = None,
+    mpp_csv: Path | None = None,
+    brightfield_qc: Literal["fail", "warn", "off"] = "fail",
     progress: bool = True,
 ) -> CommandResult:
     """Segment tissue and lay a grid of tiles at a target µm/px on each slide; write tiles.zarr.
 
     Only tile coordinates are stored (never pixels). Rerunning skips finished slides and
-    retries failed ones. A slide that cannot be read is recorded as failed with its error
-    and the others still complete (exit status 1).
+    retries failed ones. A slide that cannot be read, or that is not a brightfield H&E scan
+    (see --brightfield_qc), is recorded as failed with its error and the others still
+    complete (exit status 1).
 
     Args:
         slides: slide files, folders (searched recursively) or glob patterns, e.g.
@@ -407,11 +642,32 @@ def tile(
         verify_tiles: tiles per slide read back to detect damaged tile data (0 to skip).
         workers: slides tiled in parallel.
         overwrite: redo slides already in the store.
-        mpp_override: level-0 µm/px for slides whose metadata lacks it (applies to all).
+        mpp_override: level-0 µm/px of the slides whose metadata has none (no OpenSlide mpp,
+            no TIFF resolution); it replaces the objective-power guess. Slides whose metadata
+            has a µm/px keep it: to change one, use --mpp_csv.
+        mpp_csv: CSV of 'slide,mpp' rows (slide id or path, level-0 µm/px; a header row is
+            allowed): those slides' µm/px, replacing their metadata, with a warning naming
+            the slide and both values. A row naming a slide not in --slides is an error.
+        brightfield_qc: what happens to a slide whose thumbnail does not look like
+            brightfield H&E (dark or coloured glass, tissue brighter than glass, tissue
+            colours outside haematoxylin and eosin: fluorescence, inverted or mis-decoded
+            colours): 'fail' records it as failed naming the check and values; 'warn' tiles
+            it with a warning; 'off' tiles it silently. The measurements are stored in each
+            slide's 'qc' attrs either way.
         progress: show a progress bar.
     """
     params = TilingParams(mpp, tile_size, min_tissue, seg_mpp, seg_coarsen, verify_tiles)
-    report = tile_slides(slides, out, params, workers, overwrite, mpp_override, progress)
+    report = tile_slides(
+        slides,
+        out,
+        params,
+        workers,
+        overwrite,
+        mpp_override,
+        progress,
+        mpp_csv=mpp_csv,
+        brightfield_qc=brightfield_qc,
+    )
     counts = report.counts
     result = {
         "out": str(report.store),
@@ -420,6 +676,9 @@ def tile(
         "skipped": sum(s["skipped"] for s in report.slides),
         "tiles": sum(s["tiles"] for s in report.slides),
         "failed_slides": [s["slide_id"] for s in report.failed],
+        "qc_warned_slides": [
+            s["slide_id"] for s in report.slides if s["status"] != "failed" and s.get("qc_failed")
+        ],
     }
     return CommandResult(
         out_dir=report.store,
