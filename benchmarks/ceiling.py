@@ -827,10 +827,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     cohorts: list[tuple[str, list[float], list[int]]] = [(args.difficulty, args.mpp, args.seeds)]
-    if args.reference != "none" and args.reference != args.difficulty:
+    if args.reference not in ("none", args.difficulty) and args.seeds:
         cohorts.append((args.reference, args.reference_mpp, args.reference_seeds or args.seeds))
     cells, made = [], {}
     for difficulty, mpps, seeds in cohorts:
+        if not seeds:
+            continue
         cohort = make_cohort(args.work, difficulty, args.patients, args.slide_mm)
         result = json.loads((cohort / "summary.json").read_text()).get("result", {})
         made[difficulty] = {
@@ -846,7 +848,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 first = difficulty == args.difficulty and seed == seeds[0]
                 variants = list(args.variants) if first and mpp == args.variant_mpp else []
                 cells.append(cached_cell(args, difficulty, cohort, mpp, seed, variants))
-    _, config = pretrain_config(args.work, args.seeds[0], args.steps, args.batch_size)
+    _, config = pretrain_config(args.work, (args.seeds or [0])[0], args.steps, args.batch_size)
     for old in (load_result(path) for path in args.merge):
         cells += old["cells"]
         for d, c in old.get("cohorts", {}).items():
@@ -882,7 +884,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--slide_mm", type=float, nargs=2, default=(2.5, 2.0), help="the demo's")
     parser.add_argument("--mpp", type=float, nargs="+", default=None, help="default 2 1 0.5")
     parser.add_argument("--reference-mpp", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=None, help="default 0 1 2; none: only --merge"
+    )
     parser.add_argument("--reference-seeds", type=int, nargs="+", default=None, help="= --seeds")
     parser.add_argument("--steps", type=int, default=None, help="SimCLR steps: 1000 (quick 100)")
     parser.add_argument("--batch-size", type=int, default=32, help="SimCLR batch (the demo's)")

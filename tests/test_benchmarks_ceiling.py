@@ -144,3 +144,19 @@ def test_report_renders_the_ceiling_table_and_flags_collapse() -> None:
     report = {"machine": {}, "results": {"ceiling": entry}}
     assert "## Ceiling: what the tile features can separate" in runner.render_markdown(report)
     assert "ceiling" in runner.NAMES
+
+
+def test_summarise_gives_mean_and_sd_over_seeds_and_counts_a_merged_duplicate_once() -> None:
+    def cell(seed: int, auc: float, steps: int = 300) -> dict[str, Any]:
+        entry = {
+            "status": "ok",
+            "tumour": {"tile_auc": auc},
+            "pretrain": {"steps": steps, "final_loss": 4.1, "chance_loss": 4.14},
+        }
+        return {"difficulty": "hard", "mpp": 1.0, "seed": seed, "encoders": {"simclr": entry}}
+
+    cells = [cell(0, 0.6), cell(1, 0.8), cell(1, 0.1), cell(0, 0.5, steps=1000)]
+    rows = {r["steps"]: r for r in ceiling.summarise(cells)}
+    assert rows[300]["seeds"] == 2 and rows[300]["tumour_tile_auc"]["mean"] == 0.7
+    assert rows[300]["tumour_tile_auc"]["sd"] == round(float(np.std([0.6, 0.8], ddof=1)), 4)
+    assert rows[1000]["seeds"] == 1 and rows[1000]["tumour_tile_auc"]["sd"] is None
