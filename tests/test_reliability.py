@@ -47,6 +47,7 @@ from histcode.synth import write_test_slide
 from histcode.tilestore import TileStore
 from histcode.tiling import TilingParams, tile_slides
 from tests.finetune.finetune_cohort import SignalCohort, write_signal_cohort
+from tests.histcode.recoloured_slides import write_recoloured
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIGS = ROOT / "configs" / "pretrain"
@@ -62,7 +63,8 @@ class World:
 
     Attributes:
         slides: the three good slides of ``small_cohort`` by id.
-        bad: bad slide files by kind (corrupt, notes, blank, nompp, damaged, dotdot).
+        bad: bad slide files by kind (corrupt, notes, blank, nompp, damaged, dotdot, and
+            S1 as a fluorescence scan and as YCbCr decoded as RGB: fluorescence, ycbcr).
         tiles: a tile store of ``small_cohort`` (three ok slides and the failed ``broken``).
         blank_tiles: a tile store whose only slide is blank (``empty``).
         no_slides_tiles: a tile store without any slide.
@@ -128,6 +130,8 @@ def world(small_cohort: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         "nompp": bad_dir / "nompp.tiff",
         "damaged": bad_dir / "damaged.svs",
         "dotdot": bad_dir / "...svs",  # its id would be ".."
+        "fluorescence": bad_dir / "fluorescence.svs",
+        "ycbcr": bad_dir / "ycbcr.svs",
     }
     data = good.read_bytes()
     bad["corrupt"].write_bytes(data[: len(data) * 95 // 100])  # a copy cut short
@@ -137,6 +141,8 @@ def world(small_cohort: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     write_test_slide(bad["nompp"], seed=6, fmt="tiff", write_mpp=False, **size)
     _damage_level0(good, bad["damaged"])
     shutil.copy(good, bad["dotdot"])
+    write_recoloured(good, bad["fluorescence"], "fluorescence")
+    write_recoloured(good, bad["ycbcr"], "ycbcr")
 
     tiles = root / "tiles.zarr"
     shutil.copytree(small_cohort["tiles"], tiles)
@@ -417,6 +423,33 @@ CASES: list[Case] = [
         writes="tiles", statuses={"nompp": "failed"},
     ),
     Case(
+        "tile/fluorescence-slide", "fluorescence or mis-decoded slide",
+        lambda c: tile(c, c.world.bad["fluorescence"], c.world.slides[S2]),
+        1, ("fluorescence.svs: not a brightfield H&E scan", "background_bright: background RGB",
+            "tissue_absorbs: median tissue OD -", "tile it anyway with --brightfield_qc warn"),
+        writes="tiles", statuses={S2: "ok", "fluorescence": "failed"},
+    ),
+    Case(
+        "tile/ycbcr-decoded-as-rgb", "fluorescence or mis-decoded slide",
+        lambda c: tile(c, c.world.bad["ycbcr"]),
+        1, ("ycbcr.svs: not a brightfield H&E scan", "background_neutral: background RGB",
+            "tissue_h_and_e: median angle", "Re-export mis-decoded colours as RGB"),
+        writes="tiles", statuses={"ycbcr": "failed"},
+    ),
+    Case(
+        "tile/mpp-csv-not-a-number", "malformed µm/px CSV",
+        lambda c: tile(c, c.world.slides[S1], extra=(
+            "--mpp_csv", str(c.write("mpp.csv", f"slide,mpp\n{S1},0.25 µm\n")))),
+        2, ("mpp.csv, line 2: µm/px '0.25 µm' is not a number", "Expected rows of 'slide,mpp'"),
+    ),
+    Case(
+        "tile/mpp-csv-slide-not-in-run", "malformed µm/px CSV",
+        lambda c: tile(c, c.world.slides[S1], extra=(
+            "--mpp_csv", str(c.write("mpp.csv", "TCGA-S9-0999-01A-01-TS1,0.25\n")))),
+        2, ("mpp.csv, line 1: 'TCGA-S9-0999-01A-01-TS1' is not a slide of this run",
+            "or remove the row"),
+    ),
+    Case(
         "tile/slide-id-would-escape", "slide id escaping the output folder",
         lambda c: tile(c, c.world.bad["dotdot"]),
         2, ("...svs", "slide id '..' cannot name an output", "Rename the file"),
@@ -657,6 +690,8 @@ FAULTS = {
     "unreadable input file": "bad input, beyond the issue's list",
     "registry folder that is a file": "bad input, beyond the issue's list",
     "heatmap slide missing or not the scan tiled": "bad input, beyond the issue's list",
+    "fluorescence or mis-decoded slide": "bad input (issue 17: slide quality at tiling)",
+    "malformed µm/px CSV": "bad input (issue 17: per-slide µm/px)",
     "kill -9 during tile": "interruption",
     "kill -9 during embed": "interruption",
     "kill -9 during pretrain": "interruption",

@@ -52,8 +52,30 @@ def test_override_wins_and_is_checked() -> None:
         resolve_mpp({}, "s", 250.0)
 
 
+NDPI_228 = {"openslide.mpp-x": "0.228", "openslide.mpp-y": "0.228"}
+
+
+def test_fallback_applies_only_without_metadata(caplog: pytest.LogCaptureFixture) -> None:
+    """--mpp_override: an NDPI at 0.228 µm/px keeps it; a slide without µm/px gets it."""
+    got = resolve_mpp(NDPI_228, "s.ndpi", mpp_fallback=0.5)
+    assert got.mpp == pytest.approx(0.228) and got.source == "openslide"
+    got = resolve_mpp({}, "s.tiff", mpp_fallback=0.5)
+    assert got.mpp == 0.5 and got.source == "override" and got.replaced is None
+    with caplog.at_level(logging.WARNING):  # it beats the objective-power guess, silently
+        got = resolve_mpp({"openslide.objective-power": "20"}, "s.svs", mpp_fallback=0.25)
+    assert got.mpp == 0.25 and got.source == "override" and "assuming" not in caplog.text
+    with pytest.raises(ValueError, match=r"--mpp_override 0\.001 is not a plausible"):
+        resolve_mpp({}, "s.tiff", mpp_fallback=0.001)
+
+
+def test_override_records_the_metadata_it_replaces() -> None:
+    got = resolve_mpp(NDPI_228, "s.ndpi", mpp_override=0.5)
+    assert got.mpp == 0.5 and got.source == "override" and got.replaced == (0.228, "openslide")
+    assert resolve_mpp({}, "s.tiff", mpp_override=0.5).replaced is None
+
+
 def test_missing_mpp_names_file_and_fix() -> None:
-    with pytest.raises(MissingMppError, match=r"x\.tiff.*--mpp_override"):
+    with pytest.raises(MissingMppError, match=r"x\.tiff.*--mpp_override.*--mpp_csv"):
         resolve_mpp({}, "x.tiff")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -198,6 +199,98 @@ def test_missing_mpp_fixed_by_override(slides, tmp_path: Path) -> None:
     report = tile_slides([nompp], out, mpp_override=0.5, progress=False)  # retried
     assert report.slides[0]["status"] == "ok" and not report.slides[0]["skipped"]
     assert TileStore(out).read("nompp").attrs["mpp_source"] == "override"
+
+
+def test_mpp_override_applies_only_to_slides_without_mpp(slides, tmp_path: Path) -> None:
+    """An NDPI at 0.228 µm/px must not be tiled as 0.5 because --mpp_override was given."""
+    p20, p40, nompp = (
+        slides[k][0] for k in ("TCGA-S1-0001-01A-01-TS1", "TCGA-S1-0001-01A-01-TS1-40x", "nompp")
+    )
+    report = tile_slides([p20, p40, nompp], tmp_path / "t.zarr", mpp_override=0.4, progress=False)
+    assert [s["status"] for s in report.slides] == ["ok", "ok", "ok"]
+    store = TileStore(tmp_path / "t.zarr")
+    for path, mpp, source in (
+        (p20, 0.5, "openslide"),
+        (p40, 0.25, "openslide"),
+        (nompp, 0.4, "override"),
+    ):
+        attrs = store.read(path.stem).attrs
+        assert attrs["mpp_level0"] == pytest.approx(mpp) and attrs["mpp_source"] == source
+        assert attrs["tile_size_level0"] == pytest.approx(256 * 0.5 / mpp)
+        assert "mpp_metadata" not in attrs
+    assert store.read("nompp").attrs["mpp_override_from"] == "--mpp_override"
+    assert "mpp_override_from" not in store.read(p20.stem).attrs
+    assert store.attrs["params"]["mpp_override"] == 0.4
+
+
+def test_mpp_csv_overrides_per_slide_and_logs(
+    slides, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    p20, p40, nompp = (
+        slides[k][0] for k in ("TCGA-S1-0001-01A-01-TS1", "TCGA-S1-0001-01A-01-TS1-40x", "nompp")
+    )
+    table = tmp_path / "mpp.csv"
+    table.write_text(f"slide,mpp\n{p20.stem},0.25\n{nompp},0.45\n")  # by id, by path
+    out = tmp_path / "t.zarr"
+    with caplog.at_level(logging.WARNING):
+        report = tile_slides([p20, p40, nompp], out, mpp_csv=table, progress=False)
+    assert [s["status"] for s in report.slides] == ["ok", "ok", "ok"]
+    store = TileStore(out)
+    a20 = store.read(p20.stem).attrs
+    assert a20["mpp_level0"] == 0.25 and a20["mpp_source"] == "override"
+    assert a20["tile_size_level0"] == pytest.approx(512)  # 256 px at 0.5 µm/px, at 0.25
+    assert a20["mpp_metadata"] == {"mpp": pytest.approx(0.5), "source": "openslide"}
+    assert a20["mpp_override_from"] == f"--mpp_csv {table} line 2"
+    a40 = store.read(p40.stem).attrs  # no row: its metadata
+    assert a40["mpp_level0"] == pytest.approx(0.25) and a40["mpp_source"] == "openslide"
+    anom = store.read("nompp").attrs
+    assert anom["mpp_level0"] == 0.45 and anom["mpp_override_from"].endswith("line 3")
+    assert "mpp_metadata" not in anom  # nothing replaced: no warning
+    warned = [r.getMessage() for r in caplog.records if "replaces" in r.getMessage()]
+    assert len(warned) == 1
+    assert warned[0].startswith(f"{p20.stem}: µm/px 0.25 from --mpp_csv {table} line 2")
+    assert "replaces 0.5 from the slide's metadata (openslide)" in warned[0]
+    # a finished slide is not retiled by a changed row: say so
+    table.write_text(f"{p20.stem}.svs,0.3\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = tile_slides([p20], out, mpp_csv=table, progress=False)
+    assert again.slides[0]["skipped"] and store.read(p20.stem).attrs["mpp_level0"] == 0.25
+    assert f"{p20.stem} is already tiled at 0.25 µm/px" in caplog.text
+    assert "Rerun with --overwrite" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (
+            "slide,mpp\nTCGA-S9-0999-01A,0.25\n",
+            "line 2: 'TCGA-S9-0999-01A' is not a slide of this run",
+        ),
+        ("slide,mpp\n/elsewhere/TCGA-S1-0001-01A-01-TS1.svs,0.25\n", "is not a slide of this run"),
+        ("slide,mpp\nTCGA-S1-0001-01A-01-TS1,0.25um\n", "line 2: µm/px '0.25um' is not a number"),
+        (
+            "# mpp\nTCGA-S1-0001-01A-01-TS1;0.25;0.5\n",
+            "line 2: 'TCGA-S1-0001-01A-01-TS1;0.25;0.5' has 3 fields",
+        ),
+        ("TCGA-S1-0001-01A-01-TS1,250\n", "line 1: µm/px 250.0 is not a plausible µm/px"),
+        (
+            "TCGA-S1-0001-01A-01-TS1,0.25\nTCGA-S1-0001-01A-01-TS1.svs,0.3\n",
+            "line 2: slide TCGA-S1-0001-01A-01-TS1 is already given on line 1",
+        ),
+    ],
+    ids=["unknown-id", "unknown-path", "not-a-number", "three-fields", "implausible", "twice"],
+)
+def test_mpp_csv_errors_name_the_row(slides, tmp_path: Path, capsys, text: str, says: str) -> None:
+    path, _ = slides["TCGA-S1-0001-01A-01-TS1"]
+    table = tmp_path / "mpp.csv"
+    table.write_text(text)
+    out = tmp_path / "t.zarr"
+    argv = ["tile", "--slides", str(path), "--out", str(out), "--mpp_csv", str(table)]
+    assert cli_main([*argv, "--progress", "false"]) == 2
+    err = capsys.readouterr().err
+    assert f"--mpp_csv {table}, " in err and says in err, err
+    assert not out.exists()  # refused before anything was written
 
 
 def test_resume_skips_finished_and_redoes_partial(slides, tmp_path: Path) -> None:
