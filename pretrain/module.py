@@ -1,30 +1,47 @@
-"""SimCLR as a LightningModule: zoo backbone + lightly's projection head and NT-Xent loss.
+"""Contrastive pretraining as a LightningModule: SimCLR or MoCo over a zoo backbone.
 
-Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
-Representations", ICML 2020. Glue only: the loss (``NTXentLoss``, negatives gathered across
-processes), the head (``SimCLRProjectionHead``), ``LARS`` and the warm-up/cosine schedule
-(``CosineWarmupScheduler``) are lightly's; the backbone comes from :mod:`histcode.encoders`;
-the views from :class:`~histcode.pretrain.augment.TileAugmentation`, run on the device in
-:meth:`SimCLRModule.on_after_batch_transfer`.
+- SimCLR: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of
+  Visual Representations", ICML 2020. Negatives are the other tiles of the global batch.
+- MoCo v2: Chen, Fan, Girshick, He, "Improved Baselines with Momentum Contrastive Learning",
+  2020 (after He et al., CVPR 2020): keys come from a momentum (EMA) copy of the backbone and
+  projection head, and negatives from a memory bank (queue) of earlier keys; the momentum
+  follows a cosine schedule to 1 (MoCo v3, Chen, Xie, He, ICCV 2021). HistCode's AdCo is of
+  this family (a large bank of negatives).
+
+Glue only: the loss (``NTXentLoss``, negatives gathered across processes, with
+``memory_bank_size`` for MoCo), the heads (``SimCLRProjectionHead``, ``MoCoProjectionHead``),
+the EMA (``update_momentum``, ``cosine_schedule``), shuffle-BN (``batch_shuffle``), ``LARS``
+and the warm-up/cosine schedule (``CosineWarmupScheduler``) are lightly's; the backbone comes
+from :mod:`histcode.encoders`; the views from
+:class:`~histcode.pretrain.augment.TileAugmentation`, run on the device in
+:meth:`ContrastiveModule.on_after_batch_transfer`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from lightly.loss import NTXentLoss
-from lightly.models.modules import SimCLRProjectionHead
+from lightly.models.modules import MoCoProjectionHead, SimCLRProjectionHead
+from lightly.models.utils import (
+    batch_shuffle,
+    batch_unshuffle,
+    deactivate_requires_grad,
+    update_momentum,
+)
 from lightly.utils.lars import LARS
-from lightly.utils.scheduler import CosineWarmupScheduler
+from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
 from torch import nn
 
 from histcode.encoders import Encoder, create_encoder
 from histcode.registry import Registry
 
 from .augment import AugmentConfig, TileAugmentation
+from .collapse import chance_loss
 
 #: default augmentation (a module-level instance: dataclass defaults must not be calls)
 DEFAULT_AUGMENTATION = AugmentConfig()
@@ -33,8 +50,11 @@ LOSS_WINDOW = 50
 log = logging.getLogger("histcode.pretrain")
 
 
-class SimCLRModule(pl.LightningModule):
-    """SimCLR pretraining of a tile encoder of the zoo.
+class ContrastiveModule(pl.LightningModule):
+    """Contrastive pretraining (SimCLR or MoCo v2) of a tile encoder of the zoo.
+
+    The encoder registered at the end is ``encoder`` (MoCo's query backbone); MoCo's momentum
+    copies (``key_encoder``, ``key_head``) and its memory bank live in the checkpoints only.
 
     Args:
         encoder: encoder zoo name (``resnet18``, ``resnet50_trunc``, ``tiny``, ``timm:…``).
@@ -46,9 +66,15 @@ class SimCLRModule(pl.LightningModule):
             have the same architecture.
         registry: registry root for ``init_from`` (default ``$HISTCODE_REGISTRY`` or
             ``./registry``).
+        method: ``simclr`` (negatives from the global batch) or ``moco`` (MoCo v2: momentum
+            key encoder, memory bank of negatives).
         projection_hidden_dim: hidden width of the projection head (default: embed_dim).
         projection_dim: output size of the projection head.
-        temperature: NT-Xent temperature.
+        temperature: NT-Xent temperature (SimCLR 0.1, MoCo v2 0.2).
+        memory_bank_size: MoCo only: negatives kept in the memory bank (keys of earlier
+            steps, all processes'); MoCo v2 used 65536.
+        key_momentum: MoCo only: EMA momentum of the key encoder at the first step.
+        key_momentum_end: MoCo only: momentum at the last step (cosine schedule, as MoCo v3).
         optimizer: ``adamw``, ``lars`` (lightly's, as SimCLR) or ``sgd``.
         lr: peak learning rate (after warm-up); per 256 tiles of global batch when
             ``scale_lr``.
@@ -74,9 +100,13 @@ class SimCLRModule(pl.LightningModule):
         tile_size: int | None = None,
         init_from: str | None = None,
         registry: str | None = None,
+        method: Literal["simclr", "moco"] = "simclr",
         projection_hidden_dim: int | None = None,
         projection_dim: int = 128,
         temperature: float = 0.1,
+        memory_bank_size: int = 4096,
+        key_momentum: float = 0.99,
+        key_momentum_end: float = 1.0,
         optimizer: Literal["adamw", "lars", "sgd"] = "adamw",
         lr: float = 1e-3,
         scale_lr: bool = False,
@@ -93,6 +123,18 @@ class SimCLRModule(pl.LightningModule):
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in augmentation.items()}
             )
         augmentation.check()
+        if method not in ("simclr", "moco"):
+            raise ValueError(f"model.method={method!r}: expected simclr or moco")
+        if method == "moco" and memory_bank_size < 1:
+            raise ValueError(
+                f"model.memory_bank_size={memory_bank_size}: MoCo takes its negatives from the "
+                "memory bank; set it to 1 or more (MoCo v2: 65536), or use --model.method simclr"
+            )
+        if not 0.0 <= key_momentum <= key_momentum_end <= 1.0:
+            raise ValueError(
+                f"model.key_momentum={key_momentum}, key_momentum_end={key_momentum_end}: "
+                "expected 0 ≤ key_momentum ≤ key_momentum_end ≤ 1 (MoCo: 0.99 → 1.0)"
+            )
         if optimizer == "lars" and weight_decay == 0:
             # lightly's LARS takes weight_decay == 0 as "exclude this group from LARS scaling"
             # (how biases and norms are exempted), so with 0 no layer gets a trust ratio and
@@ -108,8 +150,26 @@ class SimCLRModule(pl.LightningModule):
         spec = {k: v for k, v in (("mpp", mpp), ("tile_size", tile_size)) if v is not None}
         self.encoder: Encoder = create_encoder(encoder, **{**(encoder_kwargs or {}), **spec})
         dim = self.encoder.embed_dim
-        self.head = SimCLRProjectionHead(dim, projection_hidden_dim or dim, projection_dim)
-        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=True)
+        hidden = projection_hidden_dim or dim
+        self.key_encoder: Encoder | None = None
+        self.key_head: nn.Module | None = None
+        if method == "moco":
+            self.head: nn.Module = MoCoProjectionHead(dim, hidden, projection_dim)
+            # the momentum copies: never trained by gradients, moved by update_momentum
+            self.key_encoder = copy.deepcopy(self.encoder)
+            self.key_head = copy.deepcopy(self.head)
+            deactivate_requires_grad(self.key_encoder)
+            deactivate_requires_grad(self.key_head)
+            bank = (memory_bank_size, projection_dim)
+        else:
+            self.head = SimCLRProjectionHead(dim, hidden, projection_dim)
+            bank = 0
+        # gather_distributed: SimCLR's negatives, and MoCo's bank updates, span all processes
+        self.criterion = NTXentLoss(
+            temperature=temperature, memory_bank_size=bank, gather_distributed=True
+        )
+        self.key_momentum_now = float(key_momentum)  # of the last update
+        self._global_batch: int | None = None  # tiles a step over all processes, once seen
         s = self.encoder.input_spec
         self.augment = TileAugmentation(augmentation, s.mean, s.std, crop_size=s.tile_size)
         self.augmentation = augmentation
@@ -127,6 +187,63 @@ class SimCLRModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Projections of normalised views, ``(N, 3, S, S)`` → ``(N, projection_dim)``."""
         return self.head(self.encoder(x))
+
+    @torch.no_grad()
+    def forward_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """MoCo keys of normalised views, ``(N, 3, S, S)`` → ``(N, projection_dim)``.
+
+        With more than one process and BatchNorm not synchronised, the views are shuffled
+        across processes first (MoCo's shuffle-BN, lightly's ``batch_shuffle``), so that a
+        key's BatchNorm statistics come from other tiles than its query's; with synchronised
+        BatchNorm (``trainer.sync_batchnorm``, the default) the statistics are global and
+        no shuffle is needed.
+        """
+        assert self.key_encoder is not None and self.key_head is not None
+        shuffle = self._trainer is not None and self.trainer.world_size > 1
+        shuffle = shuffle and not self.synced_batchnorm
+        if shuffle:
+            x, order = batch_shuffle(x, distributed=True)
+        keys = self.key_head(self.key_encoder(x))
+        if shuffle:
+            keys = batch_unshuffle(keys, order, distributed=True)
+        return keys
+
+    def update_key_encoder(self, step: int, max_steps: int) -> float:
+        """Move the key encoder and head towards the query's by this step's momentum.
+
+        ``key ← m·key + (1 − m)·query`` (lightly's ``update_momentum``), with ``m`` from
+        ``key_momentum`` to ``key_momentum_end`` on a cosine schedule over ``max_steps``.
+
+        Returns:
+            The momentum used.
+        """
+        assert self.key_encoder is not None and self.key_head is not None
+        h = self.hparams
+        m = cosine_schedule(
+            min(step, max_steps), max(max_steps, 1), h.key_momentum, h.key_momentum_end
+        )
+        update_momentum(self.encoder, self.key_encoder, m)
+        update_momentum(self.head, self.key_head, m)
+        self.key_momentum_now = float(m)
+        return float(m)
+
+    def memory_bank_entries(self) -> int:
+        """Negatives held in the memory bank (0 for SimCLR)."""
+        return int(self.hparams.memory_bank_size) if self.hparams.method == "moco" else 0
+
+    def chance_loss(self, global_batch_size: int | None = None) -> float:
+        """The loss of a constant embedding for this run (:func:`~.collapse.chance_loss`).
+
+        Args:
+            global_batch_size: tiles a step over all processes; default the last step's, else
+                the data module's batch size × processes.
+        """
+        batch = global_batch_size or self._global_batch
+        if batch is None:
+            data = getattr(self.trainer, "datamodule", None) if self._trainer else None
+            world = self.trainer.world_size if self._trainer else 1
+            batch = int(getattr(data, "batch_size", 2)) * world
+        return chance_loss(batch, self.memory_bank_entries())
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -161,12 +278,16 @@ class SimCLRModule(pl.LightningModule):
                     f"{self.encoder.architecture} with {self.hparams.encoder_kwargs}: {err}"
                 ) from None
             self.parent_ref = f"{card.ref}#sha256={card.sha256}"
+            if self.key_encoder is not None:  # MoCo's keys start from the same weights
+                self.key_encoder.load_state_dict(self.encoder.state_dict())
 
     def on_fit_start(self) -> None:
         # BatchNorm over the global batch: Lightning's sync_batchnorm turned it into SyncBatchNorm
         self.synced_batchnorm = any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
         if self.hparams.channels_last and self.device.type == "cuda":
             self.encoder.to(memory_format=torch.channels_last)
+            if self.key_encoder is not None:
+                self.key_encoder.to(memory_format=torch.channels_last)
 
     def on_train_start(self) -> None:
         self._fit_schedule()
@@ -190,17 +311,34 @@ class SimCLRModule(pl.LightningModule):
         self._val_batches = 0
 
     def _loss(self, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = torch.cat(views)
-        if self.hparams.channels_last and x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        z0, z1 = self(x).chunk(2)
-        with torch.autocast(x.device.type, enabled=False):  # the loss in float32 under bf16
+        """NT-Xent of the two views: SimCLR on both through one network; MoCo of queries
+        (view 0, this network) against keys (view 1, the momentum network) and the bank."""
+        channels_last = self.hparams.channels_last and views[0].is_cuda
+        if self.hparams.method == "moco":
+            x0, x1 = views
+            if channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+                x1 = x1.contiguous(memory_format=torch.channels_last)
+            z0, z1 = self(x0), self.forward_keys(x1)
+        else:
+            x = torch.cat(views)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            z0, z1 = self(x).chunk(2)
+        with torch.autocast(z0.device.type, enabled=False):  # the loss in float32 under bf16
             return self.criterion(z0.float(), z1.float())
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> torch.Tensor:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self._global_batch = len(batch[0]) * world
+        if self.key_encoder is not None:
+            max_steps = int(self.trainer.estimated_stepping_batches) if self._trainer else 1
+            self.update_key_encoder(int(self.global_step), max_steps)
         loss = self._loss(batch)
         self.recent_losses[self.global_step % LOSS_WINDOW] = loss.detach()  # no host sync
         self.log("train_loss", loss, prog_bar=True)
+        # 1 = the loss of a constant embedding (collapse); falls below 1 as the task is solved
+        self.log("train/loss_over_chance", loss.detach() / self.chance_loss())
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -218,16 +356,22 @@ class SimCLRModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> None:
         self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
 
-    def final_loss(self) -> float:
-        """Mean training loss over the last ``LOSS_WINDOW`` steps (this process)."""
-        recent = self.recent_losses[~torch.isnan(self.recent_losses)]
+    def final_loss(self, last: int = LOSS_WINDOW) -> float:
+        """Mean training loss over the last ``last`` (at most ``LOSS_WINDOW``) steps (this
+        process); steps whose loss was not finite are left out."""
+        steps = int(self.global_step)
+        first = max(steps - min(last, LOSS_WINDOW), 0)
+        idx = torch.arange(first, steps, device=self.recent_losses.device) % LOSS_WINDOW
+        recent = self.recent_losses[idx] if steps else self.recent_losses
+        recent = recent[~torch.isnan(recent)]
         return float(recent.mean()) if len(recent) else float("nan")
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
-        decay = [p for p in self.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.parameters() if p.ndim <= 1]  # biases and norms
+        trained = [p for p in self.parameters() if p.requires_grad]  # not MoCo's key copies
+        decay = [p for p in trained if p.ndim > 1]
+        no_decay = [p for p in trained if p.ndim <= 1]  # biases and norms
         groups = [
             {"params": decay, "weight_decay": h.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},  # also exempt from LARS scaling
@@ -346,11 +490,19 @@ class SimCLRModule(pl.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lineage, the learning-rate record and MoCo's memory bank (which lightly keeps out
+        of the state dict) go into the checkpoint; the key encoder is in the state dict."""
         checkpoint["histcode"] = {
             "parent_ref": self.parent_ref,
             "lr_schedule": [dict(s) for s in self.lr_schedule],
             "lr_used": dict(self.lr_used),
         }
+        if self.memory_bank_entries():
+            bank = self.criterion.memory_bank
+            checkpoint["histcode"]["memory_bank"] = {
+                "bank": bank.bank.detach().cpu().clone(),
+                "ptr": bank.bank_ptr.detach().cpu().clone(),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore lineage, and reseed so that a resumed run draws fresh shuffles and views.
@@ -366,9 +518,32 @@ class SimCLRModule(pl.LightningModule):
         self.parent_ref = saved.get("parent_ref", self.parent_ref)
         self.lr_schedule = [dict(s) for s in saved.get("lr_schedule", [])]
         self.lr_used = {**self.lr_used, **saved.get("lr_used", {})}
+        self._load_memory_bank(saved.get("memory_bank"))
         step = int(checkpoint.get("global_step", 0))
         torch.manual_seed((torch.initial_seed() + 1_000_003 * step) % 2**63)
+
+    def _load_memory_bank(self, saved: dict[str, torch.Tensor] | None) -> None:
+        """Restore MoCo's bank of negatives; one of another shape (or none) is refilled."""
+        if not self.memory_bank_entries():
+            return
+        bank = self.criterion.memory_bank
+        if saved is None or tuple(saved["bank"].shape) != tuple(bank.bank.shape):
+            log.warning(
+                "the checkpoint holds no memory bank of shape %s (memory_bank_size or "
+                "projection_dim changed, or it was not a MoCo run): the bank restarts from "
+                "random vectors and refills within %d entries",
+                tuple(bank.bank.shape),
+                bank.bank.shape[0],
+            )
+            return
+        with torch.no_grad():
+            bank.bank.copy_(saved["bank"])
+            bank.bank_ptr.copy_(saved["ptr"])
 
     def augmentation_config(self) -> dict[str, Any]:
         """The augmentation as a JSON-able dict, with the crop size and blur kernel resolved."""
         return {**self.augmentation.to_dict(), **self.augment.resolved()}
+
+
+#: the former name, kept for code that imports it
+SimCLRModule = ContrastiveModule

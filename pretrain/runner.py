@@ -1,8 +1,10 @@
 """The ``histcode pretrain`` run: LightningCLI wiring, resume, registration, summary.
 
-:class:`PretrainCLI` is a ``LightningCLI`` over :class:`~histcode.pretrain.module.SimCLRModule`
-and :class:`~histcode.pretrain.data.TileDataModule` with four extra options (``--name``,
-``--registry``, ``--out``, ``--resume``), a configurable ``ModelCheckpoint`` (``--checkpoint.*``)
+:class:`PretrainCLI` is a ``LightningCLI`` over
+:class:`~histcode.pretrain.module.ContrastiveModule` (``--model.method simclr|moco``) and
+:class:`~histcode.pretrain.data.TileDataModule` with four extra options (``--name``,
+``--registry``, ``--out``, ``--resume``), a configurable ``ModelCheckpoint`` (``--checkpoint.*``),
+the collapse checks (``--collapse.*``, :class:`~histcode.pretrain.collapse.CollapseMonitor`)
 and links that make the encoder's input spec follow the tile store (``data.mpp`` →
 ``model.mpp``, ``data.tile_size`` → ``model.tile_size``), so the registered card says which
 tiles the encoder was trained on. :func:`run` parses, resumes from ``<out>/checkpoints/
@@ -31,8 +33,9 @@ from histcode.cli import USAGE_ERRORS, CommandResult, with_option_hints, write_s
 from histcode.encoders import encoder_card
 from histcode.registry import Registry, check_name, default_root
 
+from .collapse import CollapseMonitor
 from .data import TileDataModule
-from .module import SimCLRModule
+from .module import ContrastiveModule
 
 log = logging.getLogger("histcode.pretrain")
 
@@ -69,7 +72,7 @@ class SaveOnInterrupt(Callback):
 
 
 class PretrainCLI(LightningCLI):
-    """``LightningCLI`` for SimCLR pretraining with histcode's run folder and registry."""
+    """``LightningCLI`` for contrastive pretraining with histcode's run folder and registry."""
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         return with_option_hints(super().init_parser(**kwargs))
@@ -100,6 +103,7 @@ class PretrainCLI(LightningCLI):
             help="Resume from <out>/checkpoints/last.ckpt when it exists (false: start over).",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(CollapseMonitor, "collapse")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -120,6 +124,12 @@ class PretrainCLI(LightningCLI):
             config.trainer.default_root_dir = str(out)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(out / "checkpoints")
+
+    @property
+    def collapse_monitor(self) -> CollapseMonitor | None:
+        """The run's collapse checks (one instance, made from ``--collapse.*``)."""
+        found = [c for c in self.trainer.callbacks if isinstance(c, CollapseMonitor)]
+        return found[0] if found else None
 
     @property
     def last_checkpoint(self) -> Path:
@@ -149,7 +159,7 @@ QUIET_WARNINGS = (
     # Lightning 2.6 calls jsonargparse APIs deprecated in 4.49
     "(?s).*(deprecated in v4.49.0|JsonargparseDeprecationWarning per type).*",
     # a resumed run restarts the interrupted epoch's loader: harmless for self-supervision (and
-    # SimCLRModule.on_load_checkpoint reseeds, so the shuffle and the views are fresh draws)
+    # ContrastiveModule.on_load_checkpoint reseeds, so the shuffle and the views are fresh draws)
     ".*resuming from a checkpoint that ended before the epoch ended.*",
 )
 
@@ -169,7 +179,7 @@ def _parse(argv: list[str], prog: str) -> PretrainCLI:
     with warnings.catch_warnings():
         _quiet()
         return PretrainCLI(
-            SimCLRModule,
+            ContrastiveModule,
             TileDataModule,
             run=False,
             args=argv,
@@ -245,7 +255,9 @@ def _already_registered(out: Path, registry: Registry, steps: int) -> dict[str, 
     return previous
 
 
-def _trainer_summary(trainer: Trainer, data: TileDataModule, model: SimCLRModule) -> dict[str, Any]:
+def _trainer_summary(
+    trainer: Trainer, data: TileDataModule, model: ContrastiveModule
+) -> dict[str, Any]:
     return {
         "precision": str(trainer.precision),
         "strategy": type(trainer.strategy).__name__,
@@ -260,18 +272,61 @@ def _trainer_summary(trainer: Trainer, data: TileDataModule, model: SimCLRModule
     }
 
 
-def trained_steps(trainer: Trainer, model: SimCLRModule) -> int:
+def trained_steps(trainer: Trainer, model: ContrastiveModule) -> int:
     """Optimiser steps of the run (under ddp_spawn the parent's trainer does not see them)."""
     return max(int(trainer.global_step), int(model.trained_steps))
 
 
+def method_record(model: ContrastiveModule) -> dict[str, Any]:
+    """The contrastive method and its settings, for the card (``extra.method_settings``)."""
+    hp = model.hparams
+    if hp.method != "moco":
+        return {"name": "simclr", "negatives": "the other tiles of the global batch"}
+    return {
+        "name": "moco",
+        "variant": "MoCo v2 (momentum key encoder + memory bank), cosine momentum as MoCo v3",
+        "memory_bank_size": hp.memory_bank_size,
+        "key_momentum": hp.key_momentum,
+        "key_momentum_end": hp.key_momentum_end,
+        "key_momentum_last": round(model.key_momentum_now, 6),
+        "momentum_schedule": "cosine over max_steps (lightly cosine_schedule)",
+        "shuffle_bn": "across processes when BatchNorm is not synchronised, else none "
+        "(synchronised BatchNorm is global)",
+        "registered": "the query backbone",
+    }
+
+
+def collapse_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The collapse verdict in a few numbers (for the result line and summary.json)."""
+    if report is None:
+        return None
+    return {
+        "verdict": report["verdict"],
+        "loss_over_chance": report["loss_over_chance"],
+        "chance_loss": report["chance_loss"],
+        "backbone_effective_rank": report["backbone"]["effective_rank"],
+        "projection_effective_rank": report["projection"]["effective_rank"],
+        "backbone_dim": report["backbone"]["dim"],
+    }
+
+
 def register(
-    model: SimCLRModule, data: TileDataModule, trainer: Trainer, name: str, registry: Registry
+    model: ContrastiveModule,
+    data: TileDataModule,
+    trainer: Trainer,
+    name: str,
+    registry: Registry,
+    collapse: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Register the trained encoder as the next version of ``name``.
 
+    Args:
+        collapse: the collapse checks' report (:attr:`CollapseMonitor.report`), written to the
+            card as ``extra.collapse`` and summarised in the result.
+
     Returns:
-        The result: ``ref``, ``steps``, ``final_loss``, ``tiles_seen`` and where things are.
+        The result: ``ref``, ``steps``, ``final_loss``, ``tiles_seen``, ``collapse`` and where
+        things are.
     """
     steps = trained_steps(trainer, model)
     final_loss = model.final_loss()
@@ -285,14 +340,21 @@ def register(
     parents = [data.fingerprint, *([model.parent_ref] if model.parent_ref else [])]
     hp = model.hparams
     extra = {
-        "method": "simclr",
+        "method": hp.method,
+        "method_settings": method_record(model),
         "tiles": str(Path(data.tiles).resolve()),
         "augmentation": model.augmentation_config(),
         "projection": {
             "hidden_dim": hp.projection_hidden_dim or model.encoder.embed_dim,
             "output_dim": hp.projection_dim,
         },
-        "loss": {"name": "ntxent", "temperature": hp.temperature, "gather_distributed": True},
+        "loss": {
+            "name": "ntxent",
+            "temperature": hp.temperature,
+            "gather_distributed": True,
+            "memory_bank_size": model.memory_bank_entries(),
+            "chance": round(model.chance_loss(), 6),
+        },
         "optimizer": {
             **{k: hp[k] for k in ("optimizer", "lr", "scale_lr", "weight_decay", "momentum")},
             **{k: hp[k] for k in ("warmup_steps", "min_lr_ratio")},
@@ -301,10 +363,17 @@ def register(
         },
         "trainer": _trainer_summary(trainer, data, model),
         "run": str(Path(trainer.default_root_dir).resolve()),
+        "collapse": collapse,
     }
     card = encoder_card(model.encoder, metrics=metrics, parents=parents, extra=extra)
     ref = registry.save(name, model.encoder.cpu(), card)
-    return {"ref": ref, **metrics, "registry": str(registry.root)}
+    return {
+        "ref": ref,
+        **metrics,
+        "method": hp.method,
+        "collapse": collapse_summary(collapse),
+        "registry": str(registry.root),
+    }
 
 
 def run(argv: list[str], prog: str) -> int:
@@ -367,7 +436,9 @@ def run(argv: list[str], prog: str) -> int:
     if result is not None:
         log.info("this state (step %d) is already registered as %s", result["steps"], result["ref"])
     else:
-        result = register(model, data, trainer, cli.config.name, registry)
+        monitor = cli.collapse_monitor
+        report = monitor.report if monitor is not None else None
+        result = register(model, data, trainer, cli.config.name, registry, report)
         log.info("registered %s in %s", result["ref"], registry.root)
     result = {**result, "out": str(out), "checkpoint": str(ckpt)}
     config = json.loads(cli.parser.dump(cli.config, format="json", skip_unset=False))

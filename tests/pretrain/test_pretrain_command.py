@@ -81,6 +81,42 @@ def test_run_registers_the_encoder_with_its_card(smoke_run: dict) -> None:
     assert encoder(torch.randn(2, 3, 64, 64)).shape == (2, 64)
 
 
+def test_a_healthy_run_is_not_flagged_and_its_diagnostics_are_on_the_card(smoke_run: dict) -> None:
+    """The 50-step smoke run learns (its loss falls): verdict "ok", with the chance value of
+    batches of 16 (ln 31), the loss against it, and the probe set's effective ranks and spread
+    at the start and the end; the per-step ratio is in the CSV log."""
+    result = _last_json(smoke_run["stdout"])
+    assert result["method"] == "simclr" and result["collapse"]["verdict"] == "ok"
+    card = Registry(smoke_run["root"] / "registry").card("smoke@1")
+    collapse = card.extra["collapse"]
+    assert collapse["verdict"] == "ok" and collapse["reasons"] == []
+    assert collapse["chance_loss"] == pytest.approx(np.log(31), rel=1e-6)
+    assert collapse["loss_over_chance"] == pytest.approx(
+        collapse["final_loss"] / collapse["chance_loss"], rel=1e-4
+    )
+    for part, dim in (("backbone", 64), ("projection", 32)):
+        stats = collapse[part]
+        assert (
+            stats["dim"] == dim and stats["rank_ratio"] >= collapse["thresholds"]["min_rank_ratio"]
+        )
+        assert stats["dead_dims"] == 0 and stats["sd_normalised"] > 0.1
+    assert collapse["at_start"]["step"] == 0 and collapse["probe_tiles"] > 100
+    steps = [h["step"] for h in collapse["history"]]
+    assert steps[0] == 0 and 25 in steps and steps[-1] == 50
+    assert collapse["warnings"] == []
+    rows = [
+        r
+        for p in (smoke_run["root"] / "run").glob("lightning_logs/version_*/metrics.csv")
+        for r in csv.DictReader(p.open())
+        if r.get("train/loss_over_chance")
+    ]
+    assert len(rows) == 50
+    assert all(
+        float(r["train/loss_over_chance"]) == pytest.approx(float(r["train_loss"]) / np.log(31))
+        for r in rows
+    )
+
+
 def test_run_folder_holds_config_checkpoint_and_summary(smoke_run: dict) -> None:
     run = smoke_run["root"] / "run"
     summary = json.loads((run / "summary.json").read_text())
