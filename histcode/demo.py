@@ -39,8 +39,8 @@ PIPELINE, BASELINE = "simclr", "naive"
 class DemoOptions:
     """What the demo runs with; stored in ``demo.json`` so that a rerun resumes the same run."""
 
-    patients: int
-    difficulty: str
+    patients: int | None
+    difficulty: str | None
     slide_mm: tuple[float, float]
     mpp: float
     tile_size: int
@@ -51,6 +51,8 @@ class DemoOptions:
     baseline_encoder: str
     aggregator: str
     seed: int
+    cohort: str | None = None
+    genes: tuple[str, ...] | None = None
 
 
 #: Column titles of the aggregators.
@@ -200,6 +202,48 @@ class _Runner:
         return self.finish(key, result, t0)
 
 
+def _cohort_title(options: DemoOptions, out: Path) -> str:
+    """What the table is about: the synthetic cohort's settings, or the cohort's folder."""
+    if options.cohort is None:
+        return f"{options.patients} patients, {options.difficulty} synthetic cohort"
+    with open(out / "finetune" / PIPELINE / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    patients = len({r["patient_id"] for r in rows})
+    return f"cohort {options.cohort} ({len(rows)} slides, {patients} patients)"
+
+
+def _own_cohort(cohort: Path) -> tuple[Path, Path]:
+    """The slides folder and expression matrix of a ``--cohort`` folder.
+
+    Raises:
+        FileNotFoundError: the folder or its ``expression.tsv`` is missing; says what the
+            folder must hold.
+    """
+    layout = (
+        "a cohort folder holds the slides (in slides/ or the folder itself; TCGA-barcode "
+        "file names) and expression.tsv (genes × samples), optionally genes.json and "
+        "truth/<slide>.npz"
+    )
+    if not cohort.is_dir():
+        raise FileNotFoundError(f"--cohort {cohort}: no such folder; {layout}")
+    expression = cohort / "expression.tsv"
+    if not expression.is_file():
+        raise FileNotFoundError(f"--cohort {cohort} has no expression.tsv; {layout}")
+    slides = cohort / "slides"
+    return (slides if slides.is_dir() else cohort), expression
+
+
+def gene_roles(path: Path) -> dict[str, str]:
+    """Each gene's role from a cohort's ``genes.json`` (``{gene: {"role": …}}`` or
+    ``{gene: role}``); empty when the cohort has none (a cohort of your own)."""
+    if not path.is_file():
+        return {}
+    return {
+        g: str(v["role"] if isinstance(v, dict) else v)
+        for g, v in json.loads(path.read_text()).items()
+    }
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return round(statistics.mean(values), 3) if values else None
 
@@ -221,7 +265,7 @@ def _gene_summary(metrics: dict[str, Any], roles: dict[str, str]) -> dict[str, A
         for role, fold_values in per_fold.items()
     }
     significant = list(metrics.get("significant_genes", []))
-    signal = [g for g in significant if roles.get(g) in ("tumour", "lymphocyte")]
+    signal = [g for g in significant if roles.get(g) not in (None, "noise")]  # a known signal
     fdr = metrics.get("fdr", {})
     return {
         "pearson_r": {role: _mean(v) for role, v in sorted(by_role.items())},
@@ -280,7 +324,7 @@ def results_table(
         BASELINE: "naive: random encoder + mean pooling + linear",
     }
     cols = [a for a in (PIPELINE, BASELINE) if a in arms]
-    n_signal = signal_genes.get("tumour", 0) + signal_genes.get("lymphocyte", 0)
+    n_signal = sum(n for role, n in signal_genes.items() if role != "noise")
     genes = arms[cols[0]]["genes"] if cols else {}
     # one test for both arms: finetune's metrics.json names it (absent from older runs)
     test = genes.get("test") or "test not recorded in metrics.json"
@@ -298,13 +342,24 @@ def results_table(
                 f"{arms[a]['genes']['significant_noise']}"
                 for a in cols
             ],
+        )
+        if signal_genes
+        else (  # no genes.json: which genes carry a signal is not known
+            f"genes significant ({test}, FDR {alpha}; of {genes.get('genes')} genes)",
+            [str(len(arms[a]["genes"]["significant"])) for a in cols],
         ),
     ]
-    for role, label in (
-        ("tumour", "tumour-burden"),
-        ("lymphocyte", "lymphocyte"),
-        ("noise", "noise"),
-    ):
+    known = {"tumour": "tumour-burden", "lymphocyte": "lymphocyte", "noise": "noise"}
+    present = {role for a in cols for role in arms[a]["genes"]["pearson_r"]}
+    others = sorted(present - set(known) - {"other"})
+    groups = [
+        *(known.items()),
+        *((role, role) for role in others),  # roles of another cohort's genes.json
+        *([("other", "all")] if "other" in present else []),  # a cohort without roles
+    ]
+    for role, label in groups:
+        if role not in present and (role not in known or "other" in present):
+            continue  # a known role's row stays (as —) unless the cohort has no roles
         rows.append(
             (
                 f"Pearson r of predicted vs true log2FC per patient, {label} genes "
@@ -344,14 +399,25 @@ def demo(
     workers: int = 2,
     baseline_encoder: str = "resnet18",
     seed: int = 0,
+    cohort: Path | None = None,
+    genes: list[str] | None = None,
     restart: bool = False,
 ) -> Any:
-    """Run the whole pipeline on a small synthetic cohort (about 6 minutes on 2 idle CPU cores).
+    """Run the whole pipeline on a small synthetic cohort (about 6 minutes on 2 idle CPU cores),
+    or with ``--cohort DIR`` the same recipe on a cohort of your own.
 
     Prints each step's command as it runs it (they are the commands of the README), then a
     results table: tumour AUC, genes predicted and heatmap localisation, each next to the
     naive baseline (random-weight encoder, mean pooling, linear model); and where the plots
     and maps are. Rerunning the same command resumes after the last finished step.
+
+    ``--cohort DIR`` skips the synthesis: ``DIR`` holds the slides (in ``DIR/slides/`` or
+    ``DIR`` itself; file names are TCGA barcodes, which give patient, sample type and site)
+    and ``DIR/expression.tsv`` (genes × samples, TPM); optional ``DIR/genes.json`` (each
+    gene's role, e.g. ``{"MYC": {"role": "tumour"}}``: the table then groups genes by role)
+    and ``DIR/truth/<slide>.npz`` (tumour and lymphocyte masks: the maps are then scored).
+    Outputs are as for the synthetic cohort: ``OUT/finetune/<arm>/predictions.csv``,
+    ``OUT/maps/<arm>/<slide>.geojson``, ``OUT/results.md``.
 
     Args:
         out: Output folder; everything the demo makes is under it.
@@ -367,11 +433,16 @@ def demo(
         workers: Processes for synth, tiling and tile decoding.
         baseline_encoder: Zoo encoder whose random weights make the naive baseline.
         seed: Random seed of the cohort, pretraining and finetuning.
+        cohort: A cohort folder to run the recipe on instead of a synthetic one (see above);
+            ``--patients``, ``--difficulty`` and ``--slide_mm`` are then not used.
+        genes: Genes to predict (default: the driver genes found in the expression matrix).
         restart: Forget the steps a previous run of this folder finished and redo them all.
     """
     from histcode.cli import CommandResult
 
-    if patients < 2 * folds:
+    if cohort is not None:
+        slides, expression = _own_cohort(Path(cohort))
+    elif patients < 2 * folds:
         raise ValueError(
             f"--patients {patients} is too few for {folds} patient-grouped folds with a "
             f"validation split; use at least {2 * folds}"
@@ -379,8 +450,8 @@ def demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     options = DemoOptions(
-        patients=patients,
-        difficulty=difficulty,
+        patients=None if cohort else patients,
+        difficulty=None if cohort else difficulty,
         slide_mm=(float(slide_mm[0]), float(slide_mm[1])),
         mpp=1.0,
         tile_size=64,
@@ -391,12 +462,18 @@ def demo(
         baseline_encoder=baseline_encoder,
         aggregator=aggregator,
         seed=seed,
+        cohort=str(Path(cohort).resolve()) if cohort else None,
+        genes=tuple(genes) if genes else None,
     )
     if restart and (out / "demo.json").is_file():
         (out / "demo.json").unlink()
-    run = _Runner(out, options, total=8)
+    run = _Runner(out, options, total=8 if cohort is None else 7)
     registry = str(out / "registry")
-    cohort, tiles = out / "cohort", out / "tiles.zarr"
+    tiles = out / "tiles.zarr"
+    if cohort is None:
+        cohort = out / "cohort"
+        slides, expression = cohort / "slides", cohort / "expression.tsv"
+    cohort = Path(cohort)
     feats = {PIPELINE: out / "features" / "simclr.zarr", BASELINE: out / "features" / "random.zarr"}
     pre_cfg = _write_yaml(
         out / "configs" / "pretrain.yaml",
@@ -412,21 +489,22 @@ def demo(
     )
     progress = ["--progress", "true"]
 
-    run.step(
-        "synth",
-        "synthetic cohort (slides, expression, truth masks)",
-        [
-            "synth", "--out", str(cohort), "--patients", str(patients),
-            "--difficulty", difficulty,
-            "--slide_mm", f"[{options.slide_mm[0]}, {options.slide_mm[1]}]",
-            "--seed", str(seed), "--workers", str(workers), *progress,
-        ],
-    )  # fmt: skip
+    if options.cohort is None:
+        run.step(
+            "synth",
+            "synthetic cohort (slides, expression, truth masks)",
+            [
+                "synth", "--out", str(cohort), "--patients", str(patients),
+                "--difficulty", difficulty,
+                "--slide_mm", f"[{options.slide_mm[0]}, {options.slide_mm[1]}]",
+                "--seed", str(seed), "--workers", str(workers), *progress,
+            ],
+        )  # fmt: skip
     run.step(
         "tile",
         "tissue segmentation and tiling",
         [
-            "tile", "--slides", str(cohort / "slides"), "--out", str(tiles),
+            "tile", "--slides", str(slides), "--out", str(tiles),
             "--mpp", str(options.mpp), "--tile_size", str(options.tile_size),
             "--workers", str(workers), *progress,
         ],
@@ -465,17 +543,15 @@ def demo(
             f"tumour + driver genes, {what} ({folds}-fold patient-grouped CV)",
             [
                 "finetune", f"--config={ft_cfg}", "--features", str(feats[arm]),
-                "--expression", str(cohort / "expression.tsv"), "--name", f"demo-{arm}",
+                "--expression", str(expression), "--name", f"demo-{arm}",
                 "--registry", registry, "--out", str(out / "finetune" / arm),
                 "--model.aggregator", pooling,
+                *(["--data.genes", *genes] if genes else []),
             ],
         )  # fmt: skip
 
-    maps = _heatmaps(run, out, cohort, feats, finetuned, registry)
-    roles = {
-        g: (v["role"] if isinstance(v, dict) else v)
-        for g, v in json.loads((cohort / "genes.json").read_text()).items()
-    }
+    roles = gene_roles(cohort / "genes.json")
+    maps = _heatmaps(run, out, cohort, tiles, feats, finetuned, registry, roles)
     arms: dict[str, dict[str, Any]] = {}
     for arm in (PIPELINE, BASELINE):
         metrics = json.loads((out / "finetune" / arm / "metrics.json").read_text())
@@ -502,7 +578,7 @@ def demo(
     }  # fmt: skip
     text = "\n".join(
         [
-            f"# histcode demo — {options.patients} patients, {difficulty} synthetic cohort",
+            f"# histcode demo — {_cohort_title(options, out)}",
             "",
             "Every figure is on test folds (patient-grouped CV; each slide's maps come from "
             "the model of the fold that held it out). Genes: one value per patient (its slides "
@@ -538,47 +614,53 @@ def _heatmaps(
     run: _Runner,
     out: Path,
     cohort: Path,
+    tiles: Path,
     feats: dict[str, Path],
     finetuned: dict[str, dict[str, Any]],
     registry: str,
+    roles: dict[str, str],
 ) -> dict[str, dict[str, float | None]]:
-    """Maps of every tumour slide by the fold model that held it out, scored against truth."""
+    """Maps of every tumour slide by the fold model that held it out; scored against the
+    cohort's truth masks (``cohort/truth/<slide>.npz``) where it has them."""
     from histcode.cli import run_captured
     from histcode.registry import Registry
+    from histcode.tilestore import TileStore
 
     key = "heatmaps"
-    done = run.begin(key, "heatmaps of every tumour slide, scored against the truth masks")
+    done = run.begin(key, "heatmaps of every tumour slide, by the fold model that held it out")
     if done is not None:
         return done
-    with open(cohort / "cohort.csv") as f:
-        tumour = [row for row in csv.DictReader(f) if row["sample_type"] == "tumour"]
-    roles = json.loads((cohort / "genes.json").read_text())
+    store = TileStore(tiles)
     drawn = [
-        next(g for g, v in roles.items() if v["role"] == role)
+        next(g for g, r in roles.items() if r == role)
         for role in ("tumour", "lymphocyte")
-        if any(v["role"] == role for v in roles.values())
+        if role in roles.values()
     ]  # one gene of each kind drawn as PNG; every gene is scored and in the GeoJSON
     reg = Registry(registry)
     result: dict[str, dict[str, float | None]] = {}
     t0 = time.perf_counter()
     for arm in (PIPELINE, BASELINE):
-        run_dir = out / "finetune" / arm
         fold_model = {
             int(card.extra["fold"]): card.ref
             for card in reg.list(f"demo-{arm}")
             if card.ref in finetuned[arm]["registered"]
         }
-        with open(run_dir / "predictions.csv") as f:
-            test_fold = {row["slide_id"]: int(row["fold"]) for row in csv.DictReader(f)}
+        with open(out / "finetune" / arm / "predictions.csv") as f:
+            rows = list(csv.DictReader(f))
+        tumour = [r for r in rows if r.get("tumour_true") in ("1", "1.0")]  # from barcodes
         scores: dict[str, list[float]] = {}
         for i, row in enumerate(tumour, 1):
             sid = row["slide_id"]
             argv = [
-                "heatmap", "--model", fold_model[test_fold[sid]], "--registry", registry,
-                "--features", str(feats[arm]), "--slide", str(cohort / row["path"]),
-                "--out", str(out / "maps" / arm), "--truth", str(cohort / "truth" / f"{sid}.npz"),
-                "--genes", *drawn,
+                "heatmap", "--model", fold_model[int(row["fold"])], "--registry", registry,
+                "--features", str(feats[arm]), "--slide", str(store.read(sid).path),
+                "--out", str(out / "maps" / arm),
             ]  # fmt: skip
+            truth = cohort / "truth" / f"{sid}.npz"
+            if truth.is_file():
+                argv += ["--truth", str(truth)]
+            if drawn:
+                argv += ["--genes", *drawn]
             if i == 1:
                 run.say("  $ histcode " + " ".join(argv) + "   (and so on for each slide)")
             code, maps = run_captured(argv, quiet=True)

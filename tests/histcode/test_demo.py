@@ -153,3 +153,43 @@ def test_results_table_within_site_row() -> None:
     assert (
         "| tumour AUC within sites (N sites with both classes) | 0.81 (3 sites) | 0.52 (2" in table
     )
+
+
+def test_demo_on_a_cohort_of_your_own(demo_run: tuple[Path, dict, str], tmp_path: Path) -> None:
+    """``--cohort DIR``: the recipe on a folder of slides (TCGA-barcode names) and an
+    expression matrix, nothing synthesised, no truth: the same outputs (predictions, one
+    GeoJSON per tumour slide by the fold model that held it out), a table without map scores,
+    genes reported together (no roles)."""
+    import shutil
+
+    made, _, _ = demo_run
+    cohort = tmp_path / "mine"
+    cohort.mkdir()
+    for slide in (made / "cohort" / "slides").iterdir():  # slides in the folder itself
+        shutil.copy(slide, cohort / slide.name)
+    shutil.copy(made / "cohort" / "expression.tsv", cohort / "expression.tsv")
+    out = tmp_path / "out"
+    genes = ["MYC", "CD8A", "TP53"]
+    code, stdout, stderr = _run(
+        ["demo", "--cohort", str(cohort), "--out", str(out), *TINY, "--genes", *genes]
+    )
+    assert code == 0, stderr[-3000:]
+    assert "[7/7]" in stderr and "histcode synth" not in stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    predictions = pd.read_csv(out / "finetune" / "simclr" / "predictions.csv")
+    assert set(predictions["slide_id"]) == {p.stem for p in cohort.glob("*.svs")} | {
+        p.stem for p in cohort.glob("*.tif*")
+    }
+    assert {c for c in predictions if c.endswith("_log2fc_pred")} == {
+        f"{g}_log2fc_pred" for g in genes
+    }
+    tumour = predictions.loc[predictions["tumour_true"] == 1, "slide_id"]
+    for arm in ("simclr", "naive"):
+        assert {p.stem for p in (out / "maps" / arm).glob("*.geojson")} == set(tumour)
+        assert result["results"][arm]["localisation"] == {}  # no truth masks: nothing scored
+    table = (out / "results.md").read_text()
+    assert f"cohort {cohort.resolve()} ({len(predictions)} slides" in table
+    assert "of 3 genes)" in table and ", all genes" in table
+
+    code, _, stderr = _run(["demo", "--cohort", str(tmp_path / "none"), "--out", str(out)])
+    assert code == 2 and "no such folder" in stderr
