@@ -5,7 +5,13 @@ A TCGA barcode reads ``TCGA-<TSS>-<participant>-<sample type><vial>-…``, e.g. 
 ``TCGA-S1-0001`` (the first 12 characters), sample
 ``TCGA-S1-0001-01A`` (16 characters with the vial letter, 15 without), sample type ``01``
 (characters 14–15). Sample types ``01``–``09`` are tumour, ``10``–``19`` normal and ``20``–``29``
-controls (GDC "Sample Type Codes").
+controls (GDC "Sample Type Codes"; :data:`SAMPLE_TYPES`).
+
+Slides name their kind after the portion: ``TCGA-A1-A0SB-01Z-00-DX1`` is a diagnostic (FFPE)
+slide, whose vial is the placeholder ``Z`` (it matches the one RNA sample of its sample type:
+:attr:`TCGABarcode.vial` is ``Z``, :attr:`TCGABarcode.rna_vial` ``""``);
+``TCGA-A1-A0SB-01A-01-TS1`` a frozen top slide of vial ``A`` (``BS`` bottom, ``MS`` middle).
+GDC slide files add ``.<file UUID>`` to the barcode (``…-DX1.<UUID>.svs``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,31 @@ _BARCODE_RE = re.compile(
     re.IGNORECASE,
 )
 
+_SLIDE_RE = re.compile(r"-(?P<kind>DX|TS|BS|MS)(?P<n>\d+)(?=$|[-._])", re.IGNORECASE)
+
 SampleKind = Literal["tumour", "normal", "control"]
+
+#: GDC sample type codes (those a TCGA barcode can carry here).
+SAMPLE_TYPES: dict[int, str] = {
+    1: "Primary Solid Tumor",
+    2: "Recurrent Solid Tumor",
+    3: "Primary Blood Derived Cancer - Peripheral Blood",
+    4: "Recurrent Blood Derived Cancer - Bone Marrow",
+    5: "Additional - New Primary",
+    6: "Metastatic",
+    7: "Additional Metastatic",
+    8: "Human Tumor Original Cells",
+    9: "Primary Blood Derived Cancer - Bone Marrow",
+    10: "Blood Derived Normal",
+    11: "Solid Tissue Normal",
+    12: "Buccal Cell Normal",
+    13: "EBV Immortalized Normal",
+    14: "Bone Marrow Normal",
+    20: "Control Analyte",
+}
+
+#: Slide kinds of the portion code.
+SLIDE_KINDS = {"DX": "diagnostic (FFPE)", "TS": "frozen top", "BS": "frozen bottom", "MS": "frozen"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +82,17 @@ class TCGABarcode:
     def sample_no_vial(self) -> str:
         """The 15-character sample barcode without vial (``TCGA-XX-XXXX-01``)."""
         return f"{self.patient}-{self.sample_type:02d}"
+
+    @property
+    def rna_vial(self) -> str:
+        """The vial that an expression sample of this barcode can carry: ``""`` for the
+        placeholder ``Z`` of diagnostic slides (any vial of the sample type)."""
+        return "" if self.vial == "Z" else self.vial
+
+    @property
+    def sample_type_name(self) -> str:
+        """GDC name of the sample type (``Solid Tissue Normal``)."""
+        return SAMPLE_TYPES.get(self.sample_type, f"sample type {self.sample_type:02d}")
 
     @property
     def kind(self) -> SampleKind:
@@ -116,4 +157,23 @@ def parse_barcode(text: str) -> TCGABarcode:
     )
 
 
-__all__ = ["SampleKind", "TCGABarcode", "is_tcga", "parse_barcode"]
+def slide_kind(text: str) -> str:
+    """The slide code of a TCGA slide id (``DX1``, ``TS1``…), or ``""`` when it has none.
+
+    Example:
+        >>> slide_kind("TCGA-A1-A0SB-01Z-00-DX1.2C1F9E73-5E2B-4A6B-9A1E-0E6C6F0F0A11")
+        'DX1'
+    """
+    match = _SLIDE_RE.search(text)
+    return f"{match['kind'].upper()}{match['n']}" if match else ""
+
+
+__all__ = [
+    "SAMPLE_TYPES",
+    "SLIDE_KINDS",
+    "SampleKind",
+    "TCGABarcode",
+    "is_tcga",
+    "parse_barcode",
+    "slide_kind",
+]

@@ -30,11 +30,9 @@ naming the offending rows, columns or ids and saying how to fix it.
 
 from __future__ import annotations
 
-import csv
 import difflib
-import gzip
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,7 +40,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histcode.finetune.barcodes import is_tcga, parse_barcode
+from histcode.finetune.barcodes import SAMPLE_TYPES, is_tcga, parse_barcode
+from histcode.finetune.expression import UNITS, cpm, read_expression, to_linear
+from histcode.finetune.tables import at_lines, preview, read_table
 from histcode.slide import is_safe_slide_id
 
 log = logging.getLogger(__name__)
@@ -71,21 +71,7 @@ _FALSE = {"0", "0.0", "false", "no", "normal", "n"}
 LOG2FC_SUFFIX = "_log2fc"
 
 
-def preview(items: Iterable[object], n: int = 8) -> str:
-    """``a, b, c … (12 in all)``: a short list of ids for error messages."""
-    items = [str(i) for i in items]
-    shown = ", ".join(items[:n])
-    return f"{shown} … ({len(items)} in all)" if len(items) > n else shown
-
-
-def _at_lines(values: pd.Series, line: pd.Series) -> list[str]:
-    """``"x (line 4)"`` for each value, for error messages.
-
-    Args:
-        values: a selection of a table's column (its index says which rows).
-        line: the file line of every row of the table.
-    """
-    return [f"{v} (line {n})" for v, n in zip(values, line[values.index], strict=True)]
+_at_lines = at_lines
 
 
 # -- gene lists ---------------------------------------------------------------------------------
@@ -181,110 +167,6 @@ def resolve_genes(
 # -- reading tables -----------------------------------------------------------------------------
 
 
-def _separator(path: Path) -> str:
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith((".tsv", ".txt", ".tab")):
-        return "\t"
-    if name.endswith(".csv"):
-        return ","
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        head = f.readline()
-    return "\t" if head.count("\t") >= head.count(",") else ","
-
-
-def _header(path: Path, sep: str) -> list[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        return [c.strip() for c in next(csv.reader(f, delimiter=sep), [])]
-
-
-def _read_table(path: Path | str, what: str) -> pd.DataFrame:
-    """Read a TSV/CSV as strings, refusing duplicate column names and unreadable files."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is a folder; pass the file itself")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        sep = _separator(path)
-        header = _header(path, sep)
-        if not header or not any(header):
-            raise ValueError(f"{what} {path} is empty; it needs a header row")
-        dupes = sorted({c for c in header if header.count(c) > 1})
-        if dupes:
-            raise ValueError(
-                f"{what} {path} has duplicate columns {preview(dupes)}; each column must be unique"
-            )
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as "
-            "a CSV or TSV file in UTF-8"
-        ) from None
-    except pd.errors.ParserError as err:
-        raise ValueError(
-            f"{what} {path} is not a well-formed {'TSV' if sep == chr(9) else 'CSV'} table "
-            f"({err}); every row needs as many fields as the header"
-        ) from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    return frame
-
-
-def read_expression(path: Path | str) -> pd.DataFrame:
-    """Read an expression matrix: genes × samples, the first column (or ``gene``) naming genes.
-
-    Values are parsed as numbers; checks of NaN and sign come later, on the rows and columns
-    that are used (:func:`expression_log2fc`).
-
-    Returns:
-        A float64 frame indexed by gene, one column per sample; empty or non-numeric cells
-        are NaN.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: duplicate genes or samples, or no sample column; names them.
-    """
-    path = Path(path)
-    frame = _read_table(path, "expression matrix")
-    lower = [c.lower() for c in frame.columns]
-    gene_col = frame.columns[lower.index("gene")] if "gene" in lower else frame.columns[0]
-    if frame.shape[1] < 2 or frame.shape[0] == 0:
-        raise ValueError(
-            f"expression matrix {path} has no "
-            f"{'sample columns' if frame.shape[1] < 2 else 'gene rows'}; expected a genes × "
-            "samples table with a first column naming the gene and one column per sample"
-        )
-    genes = frame[gene_col].str.strip()
-    dupes = sorted(set(genes[genes.duplicated()]))
-    if dupes:
-        rows = [str(i + 2) for i in np.flatnonzero(genes.isin(dupes))[:8]]
-        raise ValueError(
-            f"expression matrix {path} names genes more than once: {preview(dupes)} (lines "
-            f"{', '.join(rows)}); merge or drop the repeated rows"
-        )
-    values = frame.drop(columns=[gene_col]).apply(
-        lambda col: pd.to_numeric(col.str.strip().replace({"": "nan", "NA": "nan"}), "coerce")
-    )
-    bad = (
-        frame.drop(columns=[gene_col]).apply(
-            lambda col: ~col.str.strip().str.lower().isin({"", "na", "nan"})
-        )
-        & values.isna()
-    )
-    if bad.to_numpy().any():
-        cells = [
-            f"{genes.iloc[r]}/{values.columns[c]}={frame.iloc[r, c + 1]!r}"
-            for r, c in zip(*np.nonzero(bad.to_numpy()), strict=True)
-        ]
-        raise ValueError(
-            f"expression matrix {path} has non-numeric values (gene/sample=value): "
-            f"{preview(cells, 6)}; expression must be numbers (TPM or counts)"
-        )
-    values.index = pd.Index(genes, name="gene")
-    return values.astype(np.float64)
-
-
 def read_label_table(path: Path | str) -> pd.DataFrame:
     """Read a labels CSV into canonical columns.
 
@@ -307,7 +189,7 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
             unreadable tumour labels or non-numeric log2FC; names the rows.
     """
     path = Path(path)
-    raw = _read_table(path, "labels file")
+    raw = read_table(path, "labels file")
     by_lower = {c.lower(): c for c in raw.columns}
     found = {}
     for canon, aliases in _ALIASES.items():
@@ -318,7 +200,7 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
             "one 'slide_id' (the slide file's stem)"
         )
     out = pd.DataFrame({"slide_id": raw[found["slide_id"]].str.strip()})
-    line = pd.Series(np.arange(len(raw)) + 2, index=raw.index)  # 1-based, after the header
+    line = pd.Series(np.arange(len(raw)) + raw.attrs["first_line"], index=raw.index)
     empty = out["slide_id"] == ""
     if empty.any():
         raise ValueError(f"labels file {path}: empty slide_id on lines {preview(line[empty])}")
@@ -437,21 +319,38 @@ def table_from_slide_ids(slide_ids: Sequence[str]) -> pd.DataFrame:
 # -- expression → targets -----------------------------------------------------------------------
 
 
-def match_samples(
+@dataclass(frozen=True)
+class SampleMatch:
+    """How a slide found its expression column, or why it found none.
+
+    Attributes:
+        column: the expression column, or ``None``.
+        how: the rule that matched (``sample_id given``, ``slide id``, ``same sample``,
+            ``sample without vial``, ``diagnostic slide (vial Z): the only … sample``) or why
+            none did (``no expression sample …``, ``ambiguous: …``).
+        candidates: the columns that made the match ambiguous.
+    """
+
+    column: str | None
+    how: str
+    candidates: tuple[str, ...] = ()
+
+
+def match_slides(
     slide_ids: Sequence[str], columns: Sequence[str], explicit: Mapping[str, str] | None = None
-) -> dict[str, str | None]:
-    """Map each slide to its expression column.
+) -> dict[str, SampleMatch]:
+    """Map each slide to its expression column, saying how (see :func:`match_samples`).
 
     A slide matches the column equal to its ``sample_id`` (when given), else the column equal
-    to the slide id, else the column whose TCGA sample barcode (16 characters with vial, then
-    15 without) is the slide's.
+    to the slide id, else by TCGA sample: the column of the same 16-character sample
+    (``TCGA-XX-XXXX-01A``), else a 15-character column without vial (``TCGA-XX-XXXX-01``). A
+    diagnostic slide's vial is the placeholder ``Z`` (``TCGA-XX-XXXX-01Z-00-DX1``): it matches
+    the one column of its patient and sample type, whatever its vial; with several (``01A`` and
+    ``01B``) the match is ambiguous and ``candidates`` lists them. Upper or lower case does not
+    matter.
 
     Returns:
-        slide id → column, or None when no column matches.
-
-    Raises:
-        ValueError: a given ``sample_id`` is not a column, or a slide matches several columns
-            (e.g. two aliquots of one sample); names them.
+        slide id → :class:`SampleMatch`.
     """
     explicit = dict(explicit or {})
     cols = set(columns)
@@ -463,29 +362,73 @@ def match_samples(
             if b.vial:
                 by_sample.setdefault(b.sample, []).append(c)
             by_sample15.setdefault(b.sample_no_vial, []).append(c)
-    out: dict[str, str | None] = {}
-    unknown, ambiguous = [], []
+    out: dict[str, SampleMatch] = {}
     for sid in slide_ids:
         given = explicit.get(sid, "")
         if given:
-            if given not in cols:
-                unknown.append(f"{sid} → {given}")
-            out[sid] = given
+            how = "sample_id given" if given in cols else f"sample_id {given} is not a column"
+            out[sid] = SampleMatch(given if given in cols else None, how)
             continue
         if sid in cols:
-            out[sid] = sid
+            out[sid] = SampleMatch(sid, "slide id")
             continue
-        hits: list[str] = []
-        if is_tcga(sid):
-            b = parse_barcode(sid)
-            hits = by_sample.get(b.sample, []) if b.vial else []
-            if not hits:
-                vial_hits = by_sample15.get(b.sample_no_vial, [])
-                # a column without vial matches any vial; one with another vial does not
-                hits = [c for c in vial_hits if not b.vial or parse_barcode(c).vial in ("", b.vial)]
-        if len(hits) > 1:
-            ambiguous.append(f"{sid} → {', '.join(sorted(hits))}")
-        out[sid] = hits[0] if len(hits) == 1 else None
+        if not is_tcga(sid):
+            out[sid] = SampleMatch(None, "not a TCGA barcode and not a column")
+            continue
+        b = parse_barcode(sid)
+        vial = b.rna_vial  # "" for a diagnostic slide's placeholder Z
+        hits = by_sample.get(b.sample, []) if vial else []
+        how = "same sample"
+        if not hits:
+            same_type = by_sample15.get(b.sample_no_vial, [])
+            # a column without vial matches any vial; one with another vial does not
+            hits = [c for c in same_type if not vial or parse_barcode(c).vial in ("", vial)]
+            if vial:
+                how = "sample without vial"
+            elif b.vial == "Z":
+                how = (
+                    f"diagnostic slide (vial Z): the only {b.sample_type:02d} sample of the patient"
+                )
+            else:
+                how = f"the only {b.sample_type:02d} sample of the patient"
+        if len(hits) == 1:
+            out[sid] = SampleMatch(hits[0], how)
+        elif hits:
+            out[sid] = SampleMatch(
+                None,
+                f"ambiguous: {', '.join(sorted(hits))}; set sample_id to one of them",
+                tuple(sorted(hits)),
+            )
+        else:
+            out[sid] = SampleMatch(
+                None,
+                f"no expression sample {b.sample_no_vial}{vial or ''}"
+                f"{'' if vial else ' (any vial)'}",
+            )
+    return out
+
+
+def match_samples(
+    slide_ids: Sequence[str], columns: Sequence[str], explicit: Mapping[str, str] | None = None
+) -> dict[str, str | None]:
+    """Map each slide to its expression column (rules: :func:`match_slides`).
+
+    Returns:
+        slide id → column, or None when no column matches.
+
+    Raises:
+        ValueError: a given ``sample_id`` is not a column, or a slide matches several columns
+            (two aliquots of one sample, or a diagnostic slide of a patient with two samples of
+            its type); names them.
+    """
+    matches = match_slides(slide_ids, columns, explicit)
+    explicit = dict(explicit or {})
+    unknown = [
+        f"{sid} → {explicit[sid]}"
+        for sid, m in matches.items()
+        if explicit.get(sid) and m.column is None
+    ]
+    ambiguous = [f"{sid} → {', '.join(m.candidates)}" for sid, m in matches.items() if m.candidates]
     if unknown:
         raise ValueError(
             f"sample_id of these slides is not a column of the expression matrix: "
@@ -493,11 +436,11 @@ def match_samples(
         )
     if ambiguous:
         raise ValueError(
-            f"slides match several expression columns (aliquots of one sample?): "
-            f"{preview(ambiguous, 5)}. Keep one column per sample, or set sample_id per slide "
-            "in the labels CSV."
+            f"slides match several expression columns (aliquots of one sample, or a diagnostic "
+            f"slide whose patient has several samples of its type): {preview(ambiguous, 5)}. "
+            "Keep one column per sample, or set sample_id per slide in the labels CSV."
         )
-    return out
+    return {sid: m.column for sid, m in matches.items()}
 
 
 def _check_values(values: pd.DataFrame, source: str) -> None:
@@ -535,28 +478,34 @@ def expression_log2fc(
     units: str = "tpm",
     pseudocount: float = 1.0,
     source: str = "expression matrix",
+    log_offset: float = 1.0,
 ) -> pd.DataFrame:
     """Log2 fold change of each tumour sample against the mean of the normal samples.
 
     Args:
-        expression: genes × samples (:func:`read_expression`), linear scale.
+        expression: genes × samples (:func:`read_expression`).
         genes: the genes (rows) to compute.
         tumour_samples: columns of tumour samples, one row of the result each.
         normal_samples: columns of normal samples, averaged as the reference.
-        units: ``tpm`` (used as is; also FPKM or any normalised linear unit) or ``counts``
-            (scaled to CPM by each sample's column sum over all genes).
+        units: ``tpm`` (used as is; also FPKM, RSEM or any normalised linear unit),
+            ``counts`` (scaled to CPM by each sample's sum over the gene rows; count-summary
+            rows such as ``N_unmapped`` are left out) or ``log2tpm`` (``log2(x + log_offset)``,
+            un-logged first). ``tpm`` and ``counts`` are refused when the whole matrix looks
+            log-transformed (:func:`histcode.finetune.expression.to_linear`).
         pseudocount: added to tumour and normal-mean values before the ratio.
         source: for messages.
+        log_offset: see ``units``.
 
     Returns:
         Tumour samples × genes, float64.
 
     Raises:
-        ValueError: no normal samples, unknown units, a negative pseudocount, or NaN /
-            negative values in the used rows and columns (named).
+        ValueError: no normal samples, unknown units, a negative pseudocount, log-looking
+            values given as linear, or NaN / negative values in the used rows and columns
+            (named).
     """
-    if units not in ("tpm", "counts"):
-        raise ValueError(f"units must be 'tpm' or 'counts', got {units!r}")
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {', '.join(UNITS)}; got {units!r}")
     if not pseudocount >= 0:
         raise ValueError(f"pseudocount must be ≥ 0 (e.g. 1.0), got {pseudocount!r}")
     if not len(normal_samples):
@@ -567,15 +516,12 @@ def expression_log2fc(
             "ready-made targets as <GENE>_log2fc columns of the labels CSV."
         )
     used = list(dict.fromkeys([*tumour_samples, *normal_samples]))
+    linear = to_linear(expression, units, source, log_offset)
     if units == "counts":
-        _check_values(expression[used], source)
-        library = expression[used].sum(axis=0)
-        empty = library.index[library <= 0].tolist()
-        if empty:
-            raise ValueError(f"{source}: samples with no counts at all: {preview(empty)}")
-        scaled = expression.loc[list(genes), used] / library * 1e6
+        _check_values(linear[used], source)
+        scaled = cpm(linear[used], source).loc[list(genes)]
     else:
-        scaled = expression.loc[list(genes), used]
+        scaled = linear.loc[list(genes), used]
         _check_values(scaled, source)
     normal_mean = scaled[list(normal_samples)].mean(axis=1)
     tumour = scaled[list(tumour_samples)]
@@ -625,6 +571,8 @@ class Labels:
         sites: (n,) tissue source site of each slide (TCGA barcode characters 6–7, or the
             labels CSV's ``site`` column); ``""`` where unknown. ``None`` means unknown for
             every slide.
+        reference: the normal expression samples whose mean is the reference of every fold
+            change (empty without an expression matrix).
     """
 
     slide_ids: list[str]
@@ -636,6 +584,7 @@ class Labels:
     threshold: float = 1.0
     warnings: list[str] = field(default_factory=list)
     sites: list[str] | None = None
+    reference: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.slide_ids)
@@ -698,6 +647,7 @@ class Labels:
             threshold=self.threshold,
             warnings=list(self.warnings),
             sites=[self.sites[i] for i in rows],
+            reference=list(self.reference),
         )
 
     def to_frame(self) -> pd.DataFrame:
@@ -730,6 +680,8 @@ def build_labels(
     with_genes: bool = True,
     source: str = "expression matrix",
     genes_source: str = "the gene list",
+    normal_types: Sequence[int] = (11,),
+    log_offset: float = 1.0,
 ) -> Labels:
     """Labels from a labels table and, for gene targets, an expression matrix.
 
@@ -739,13 +691,18 @@ def build_labels(
             columns (if any) as targets.
         genes: genes to model; ``None`` is the default driver list ∩ what the data has.
         threshold: log2FC threshold of the up / down classes.
-        units: ``tpm`` or ``counts`` (see :func:`expression_log2fc`).
+        units: ``tpm``, ``counts`` or ``log2tpm`` (see :func:`expression_log2fc`).
         pseudocount: see :func:`expression_log2fc`.
         strict: tumour slides without an expression column are an error (``False``: a warning,
             and their gene targets are masked).
         with_genes: build gene targets (the ``genes`` task); ``False`` gives tumour labels only.
         source: name of the expression matrix, for messages.
         genes_source: where ``genes`` come from (an option or a file), for messages.
+        normal_types: TCGA sample types of the normal columns that form the reference
+            (default solid tissue normal, 11); normal columns of other types (10 blood, 12
+            buccal, 13 EBV cell line, 14 bone marrow) are left out, with a warning. Columns
+            that are not TCGA barcodes are normal when their slides are labelled normal.
+        log_offset: for ``units="log2tpm"`` (see :func:`expression_log2fc`).
 
     Raises:
         ValueError: see the module docstring; every message names the offending ids.
@@ -757,7 +714,9 @@ def build_labels(
     targets = np.zeros((len(table), 0))
     chosen: list[str] = []
     csv_genes = [c[: -len(LOG2FC_SUFFIX)] for c in table.columns if c.endswith(LOG2FC_SUFFIX)]
+    reference: list[str] = []
     if with_genes and expression is not None:
+        _check_recorded_units(expression, units, source)
         chosen = resolve_genes(expression.index.tolist(), genes, source, genes_source)
         explicit = {sid: s for sid, s in zip(slide_ids, table["sample_id"], strict=True) if s}
         mapping = match_samples(slide_ids, expression.columns.tolist(), explicit)
@@ -795,13 +754,23 @@ def build_labels(
             log.warning("%s; their gene targets are masked", message)
             warnings.append(message)
         tumour_cols = sorted({mapping[s] for s in tumour_slides if mapping[s]})
-        normal_cols = [c for c in expression.columns if kinds.get(c) == "normal"]
+        normal_cols, left_out = _reference_columns(expression.columns, kinds, normal_types)
+        if left_out:
+            message = (
+                f"{len(left_out)} normal sample(s) of types other than "
+                f"{', '.join(f'{t:02d}' for t in normal_types)} are left out of the fold-change "
+                f"reference: {preview(left_out, 4)}. Pass --data.normal_types with their types "
+                "to include them."
+            )
+            log.warning(message)
+            warnings.append(message)
+        reference = normal_cols
         if len(normal_cols) < 3 and normal_cols:
             message = f"only {len(normal_cols)} normal sample(s) form the fold-change reference"
             log.warning(message)
             warnings.append(message)
         fc = expression_log2fc(
-            expression, chosen, tumour_cols, normal_cols, units, pseudocount, source
+            expression, chosen, tumour_cols, normal_cols, units, pseudocount, source, log_offset
         )
         targets = np.full((len(table), len(chosen)), np.nan)
         for i, sid in enumerate(slide_ids):
@@ -840,7 +809,40 @@ def build_labels(
         threshold=threshold,
         warnings=warnings,
         sites=table["site"].tolist() if "site" in table else None,
+        reference=reference,
     )
+
+
+def _check_recorded_units(expression: pd.DataFrame, units: str, source: str) -> None:
+    """Refuse units that contradict a matrix's own ``# units:`` line (``histcode cohort``)."""
+    recorded = expression.attrs.get("units")
+    if recorded in ("tpm", "counts") and units != recorded:
+        raise ValueError(
+            f"{source} says its units are {recorded!r} (its '# units:' line), but "
+            f"--data.units is {units!r}; pass --data.units {recorded}"
+        )
+
+
+def _reference_columns(
+    columns: Sequence[str], kinds: Mapping[str, str], normal_types: Sequence[int]
+) -> tuple[list[str], list[str]]:
+    """Normal columns that form the reference, and those left out (``col (type name)``)."""
+    types = {int(t) for t in normal_types}
+    bad = sorted(t for t in types if not 10 <= t <= 19)
+    if bad or not types:
+        raise ValueError(
+            f"normal_types must be TCGA normal sample types (10–19, e.g. [11]); got {sorted(types)}"
+        )
+    used, left_out = [], []
+    for c in columns:
+        if kinds.get(c) != "normal":
+            continue
+        if not is_tcga(c) or parse_barcode(c).sample_type in types:
+            used.append(c)
+        else:
+            code = parse_barcode(c).sample_type
+            left_out.append(f"{c} ({code:02d} {SAMPLE_TYPES.get(code, '')})".replace(" )", ")"))
+    return used, left_out
 
 
 def _column_kinds(
@@ -876,6 +878,8 @@ def load_labels(
     pseudocount: float = 1.0,
     strict: bool = True,
     with_genes: bool = True,
+    normal_types: Sequence[int] = (11,),
+    log_offset: float = 1.0,
 ) -> Labels:
     """Read labels from files (see :func:`build_labels`).
 
@@ -883,13 +887,24 @@ def load_labels(
         labels: a labels CSV, or ``None`` to label ``slide_ids`` from their TCGA barcodes.
         expression: an expression matrix, or ``None``.
         slide_ids: the slides with features (used when ``labels`` is ``None``).
-        genes, threshold, units, pseudocount, strict, with_genes: see :func:`build_labels`.
+        genes, threshold, units, pseudocount, strict, with_genes, normal_types, log_offset:
+            see :func:`build_labels`.
     """
     table = read_label_table(labels) if labels is not None else table_from_slide_ids(slide_ids)
     matrix = read_expression(expression) if expression is not None and with_genes else None
     source = f"expression matrix {expression}" if expression is not None else "expression matrix"
     return build_labels(
-        table, matrix, genes, threshold, units, pseudocount, strict, with_genes, source
+        table,
+        matrix,
+        genes,
+        threshold,
+        units,
+        pseudocount,
+        strict,
+        with_genes,
+        source,
+        normal_types=normal_types,
+        log_offset=log_offset,
     )
 
 
@@ -897,12 +912,14 @@ __all__ = [
     "CLASS_NAMES",
     "LOG2FC_SUFFIX",
     "Labels",
+    "SampleMatch",
     "build_labels",
     "classify",
     "default_genes",
     "expression_log2fc",
     "load_labels",
     "match_samples",
+    "match_slides",
     "preview",
     "read_expression",
     "read_gene_list",

@@ -25,9 +25,16 @@ class DataOptions:
             the expression matrix has.
         genes_file: a text file with one gene a line (instead of ``genes``).
         threshold: ``|log2FC| ≥ threshold`` is up / down, below is unchanged.
-        units: ``tpm`` (TPM, FPKM or other normalised linear values, used as is) or
-            ``counts`` (raw counts, scaled to CPM per sample).
+        units: ``tpm`` (TPM, FPKM, RSEM or other normalised linear values, used as is),
+            ``counts`` (raw counts, scaled to CPM over each sample's gene rows) or ``log2tpm``
+            (log2(x + log_offset), e.g. UCSC Xena matrices: un-logged first). ``tpm`` and
+            ``counts`` refuse a matrix that looks log-transformed.
+        log_offset: what was added before the log, for ``log2tpm`` (1; Xena's log2(x + 0.001)
+            files: 0.001).
         pseudocount: added before the fold-change ratio (in TPM / CPM units).
+        normal_types: TCGA sample types whose samples form the normal reference of the fold
+            changes: solid tissue normal (11) by default; blood (10), buccal (12), EBV cell
+            line (13) and bone marrow (14) normals only when listed.
         strict_ids: tumour slides without an expression column are an error; ``false``: warn
             and keep them for the tumour task only.
         batch_size: bags per batch (padded to the largest, with a mask).
@@ -41,8 +48,10 @@ class DataOptions:
     genes: list[str] | None = None
     genes_file: Path | None = None
     threshold: float = 1.0
-    units: Literal["tpm", "counts"] = "tpm"
+    units: Literal["tpm", "counts", "log2tpm"] = "tpm"
+    log_offset: float = 1.0
     pseudocount: float = 1.0
+    normal_types: list[int] = field(default_factory=lambda: [11])
     strict_ids: bool = True
     batch_size: int = 4
     max_tiles: int | None = 4096

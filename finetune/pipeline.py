@@ -160,6 +160,8 @@ def prepare_labels(
         with_genes="genes" in tasks,
         source=f"expression matrix {expression}" if expression else "expression matrix",
         genes_source=f"the gene list {data.genes_file}" if data.genes_file else "--data.genes",
+        normal_types=data.normal_types,
+        log_offset=data.log_offset,
     )
     if "tumour" in tasks:
         known = built.tumour[built.tumour_mask]
@@ -440,6 +442,7 @@ def _register(
                     "tasks": list(data.tasks),
                     "threshold": data.threshold,
                     "units": data.units,
+                    "normal_reference": labels.reference,
                     "run": str(out.resolve()),
                     **extra,
                     "best_epoch": fold_result.best_epoch,
