@@ -611,6 +611,10 @@ def read_gdc_download(
             f"{len(extra)} STAR-Counts file(s) not in the sample sheet, ignored: "
             f"{preview(extra, 3)}"
         )
+    notes.append(
+        "STAR count-summary rows (N_unmapped, N_multimapping, N_noFeature, N_ambiguous) left "
+        "out of every file: they are not genes"
+    )
     units = GDC_COLUMNS[column]
     columns, names, model, reference = {}, None, None, None
     files: dict[str, list[str]] = {}

@@ -13,6 +13,9 @@ TCGA-B6-A0RE   01A, 14A (bone marrow normal) 01A TS1 (lower-case UUID)
 TCGA-BH-A0B3   11A                           01Z DX1 (tumour slide without RNA)
 TCGA-BH-A0BZ   01A, 11A                      none
 =============  ============================  =========================================
+
+``extra=k`` adds ``k`` patients ``TCGA-E2-A1xx`` with 01A and 11A samples, a DX1 slide of the
+tumour and a TS1 slide of the normal (enough patients for a cross-validated finetune run).
 """
 
 from __future__ import annotations
@@ -72,12 +75,17 @@ SLIDE_BARCODES = [
 ]
 
 
-def tpm_matrix(seed: int = 0) -> pd.DataFrame:
+def extra_patients(extra: int) -> list[str]:
+    return [f"TCGA-E2-A{100 + k:03d}" for k in range(extra)]
+
+
+def tpm_matrix(seed: int = 0, extra: int = 0) -> pd.DataFrame:
     """The known truth: symbols × 16-character samples, TPM with 4 decimals (as GDC)."""
     rng = np.random.default_rng(seed)
     base = np.array([b for _, _, b in GENES])
     cols = {}
-    for s in SAMPLES:
+    more = [f"{p}-{t}" for p in extra_patients(extra) for t in ("01A", "11A")]
+    for s in SAMPLES + more:
         tumour = s[13:15] < "10"
         effect = rng.normal(0, 0.2, len(GENES))
         if tumour:
@@ -105,10 +113,13 @@ class Download:
     slide_ids: list[str]
 
 
-def write_slides(folder: Path, gdc_layout: bool = True) -> list[str]:
+def write_slides(folder: Path, gdc_layout: bool = True, extra: int = 0) -> list[str]:
     """Empty ``.svs`` files named like GDC slides (``<file UUID>/<name>.svs``)."""
     ids = []
-    for i, (barcode, upper) in enumerate(SLIDE_BARCODES):
+    more = [
+        (f"{p}-{t}", False) for p in extra_patients(extra) for t in ("01Z-00-DX1", "11A-01-TS1")
+    ]
+    for i, (barcode, upper) in enumerate(SLIDE_BARCODES + more):
         name = slide_name(barcode, upper, i)
         where = folder / str(uuid.UUID(int=1000 + i)) if gdc_layout else folder
         where.mkdir(parents=True, exist_ok=True)
@@ -122,10 +133,10 @@ def write_clean(path: Path, matrix: pd.DataFrame) -> Path:
     return path
 
 
-def make_download(root: Path, seed: int = 0) -> Download:
-    tpm = tpm_matrix(seed)
+def make_download(root: Path, seed: int = 0, extra: int = 0) -> Download:
+    tpm = tpm_matrix(seed, extra)
     slides = root / "slides"
-    ids = write_slides(slides)
+    ids = write_slides(slides, extra=extra)
     return Download(
         root, slides, tpm, counts_matrix(tpm), write_clean(root / "clean.tsv", tpm), ids
     )

@@ -386,3 +386,60 @@ def test_cohort_refuses_non_tcga_slides(download) -> None:
         "--out", str(download.root / "c"),
     )  # fmt: skip
     assert code == 2 and not (download.root / "c").exists()
+
+
+# -- the README path: GDC download → histcode cohort → histcode finetune ------------------------
+
+
+def test_gdc_download_to_finetune(tmp_path: Path) -> None:
+    """The README's commands on a test-made GDC download; features stand in for tile + embed."""
+    from histcode.registry import Registry
+    from tests.finetune.finetune_cohort import _feature_store, write_bag
+
+    d = make_download(tmp_path, extra=6)
+    folder, sheet = write_gdc(d)
+    out = tmp_path / "cohort"
+    code, made = run_cohort(
+        "--slides", str(d.slides), "--expression", str(folder), "--sample_sheet", str(sheet),
+        "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, made
+    rng = np.random.default_rng(0)
+    store = _feature_store(tmp_path / "features.zarr", 8)
+    for sid in d.slide_ids:
+        write_bag(store, sid, rng.normal(size=(12, 8)))
+    configs = Path(__file__).parents[2] / "configs" / "finetune"
+    argv = made["finetune"].replace("FEATURES.zarr", str(tmp_path / "features.zarr"))
+    argv = argv.replace("configs/finetune/deg.yaml", str(configs / "deg.yaml")).split()[1:]
+    argv = [a if a != "NAME" else "brca-deg" for a in argv]
+    code, result = run_captured(
+        [
+            *argv,
+            "--config",
+            str(configs / "cpu_smoke.yaml"),
+            "--out",
+            str(tmp_path / "run"),
+            "--registry",
+            str(tmp_path / "registry"),
+            "--data.genes",
+            "MYC",
+            "CD8A",
+            "--cv.folds",
+            "2",
+            "--trainer.max_epochs",
+            "2",
+        ],
+        quiet=True,
+    )
+    assert code == 0 and result["slides"] == len(d.slide_ids), result
+    targets = pd.read_csv(tmp_path / "run" / "targets.csv").set_index("slide_id")
+    expected = load_labels(None, d.clean_tsv, d.slide_ids, genes=["MYC", "CD8A"], strict=False)
+    np.testing.assert_allclose(
+        targets.loc[d.slide_ids, ["MYC_log2fc", "CD8A_log2fc"]].to_numpy(),
+        expected.log2fc,
+        atol=1e-5,
+    )
+    assert "units: tpm" in (tmp_path / "run" / "config.yaml").read_text()
+    card = Registry(tmp_path / "registry").card("brca-deg@1")
+    assert card.extra["units"] == "tpm"
+    assert card.extra["normal_reference"] == expected.reference
