@@ -45,6 +45,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "the whole pipeline on a small synthetic cohort vs the naive baseline",
     ),
     "registry": ("histcode.registry_cli", "list, show and verify checkpoints in the registry"),
+    "config": ("histcode.configfiles", "list and print the shipped YAML configs (--config NAME)"),
 }
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
@@ -289,6 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if name != "config":  # --config NAME: a shipped config when no such file exists
+        from histcode.configfiles import UnknownConfigError, resolve_config_args
+
+        try:
+            rest = resolve_config_args(rest, name)
+        except UnknownConfigError as err:
+            print(f"histcode {name}: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
     module = importlib.import_module(found[name][0])
     try:
         return int(module.main(rest, prog=f"histcode {name}"))
