@@ -461,13 +461,54 @@ def _openslide_reader(
     return SlideReader(path, mpp_override=mpp_override, mpp_fallback=mpp_fallback)
 
 
+@readers.register("tiff")
+def _tiff_reader(
+    path: Path | str, mpp_override: float | None = None, mpp_fallback: float | None = None
+) -> SlideReader:
+    """JPEG-tiled TIFF levels decoded directly (:mod:`histcode.tiffjpeg`); raises
+    :class:`SlideError` when no level of the slide can be."""
+    from histcode.tiffjpeg import TiffJpegReader
+
+    return TiffJpegReader(path, mpp_override=mpp_override, mpp_fallback=mpp_fallback)
+
+
+#: Extensions the ``auto`` reader tries the direct TIFF reader on (the others go to OpenSlide).
+TIFF_EXTENSIONS = (".svs", ".tif", ".tiff")
+
+
+@readers.register("auto")
+def _auto_reader(
+    path: Path | str, mpp_override: float | None = None, mpp_fallback: float | None = None
+) -> SlideReader:
+    """The fastest reader for the slide: ``tiff`` for JPEG-tiled Aperio and generic TIFF,
+    else ``openslide`` (the reason is logged)."""
+    if Path(path).suffix.lower() in TIFF_EXTENSIONS:
+        try:
+            reader = _tiff_reader(path, mpp_override=mpp_override, mpp_fallback=mpp_fallback)
+        except (MissingMppError, FileNotFoundError, ValueError):
+            raise
+        except SlideError as err:
+            log.info("%s: read with OpenSlide: %s", path, err)
+        else:
+            if reader.fallback_reason:  # type: ignore[attr-defined]
+                log.info("%s: some levels read with OpenSlide: %s", path, reader.fallback_reason)  # type: ignore[attr-defined]
+            return reader
+    else:
+        log.debug("%s: read with OpenSlide (not a TIFF-based extension)", path)
+    return SlideReader(path, mpp_override=mpp_override, mpp_fallback=mpp_fallback)
+
+
 def open_slide(
     path: Path | str,
     mpp_override: float | None = None,
-    reader: str = "openslide",
+    reader: str = "auto",
     mpp_fallback: float | None = None,
 ) -> SlideReader:
-    """Open a slide with a registered reader (``openslide`` by default).
+    """Open a slide with a registered reader (``auto`` by default).
+
+    Readers: ``auto`` (``tiff`` where it applies, else ``openslide``; the reason is logged
+    at INFO), ``tiff`` (JPEG-tiled Aperio SVS and generic TIFF levels decoded directly, the
+    rest through OpenSlide), ``openslide``.
 
     Args:
         path: the slide file.
