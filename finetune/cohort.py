@@ -55,13 +55,8 @@ from histcode.finetune.expression import (
     read_gene_map,
     to_linear,
 )
-from histcode.finetune.labels import (
-    _column_kinds,
-    _reference_columns,
-    match_slides,
-    table_from_slide_ids,
-)
-from histcode.finetune.tables import preview, write_atomic
+from histcode.finetune.foldchange import column_kinds, match_slides, reference_columns
+from histcode.finetune.tables import preview, table_from_slide_ids, write_atomic
 from histcode.slide import SLIDE_EXTENSIONS, slide_id
 
 log = logging.getLogger(__name__)
@@ -218,8 +213,8 @@ def build_cohort(
     columns = [str(c) for c in matrix.columns]
     matches = match_slides(ids, columns)
     tumour = dict(zip(ids, table["tumour"], strict=True))
-    kinds = _column_kinds(columns, {s: m.column for s, m in matches.items()}, tumour)
-    reference, left_out = _reference_columns(columns, kinds, normal_types)
+    kinds = column_kinds(columns, {s: m.column for s, m in matches.items()}, tumour)
+    reference, left_out = reference_columns(columns, kinds, normal_types)
     ref_set = set(reference)
     per_sample = Counter(m.column for m in matches.values() if m.column)
     rows = []

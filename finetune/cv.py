@@ -101,14 +101,49 @@ def strata(labels: Labels) -> np.ndarray:
     return labels.gene_mask.any(1).astype(int)
 
 
+def _check_split_sizes(
+    y: np.ndarray, groups: np.ndarray, n_splits: int, group: Group, what: str
+) -> None:
+    """Refuse, naming the counts and the fix, what scikit-learn refuses with its ``n_splits``
+    message: fewer groups than splits, or every stratum with fewer slides than splits."""
+    n_groups = len(set(groups.tolist()))
+    values, slides = np.unique(y, return_counts=True)
+    if n_groups >= n_splits and slides.max(initial=0) >= n_splits:
+        return
+    names = {-1: "unlabelled", 0: "normal", 1: "tumour"}
+    counts = ", ".join(
+        f"{names.get(int(v), f'stratum {v}')}: {c} slide(s) of "
+        f"{len(set(groups[y == v].tolist()))} {group}(s)"
+        for v, c in zip(values, slides, strict=True)
+    )
+    if what == "folds":
+        fix = f"Use --cv.folds {max(2, min(n_groups, int(slides.max(initial=0))))} or fewer"
+    else:
+        fix = (
+            "Use --cv.val_fraction 0.5 (2 validation splits) or fewer --cv.folds (larger "
+            "training parts)"
+        )
+    raise ValueError(
+        f"the cohort is too small for {n_splits} stratified {group}-grouped {what}: they need "
+        f"at least {n_splits} {group}s and one class with at least {n_splits} slides; it has "
+        f"{n_groups} {group}(s) ({counts}). {fix}, or add slides."
+    )
+
+
 def _grouped_split(
-    rows: np.ndarray, labels: Labels, n_splits: int, seed: int, group: Group = "patient"
+    rows: np.ndarray,
+    labels: Labels,
+    n_splits: int,
+    seed: int,
+    group: Group = "patient",
+    what: str = "folds",
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     from sklearn.model_selection import StratifiedGroupKFold
 
     y = strata(labels)[rows]
     ids = labels.patient_ids if group == "patient" else labels.sites
     groups = np.asarray(ids)[rows]
+    _check_split_sizes(y, groups, n_splits, group, what)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # "least populated class has only …" on tiny cohorts
         warnings.filterwarnings("ignore", message=".*least populated class.*")
@@ -203,7 +238,10 @@ def validation_split(
     wanted = max(2, round(1 / val_fraction))
     by = validation_group(rows, labels, val_fraction, group)
     n_splits = min(wanted, n_patients) if by == "patient" else wanted
-    train, val = _grouped_split(rows, labels, n_splits, seed, by)[0]
+    if by == "patient":  # a tiny training part: a larger validation share, not a failure
+        largest = np.unique(strata(labels)[rows], return_counts=True)[1].max()
+        n_splits = max(2, min(n_splits, int(largest)))
+    train, val = _grouped_split(rows, labels, n_splits, seed, by, "validation splits")[0]
     return train, val
 
 

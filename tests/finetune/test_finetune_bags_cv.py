@@ -188,3 +188,41 @@ def test_check_folds_catches_site_leaks() -> None:
     leaky.train = np.sort(np.concatenate([leaky.train, moved]))  # its site now in train too
     with pytest.raises(LeakageError, match="sites in both train and test"):
         check_folds(folds, labels)
+
+
+def _one_slide_each(tumour: list[float]) -> Labels:
+    ids = [f"p{i}" for i in range(len(tumour))]
+    return Labels(ids, ids, ids, np.array(tumour))
+
+
+def test_cohort_too_small_for_the_folds_names_counts_and_fix() -> None:
+    """Not scikit-learn's ``n_splits=… cannot be greater than …``: the counts and --cv.folds."""
+    labels = _one_slide_each([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # 3 patients of each class
+    with pytest.raises(ValueError) as err:
+        make_folds(labels, folds=5, val_fraction=0.2, seed=0)
+    message = str(err.value)
+    assert "n_splits" not in message
+    assert "too small for 5 stratified patient-grouped folds" in message
+    assert "tumour: 3 slide(s) of 3 patient(s)" in message
+    assert "normal: 3 slide(s) of 3 patient(s)" in message
+    assert "--cv.folds 3 or fewer" in message
+    assert len(make_folds(labels, folds=3, val_fraction=0.2, seed=0)) == 3  # the fix works
+
+
+def test_small_training_part_gets_a_larger_validation_share() -> None:
+    """5 training patients (3 tumour, 2 normal) cannot be split 5 ways by class: 3 ways is."""
+    labels = _one_slide_each([1.0, 1.0, 1.0, 0.0, 0.0])
+    train, val = validation_split(np.arange(5), labels, 0.2, seed=0)
+    assert len(train) + len(val) == 5 and len(val) >= 1 and len(train) >= 3
+
+
+def test_labels_module_split_keeps_old_imports() -> None:
+    """labels.py became genes / tables / expression / foldchange; the old imports still work."""
+    from histcode.finetune import foldchange, genes, labels, tables
+
+    assert labels.read_label_table is tables.read_label_table
+    assert labels.resolve_genes is genes.resolve_genes
+    assert labels.match_slides is foldchange.match_slides
+    assert labels.expression_log2fc is foldchange.expression_log2fc
+    assert labels.classify is foldchange.classify
+    assert labels.CLASS_NAMES == foldchange.CLASS_NAMES == {-1: "down", 0: "unchanged", 1: "up"}
