@@ -33,7 +33,7 @@ from histcode.encoders import Encoder, create_encoder, encoders
 from histcode.featurestore import FeatureStore
 from histcode.registry import Registry
 from histcode.slide import SlideError
-from histcode.tilereader import TileDataset, TileIndex, collate_tiles
+from histcode.tilereader import TileDataset, TileIndex, collate_tiles, default_workers
 from histcode.tilestore import TileStore
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def embed_store(
     weights: str | None = None,
     registry: str | None = None,
     batch_size: int = 64,
-    workers: int = 2,
+    workers: int | None = None,
     dtype: Literal["float32", "float16"] = "float32",
     device: str = "auto",
     precision: Literal["auto", "32", "bf16"] = "auto",
@@ -200,8 +200,11 @@ def embed_store(
     """Embed every tile of a tile store into a feature store (see :func:`embed`)."""
     import time
 
-    if batch_size < 1 or workers < 0:
-        raise ValueError("--batch_size must be ≥ 1 and --workers ≥ 0")
+    if batch_size < 1 or (workers is not None and workers < 0):
+        raise ValueError(
+            f"--batch_size {batch_size} / --workers {workers}: expected batch_size ≥ 1 and "
+            "workers ≥ 0 (or leave --workers out for one per core)"
+        )
     shard_i, shard_n = parse_shard(shard)
     tile_store = TileStore(tiles)
     root = tile_store.attrs
@@ -212,6 +215,8 @@ def embed_store(
             "embed again"
         )
     dev = pick_device(device)
+    if workers is None:
+        workers = default_workers(dev.type == "cuda")
     loaded = load_encoder(
         encoder,
         mpp=root["mpp"],
@@ -452,7 +457,7 @@ def embed(
     weights: str | None = None,
     registry: str | None = None,
     batch_size: int = 64,
-    workers: int = 2,
+    workers: int | None = None,
     dtype: Literal["float32", "float16"] = "float32",
     device: str = "auto",
     precision: Literal["auto", "32", "bf16"] = "auto",
@@ -476,7 +481,8 @@ def embed(
         weights: local weights file for a zoo encoder (ImageNet or foundation-model weights).
         registry: registry folder (default: $HISTCODE_REGISTRY, else ./registry).
         batch_size: tiles per forward pass.
-        workers: DataLoader worker processes decoding tiles (0 reads in the main process).
+        workers: DataLoader worker processes decoding tiles (0 reads in the main process;
+            default: every core but one on a GPU, half the cores on CPU).
         dtype: storage type of the features.
         device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda[:N]``.
         precision: ``auto`` (bf16 autocast on a GPU, float32 on CPU), ``32`` or ``bf16``.

@@ -306,9 +306,14 @@ class TiffJpegReader(SlideReader):
         return tile
 
     def _decode(self, lv: JpegLevel, data: bytes, scale: int, level: int, index: int) -> np.ndarray:
-        import simplejpeg
 
-        stream = jpeg_stream(data, lv.tables, lv.rgb)
+        return self._decode_stream(jpeg_stream(data, lv.tables, lv.rgb), lv, scale, level, index)
+
+    def _decode_stream(
+        self, stream: bytes, lv: JpegLevel, scale: int, level: int, index: int
+    ) -> np.ndarray:
+        import simplejpeg  # imported at first decode: keeps `histcode tile --help` light
+
         th, tw = -(-lv.tile_height // scale), -(-lv.tile_width // scale)
         try:
             tile = simplejpeg.decode_jpeg(stream, "RGB", min_height=th, min_width=tw)
@@ -324,6 +329,15 @@ class TiffJpegReader(SlideReader):
                 f"÷ {scale}); the file is inconsistent. Read it with reader='openslide'."
             )
         return tile
+
+    def stored_stream(self, level: int, index: int) -> bytes:
+        """The complete JPEG stream of stored tile ``index`` of a directly read level (tables
+        merged, colour space marked), e.g. for :func:`decode_on_device`."""
+        lv = self._levels[level]
+        if lv is None:
+            raise ValueError(f"level {level} of {self.path} is read by OpenSlide, not here")
+        count, offset = int(lv.bytecounts[index]), int(lv.offsets[index])
+        return jpeg_stream(os.pread(self._file(), count, offset), lv.tables, lv.rgb)
 
     def _file(self) -> int:
         if self._fd is None or self._fd_pid != os.getpid():
@@ -364,3 +378,47 @@ def jpeg_stream(data: bytes, tables: bytes, rgb: bool) -> bytes:
     if tables:
         return tables + marker + body
     return head + marker + body
+
+
+def device_decoder_available() -> tuple[bool, str]:
+    """Whether stored JPEG tiles can be decoded on a CUDA device here, and if not why.
+
+    The device path needs the ``gpu`` extra (``pip install histcode[gpu]``: NVIDIA's
+    nvImageCodec) and a CUDA device.
+    """
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (nvImageCodec decodes on an NVIDIA GPU)"
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except ImportError:
+        return False, "nvImageCodec is not installed: pip install 'histcode[gpu]'"
+    return True, ""
+
+
+def decode_on_device(streams: list[bytes], device: int = 0) -> list:
+    """Decode complete JPEG streams on a CUDA device with nvImageCodec (batched).
+
+    Args:
+        streams: complete JPEG streams (:meth:`TiffJpegReader.stored_stream`).
+        device: CUDA device index.
+
+    Returns:
+        One (H, W, 3) uint8 CUDA tensor per stream.
+
+    Raises:
+        RuntimeError: the device path is not available (the message says why and what to
+            install).
+    """
+    ok, why = device_decoder_available()
+    if not ok:
+        raise RuntimeError(f"decoding on the device is not available: {why}")
+    import torch
+    from nvidia import nvimgcodec
+
+    decoder = nvimgcodec.Decoder(device_id=device)
+    images = decoder.decode([nvimgcodec.CodeStream(s) for s in streams])
+    return [torch.as_tensor(image, device=f"cuda:{device}") for image in images]

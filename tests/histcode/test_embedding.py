@@ -16,17 +16,18 @@ from histcode.embedding import embed_store, load_encoder
 from histcode.encoders import create_encoder, encoder_card
 from histcode.featurestore import FeatureStore
 from histcode.registry import Registry
-from histcode.slide import SlideReader
+from histcode.slide import open_slide
 from histcode.tilereader import SlideGeometry, read_tile
 from histcode.tilestore import TileStore
 
 
 def _direct_features(tiles_path: Path, sid: str, encoder: torch.nn.Module) -> np.ndarray:
-    """The reference: read each tile with OpenSlide, normalise, one forward pass."""
+    """The reference: read each tile (the reader ``open_slide`` picks, as embed's workers do;
+    its pixels against OpenSlide's are tested in test_tiffjpeg.py), normalise, one forward."""
     store = TileStore(tiles_path)
     t = store.read(sid)
     geometry = SlideGeometry.from_tiles(t)
-    with SlideReader(t.path) as reader:
+    with open_slide(t.path) as reader:
         batch = np.stack(
             [read_tile(reader, geometry, xy, store.attrs["tile_size"]) for xy in t.coords]
         )
