@@ -9,14 +9,22 @@ slide prediction is exact: ``prediction = bias + Σ_i attention_i · W h_i``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from histcode.builders import Builders
-from histcode.finetune.aggregators import MILOutput, aggregators, create_aggregator, full_mask
+from histcode.finetune.aggregators import (
+    FeatureScaler,
+    MILOutput,
+    aggregators,
+    create_aggregator,
+    full_mask,
+    uniform_weights,
+)
 
 #: Order of the per-gene class logits: index = class code + 1 (see ``labels.CLASS_NAMES``).
 GENE_CLASSES = ("down", "unchanged", "up")
@@ -30,11 +38,14 @@ class HeadOutput:
         tumour_logit: (*) tumour logit, or None without the tumour task.
         log2fc: (*, G) predicted log2 fold change, or None without genes.
         gene_logits: (*, G, 3) logits of down / unchanged / up, or None without genes.
+        category_logits: one (*, K_c) tensor of class logits per categorical task (empty
+            without them).
     """
 
     tumour_logit: Tensor | None
     log2fc: Tensor | None
     gene_logits: Tensor | None
+    category_logits: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -73,41 +84,61 @@ class SlideOutput(HeadOutput):
 
 
 class MultiTaskHead(nn.Module):
-    """Linear heads on a slide embedding: tumour logit, per-gene log2FC and class logits.
+    """Linear heads on a slide embedding: tumour logit, per-gene log2FC and class logits, and
+    the class logits of each categorical task.
 
     Args:
         in_dim: embedding size ``H``.
         tumour: predict tumour vs normal.
         n_genes: number of genes ``G`` (0 for none).
         dropout: dropout on the embedding.
+        n_classes: number of classes of each categorical task (``subtype``, ``msi``, …).
     """
 
-    def __init__(self, in_dim: int, tumour: bool = True, n_genes: int = 0, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_dim: int,
+        tumour: bool = True,
+        n_genes: int = 0,
+        dropout: float = 0.0,
+        n_classes: Sequence[int] = (),
+    ):
         super().__init__()
-        if not tumour and n_genes < 1:
-            raise ValueError("a head needs a task: tumour=True, or n_genes ≥ 1")
+        self.n_classes = [int(k) for k in n_classes]
+        if not tumour and n_genes < 1 and not self.n_classes:
+            raise ValueError("a head needs a task: tumour=True, n_genes ≥ 1 or n_classes")
+        if any(k < 2 for k in self.n_classes):
+            raise ValueError(f"a categorical task needs ≥ 2 classes, got {self.n_classes}")
         self.tumour, self.n_genes = tumour, n_genes
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(in_dim, int(tumour) + 4 * n_genes)
+        self.linear = nn.Linear(in_dim, int(tumour) + 4 * n_genes + sum(self.n_classes))
         # the task of each output: 0 = tumour (when predicted), then one per gene (its
-        # log2FC and its three class logits) — the attention branch of per-task pooling
+        # log2FC and its three class logits), then one per categorical task (its class
+        # logits) — the attention branch of per-task pooling
         t = int(tumour)
         task = (
             [0] * t
             + [t + g for g in range(n_genes)]
             + [t + g for g in range(n_genes) for _ in range(3)]
+            + [t + n_genes + c for c, k in enumerate(self.n_classes) for _ in range(k)]
         )
         self.register_buffer(
             "task_of_output", torch.tensor(task, dtype=torch.long), persistent=False
         )
 
     def split(self, raw: Tensor) -> HeadOutput:
-        """Split raw outputs (*, 1 + 4G) into a :class:`HeadOutput`."""
+        """Split raw outputs (*, 1 + 4G + ΣK) into a :class:`HeadOutput`."""
         g, t = self.n_genes, int(self.tumour)
+        start = t + 4 * g
+        categories = []
+        for k in self.n_classes:
+            categories.append(raw[..., start : start + k])
+            start += k
         return HeadOutput(
             tumour_logit=raw[..., 0] if self.tumour else None,
             log2fc=raw[..., t : t + g] if g else None,
-            gene_logits=raw[..., t + g :].unflatten(-1, (g, 3)) if g else None,
+            gene_logits=raw[..., t + g : t + 4 * g].unflatten(-1, (g, 3)) if g else None,
+            category_logits=categories,
         )
 
     def forward(self, embedding: Tensor) -> HeadOutput:
@@ -118,7 +149,7 @@ class MultiTaskHead(nn.Module):
         """One embedding per task (B, T, H) → :class:`HeadOutput` with leading dim ``B``.
 
         Each output reads its own task's embedding: the tumour logit from task 0's, a gene's
-        log2FC and class logits from that gene's.
+        log2FC and class logits from that gene's, a categorical task's logits from its own.
         """
         raw = self.linear(self.dropout(embeddings))  # (B, T, outputs)
         index = self.task_of_output.expand(raw.shape[0], 1, -1)
@@ -137,11 +168,46 @@ class TileScores:
         tumour: (B, N) contribution to the tumour logit, or None.
         log2fc: (B, N, G) contribution to the predicted log2FC, or None.
         up: (B, N, G) contribution to the up-class logit, or None.
+        categories: one (B, N, K_c) tensor per categorical task: each tile's contribution to
+            each class logit (empty without them).
     """
 
     tumour: Tensor | None
     log2fc: Tensor | None
     up: Tensor | None
+    categories: list[Tensor] = field(default_factory=list)
+
+
+class CompositionPath(nn.Module):
+    """A linear path from the mean of the standardised tile features to the gene outputs.
+
+    Bulk expression is a sum over the cells of the sample, so a gene that follows a tissue's
+    share of the slide is a linear function of the *mean* tile feature — the model of the
+    naive baseline (``linear`` aggregator). Attention normalises that share away (it
+    chooses where to look, not how much there is), and a tile MLP shared with the tumour task
+    need not keep it. This path adds ``W · mean_i(x̂_i)`` to each gene's log2FC and class
+    logits, ``x̂`` the features standardised with the training tiles' statistics; each tile
+    contributes exactly ``W x̂_i / n`` to the slide output, so the maps stay exact.
+
+    Args:
+        in_dim: tile feature size ``D``.
+        outputs: gene outputs ``4G`` (log2FC, then three class logits per gene).
+    """
+
+    def __init__(self, in_dim: int, outputs: int) -> None:
+        super().__init__()
+        self.scale = FeatureScaler(in_dim)
+        self.linear = nn.Linear(in_dim, outputs, bias=False)  # the head has the biases
+        nn.init.zeros_(self.linear.weight)  # starts as the attention model alone
+
+    def tiles(self, features: Tensor, mask: Tensor) -> Tensor:
+        """Each tile's contribution (B, N, 4G): ``W x̂_i / n``, 0 on padding."""
+        x = self.scale(features, mask)
+        return self.linear(x) * uniform_weights(mask, x.dtype)[..., None]
+
+    def forward(self, features: Tensor, mask: Tensor) -> Tensor:
+        """Features (B, N, D), mask (B, N) → gene outputs (B, 4G)."""
+        return self.tiles(features, mask).sum(1)
 
 
 class SlideModel(nn.Module):
@@ -152,10 +218,25 @@ class SlideModel(nn.Module):
         head: the :class:`MultiTaskHead` on its embedding.
     """
 
-    def __init__(self, aggregator: nn.Module, head: MultiTaskHead) -> None:
+    def __init__(
+        self,
+        aggregator: nn.Module,
+        head: MultiTaskHead,
+        composition: CompositionPath | None = None,
+    ) -> None:
         super().__init__()
         self.aggregator = aggregator
         self.head = head
+        self.composition = composition
+
+    def _add_composition(self, raw: Tensor, features: Tensor, mask: Tensor) -> Tensor:
+        """Tile outputs ``raw`` (B, N, outputs) plus the composition path's tile contributions
+        on the gene outputs."""
+        if self.composition is None or not self.head.n_genes:
+            return raw
+        extra = self.composition.tiles(features, mask)
+        t, g4 = int(self.head.tumour), 4 * self.head.n_genes
+        return torch.cat([raw[..., :t], raw[..., t : t + g4] + extra, raw[..., t + g4 :]], -1)
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> SlideOutput:
         """Predict slides.
@@ -174,10 +255,20 @@ class SlideModel(nn.Module):
             head = self.head.forward_per_task(pooled.branch_embeddings)
         else:
             head = self.head(pooled.embedding)
+        if self.composition is not None and self.head.n_genes:
+            genes = self.composition(features, mask)  # (B, 4G)
+            g = self.head.n_genes
+            head = HeadOutput(
+                tumour_logit=head.tumour_logit,
+                log2fc=head.log2fc + genes[:, :g],
+                gene_logits=head.gene_logits + genes[:, g:].unflatten(-1, (g, 3)),
+                category_logits=head.category_logits,
+            )
         return SlideOutput(
             tumour_logit=head.tumour_logit,
             log2fc=head.log2fc,
             gene_logits=head.gene_logits,
+            category_logits=head.category_logits,
             attention=pooled.attention,
             instance_logits=pooled.instance_logits,
             embedding=pooled.embedding,
@@ -206,10 +297,16 @@ class SlideModel(nn.Module):
             raw = raw * pooled.attention[..., None]
         else:
             raw = raw + self.head.linear.bias
+        raw = self._add_composition(raw, features, mask)
         raw = raw * mask[..., None]
         parts = self.head.split(raw)
         up = None if parts.gene_logits is None else parts.gene_logits[..., 2]
-        return TileScores(tumour=parts.tumour_logit, log2fc=parts.log2fc, up=up)
+        return TileScores(
+            tumour=parts.tumour_logit,
+            log2fc=parts.log2fc,
+            up=up,
+            categories=parts.category_logits,
+        )
 
 
 def build_slide_model(
@@ -220,6 +317,8 @@ def build_slide_model(
     tumour: bool = True,
     n_genes: int = 0,
     options: dict[str, Any] | None = None,
+    composition: bool = False,
+    n_classes: Sequence[int] = (),
 ) -> SlideModel:
     """A :class:`SlideModel` with the aggregator ``architecture`` (registry card arguments).
 
@@ -236,9 +335,12 @@ def build_slide_model(
             (one attention branch for tumour and one for each gene); with ``per_task``,
             ``gene_pooling`` (``softmax``, ``sigmoid`` or ``mean``) is how the genes' branches
             weigh their tiles, while the tumour branch keeps ``normalise``.
+        composition: add the :class:`CompositionPath` to the gene outputs.
+        n_classes: classes of each categorical task (one attention branch each with
+            ``per_task``, pooling like the tumour branch).
     """
     options = dict(options or {})
-    head_tasks = int(tumour) + n_genes
+    head_tasks = int(tumour) + n_genes + len(n_classes)
     if "branches" in options:
         if architecture != "abmil":
             raise ValueError(f"only abmil has attention branches, not {architecture!r}")
@@ -252,14 +354,20 @@ def build_slide_model(
     if gene_pooling is not None and n_genes > 0:  # without genes there is nothing to pool
         if options.get("branches", 1) == head_tasks:
             tumour_pooling = options.get("normalise", "softmax")
-            options["normalise"] = [tumour_pooling] * int(tumour) + [gene_pooling] * n_genes
+            options["normalise"] = (
+                [tumour_pooling] * int(tumour)
+                + [gene_pooling] * n_genes
+                + [tumour_pooling] * len(n_classes)
+            )
         elif gene_pooling != "softmax":
             raise ValueError(
                 f"gene_pooling {gene_pooling!r} needs abmil with one attention branch per task "
                 "(model.attention: per_task); drop gene_pooling, or use per_task"
             )
     aggregator = create_aggregator(architecture, in_dim, hidden=hidden, dropout=dropout, **options)
-    return SlideModel(aggregator, MultiTaskHead(aggregator.out_dim, tumour, n_genes, dropout))
+    head = MultiTaskHead(aggregator.out_dim, tumour, n_genes, dropout, n_classes)
+    path = CompositionPath(in_dim, 4 * n_genes) if composition and n_genes else None
+    return SlideModel(aggregator, head, path)
 
 
 def slide_model_builders() -> Builders[SlideModel]:
@@ -280,6 +388,7 @@ def slide_model_builders() -> Builders[SlideModel]:
 
 __all__ = [
     "GENE_CLASSES",
+    "CompositionPath",
     "HeadOutput",
     "MultiTaskHead",
     "SlideModel",

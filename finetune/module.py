@@ -5,6 +5,8 @@ Losses (each masked to the slides that have the target, weighted by :class:`Loss
 * tumour — binary cross-entropy with logits;
 * log2fc — Huber (or MSE) of the predicted log2 fold change, tumour slides only;
 * classes — cross-entropy of down / unchanged / up per gene, tumour slides only;
+* categorical — cross-entropy of each categorical task (``data.classes``: subtype, MSI, …),
+  the mean over the tasks, slides without a class masked;
 * instance — CLAM's instance loss when the aggregator has one.
 
 Validation accumulates each loss over the whole validation set and logs ``val/loss`` (the
@@ -25,7 +27,7 @@ from histcode.finetune.bags import IGNORE_CLASS, BagBatch
 from histcode.finetune.heads import SlideModel, SlideOutput, build_slide_model
 from histcode.finetune.options import LossOptions, ModelOptions, OptimOptions
 
-TERMS = ("tumour", "log2fc", "classes", "instance")
+TERMS = ("tumour", "log2fc", "classes", "categorical", "instance")
 
 
 class MILModule(pl.LightningModule):
@@ -38,6 +40,7 @@ class MILModule(pl.LightningModule):
         model: aggregator and head options.
         loss: task weights.
         optim: optimiser options.
+        categories: categorical task → its class names (``Labels.categories``).
     """
 
     def __init__(
@@ -48,9 +51,11 @@ class MILModule(pl.LightningModule):
         model: ModelOptions | None = None,
         loss: LossOptions | None = None,
         optim: OptimOptions | None = None,
+        categories: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
         self.in_dim, self.tumour, self.genes = in_dim, tumour, list(genes or [])
+        self.categories = {k: list(v) for k, v in (categories or {}).items()}
         self.model_options = model or ModelOptions()
         self.loss_options = loss or LossOptions()
         self.optim_options = optim or OptimOptions()
@@ -69,7 +74,14 @@ class MILModule(pl.LightningModule):
             "tumour": self.tumour,
             "n_genes": len(self.genes),
             "options": m.aggregator_options(),
+            **({"n_classes": self.n_classes} if self.categories else {}),
+            "composition": m.composition,
         }
+
+    @property
+    def n_classes(self) -> list[int]:
+        """Number of classes of each categorical task."""
+        return [len(v) for v in self.categories.values()]
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> SlideOutput:
         """Bags (B, N, D) with mask (B, N) → :class:`SlideOutput`."""
@@ -109,6 +121,16 @@ class MILModule(pl.LightningModule):
                     ignore_index=IGNORE_CLASS,
                 )
                 terms["classes"] = (value, int(known.sum()))
+        if out.category_logits and batch.categories is not None and w.categorical > 0:
+            parts = []
+            for k, logits in enumerate(out.category_logits):
+                target = batch.categories[:, k]
+                if (target != IGNORE_CLASS).any():
+                    value = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_CLASS)
+                    parts.append((value, int((target != IGNORE_CLASS).sum())))
+            if parts:
+                value = torch.stack([v for v, _ in parts]).mean()
+                terms["categorical"] = (value, sum(n for _, n in parts))
         instance_loss = getattr(self.model.aggregator, "instance_loss", None)
         if instance_loss is not None and out.instance_logits is not None and w.instance > 0:
             value = instance_loss(out.attention, out.instance_logits, batch.mask, batch.tumour)
@@ -149,7 +171,8 @@ class MILModule(pl.LightningModule):
 
     def predict_step(self, batch: BagBatch, batch_idx: int = 0) -> dict[str, Any]:
         """Predictions of a batch as numpy arrays (``tumour_prob`` (B,), ``log2fc`` (B, G),
-        ``up_prob`` (B, G), ``class_prob`` (B, G, 3)) plus ``slide_ids``."""
+        ``up_prob`` (B, G), ``class_prob`` (B, G, 3), ``prob:<task>`` (B, K) per categorical
+        task) plus ``slide_ids``."""
         out = self(batch.features, batch.mask)
         result: dict[str, Any] = {"slide_ids": list(batch.slide_ids)}
         if out.tumour_prob is not None:
@@ -158,6 +181,8 @@ class MILModule(pl.LightningModule):
             result["log2fc"] = out.log2fc.float().cpu().numpy()
             result["class_prob"] = torch.softmax(out.gene_logits.float(), -1).cpu().numpy()
             result["up_prob"] = result["class_prob"][..., 2]
+        for task, logits in zip(self.categories, out.category_logits, strict=True):
+            result[f"prob:{task}"] = torch.softmax(logits.float(), -1).cpu().numpy()
         return result
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

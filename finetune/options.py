@@ -20,7 +20,10 @@ class DataOptions:
 
     Args:
         tasks: what to predict: ``tumour`` (tumour vs normal) and/or ``genes`` (per-gene
-            log2 fold change and up / down class).
+            log2 fold change and up / down class); may be empty when ``classes`` is not.
+        classes: categorical columns of the labels CSV (``subtype``, ``msi``, ``stage``), each
+            a classification task of its own: a softmax over the column's values (empty cells
+            are masked), per-class one-vs-rest AUC and macro AUC in ``metrics.json``.
         genes: genes to model; unset: the shipped driver-gene list, keeping the genes that
             the expression matrix has.
         genes_file: a text file with one gene a line (instead of ``genes``).
@@ -45,6 +48,7 @@ class DataOptions:
     """
 
     tasks: list[Task] = field(default_factory=lambda: ["tumour"])
+    classes: list[str] = field(default_factory=list)
     genes: list[str] | None = None
     genes_file: Path | None = None
     threshold: float = 1.0
@@ -81,6 +85,10 @@ class ModelOptions:
             slide value is the mean of the tiles' contributions, additive in the tissue's
             composition, as bulk expression is a sum over the sample's cells). The tumour
             task keeps softmax attention.
+        composition: add to every gene's outputs a linear path from the mean of the
+            standardised tile features (``heads.CompositionPath``): the naive baseline's model
+            inside the slide model, which keeps how much of each tissue a slide has (bulk
+            expression is a sum over the sample's cells); maps stay exact.
         options: further keyword arguments of the aggregator, e.g. ``{k: 8}`` for clam_sb,
             ``{layers: 1, heads: 4}`` for transformer, ``{gated: false}`` for abmil.
     """
@@ -90,6 +98,7 @@ class ModelOptions:
     dropout: float = 0.25
     attention: Literal["per_task", "shared"] = "per_task"
     gene_pooling: Literal["softmax", "sigmoid", "mean"] = "softmax"
+    composition: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,6 +130,7 @@ class LossOptions:
         tumour: binary cross-entropy of tumour vs normal.
         log2fc: regression of log2 fold change (masked: tumour slides only).
         classes: cross-entropy of the down / unchanged / up class (masked).
+        categorical: cross-entropy of each ``data.classes`` task (masked where empty).
         instance: CLAM instance loss (clam_sb only).
         regression: ``huber`` or ``mse`` for the log2FC regression.
         huber_delta: where the Huber loss turns from quadratic to linear (log2 units).
@@ -129,6 +139,7 @@ class LossOptions:
     tumour: float = 1.0
     log2fc: float = 1.0
     classes: float = 0.5
+    categorical: float = 1.0
     instance: float = 0.3
     regression: Literal["huber", "mse"] = "huber"
     huber_delta: float = 1.0
@@ -165,7 +176,8 @@ class CVOptions:
             alone chooses the epoch (early stopping and best weights).
         seed: seed of the splits, the initialisation and the shuffling.
         monitor: validation metric that selects the epoch (lower is better):
-            ``val/loss`` (weighted total), ``val/tumour``, ``val/log2fc`` or ``val/classes``.
+            ``val/loss`` (weighted total), ``val/tumour``, ``val/log2fc``, ``val/classes`` or
+            ``val/categorical``.
         patience: epochs without improvement of ``monitor`` before stopping.
         alpha: false discovery rate for calling a gene's correlation significant.
         register: what goes to the registry: ``refit`` (one model trained on all patients,
@@ -177,7 +189,9 @@ class CVOptions:
     group: Literal["patient", "site"] = "patient"
     val_fraction: float = 0.2
     seed: int = 0
-    monitor: Literal["val/loss", "val/tumour", "val/log2fc", "val/classes"] = "val/loss"
+    monitor: Literal["val/loss", "val/tumour", "val/log2fc", "val/classes", "val/categorical"] = (
+        "val/loss"
+    )
     patience: int = 30
     alpha: float = 0.05
     register: Literal["refit", "folds", "none"] = "refit"

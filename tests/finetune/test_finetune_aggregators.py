@@ -103,13 +103,16 @@ EXACT = [  # aggregators whose tile contributions add up to the slide outputs
 ]
 
 
+@pytest.mark.parametrize("composition", [False, True], ids=["", "composition"])
 @pytest.mark.parametrize(("name", "options"), EXACT, ids=lambda v: str(v))
-def test_contributions_add_up_after_training(name: str, options: dict) -> None:
+def test_contributions_add_up_after_training(name: str, options: dict, composition: bool) -> None:
     """After training steps (the feature scaler active, weights moved), each tile's score
     summed over the bag plus the head's bias is the slide's tumour logit, log2FC and up-class
-    logit — what the heatmaps call an exact contribution."""
+    logit — what the heatmaps call an exact contribution; with the composition path too."""
     torch.manual_seed(0)
-    model = build_slide_model(name, 12, hidden=16, n_genes=2, options=options)
+    model = build_slide_model(
+        name, 12, hidden=16, n_genes=2, options=options, composition=composition
+    )
     features, mask = _bags()
     features = features * 0.05 + 2.0  # a small encoder's scale and offset: the scaler matters
     features[~mask] = 123.0
@@ -256,6 +259,44 @@ def test_gene_pooling_keeps_how_much_tissue_a_slide_has(pooling: str) -> None:
         torch.testing.assert_close(step_many, 2 * step_few)
     else:
         assert step_many.norm() > 1.5 * step_few.norm()
+
+
+def test_composition_path_is_linear_in_tissue_composition() -> None:
+    """The composition path adds ``W · mean(x̂)`` to the gene outputs only: zero at
+    initialisation (the model is the attention model alone), then linear in the share of
+    tiles of a kind — twice the share moves a gene twice as far — while the tumour logit
+    never sees it. Cards without ``composition`` build the model without it."""
+    from histcode.finetune.module import MILModule
+    from histcode.finetune.options import ModelOptions
+
+    torch.manual_seed(0)
+    plain = build_slide_model("abmil", 4, hidden=8, n_genes=2, options={"branches": "per_task"})
+    model = build_slide_model(
+        "abmil", 4, hidden=8, n_genes=2, options={"branches": "per_task"}, composition=True
+    )
+    assert plain.composition is None
+    background, marked = torch.zeros(4), torch.tensor([3.0, 0.0, 0.0, 0.0])
+    bags = [torch.stack([marked] * k + [background] * (20 - k))[None] for k in (0, 2, 4)]
+    model.train()(torch.cat(bags), None)  # scaler statistics
+    model.eval()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("composition.")}
+    plain.load_state_dict(state)
+    plain.eval()
+    torch.testing.assert_close(model(bags[1]).log2fc, plain(bags[1]).log2fc)  # W starts at 0
+    with torch.no_grad():
+        model.composition.linear.weight.normal_()
+        outs = [model(b) for b in bags]
+        plains = [plain(b) for b in bags]
+    steps = [o.log2fc - p.log2fc for o, p in zip(outs, plains, strict=True)]
+    torch.testing.assert_close(steps[2] - steps[0], 2 * (steps[1] - steps[0]))
+    for o, p in zip(outs, plains, strict=True):
+        torch.testing.assert_close(o.tumour_logit, p.tumour_logit)
+
+    module = MILModule(4, True, ["MYC"], ModelOptions(hidden=8, composition=True))
+    assert module.model_arguments()["composition"] is True
+    assert module.model.composition is not None
+    tumour_only = MILModule(4, True, [], ModelOptions(hidden=8, composition=True))
+    assert tumour_only.model.composition is None  # no genes, no path
 
 
 def test_attention_branch_options() -> None:
