@@ -1,5 +1,12 @@
 """Tiling speed and memory on a large synthetic 40x slide; prints one JSON line.
 
+With ``--clam DIR`` (a checkout of mahmoodlab/CLAM, run with ``--clam_python``, an
+interpreter with its PyPI dependencies: opencv-python-headless, h5py, pandas, matplotlib,
+openslide-python, openslide-bin), also the whole ``histcode tile`` CLI process side by side
+with CLAM's ``create_patches_fp.py --seg --patch`` on the same slide, interleaved,
+``--repeats`` times: wall time and peak RSS of each process (``os.wait4``). Goal (issue 19):
+histcode ≤ 0.5 × CLAM's wall time and ≤ 1 GiB. Nothing of CLAM is committed.
+
 Goal (issue 2): ≤ 2 s per slide and ≤ 1 GiB peak RSS on a 100,000 × 80,000 px 40x slide.
 The slide is generated once into ``--workdir`` (kept for reruns; generated data is never
 committed). Tiling runs in a fresh child process so that its peak RSS is its own. The floor
@@ -13,13 +20,78 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+
+def timed_process(cmd: list[str], cwd: Path | None = None) -> tuple[float, float]:
+    """Run a command; its wall seconds and peak RSS in MiB (its own, via ``os.wait4``)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def versus_clam(slide: Path, clam: Path, clam_python: str, repeats: int) -> dict:
+    """``histcode tile`` and CLAM's ``create_patches_fp.py`` as whole processes, interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="histcode-bench-clam-"))
+    src = work / "slides"
+    src.mkdir()
+    (src / slide.name).symlink_to(slide.resolve())
+    histcode_cli = [sys.executable, "-m", "histcode.cli", "tile", "--slides", str(src)]
+    ours, theirs, ours_rss, theirs_rss = [], [], [], []
+    try:
+        for i in range(repeats):
+            out = work / f"tiles-{i}.zarr"
+            wall, rss = timed_process([*histcode_cli, "--out", str(out)])
+            ours.append(wall)
+            ours_rss.append(rss)
+            clam_out = work / f"clam-{i}"
+            wall, rss = timed_process(
+                [
+                    clam_python,
+                    "create_patches_fp.py",
+                    "--source",
+                    str(src),
+                    "--save_dir",
+                    str(clam_out),
+                    "--patch_size",
+                    "256",
+                    "--seg",
+                    "--patch",
+                ],
+                cwd=clam,
+            )
+            theirs.append(wall)
+            theirs_rss.append(rss)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return {
+        "histcode_tile_s": [round(v, 2) for v in ours],
+        "clam_create_patches_fp_s": [round(v, 2) for v in theirs],
+        "histcode_peak_rss_mib": round(max(ours_rss), 1),
+        "clam_peak_rss_mib": round(max(theirs_rss), 1),
+        "ratio_to_clam": round(statistics.median(ratios), 3),
+        "ratio_to_clam_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "goal_ratio_to_clam": 0.5,
+        "meets_clam_goal": statistics.median(ratios) <= 0.5 and max(ours_rss) <= 1024,
+        "histcode_command": "histcode tile --slides DIR --out DIR (defaults: 0.5 µm/px, 256 px)",
+        "clam_command": "create_patches_fp.py --source DIR --save_dir DIR --patch_size 256 "
+        "--seg --patch (level 0 of the 40x slide, CLAM's defaults otherwise)",
+    }
 
 
 def _child(path: Path, repeats: int) -> dict:
@@ -55,6 +127,8 @@ def main() -> None:
     parser.add_argument("--mpp", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument("--clam", type=Path, help="a CLAM checkout: compare with it")
+    parser.add_argument("--clam_python", default="python", help="interpreter for CLAM")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -103,7 +177,10 @@ def main() -> None:
         "slide_write_s": write_s,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "python": platform.python_version(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
     }
+    if args.clam:
+        result.update(versus_clam(path, args.clam, args.clam_python, args.repeats))
     print(json.dumps(result))
 
 
