@@ -68,6 +68,7 @@ class Bag:
         tumour: () float, 1 / 0, NaN unknown.
         log2fc: (G,) float, NaN where no target.
         classes: (G,) int64 class index 0 down / 1 unchanged / 2 up, ``IGNORE_CLASS`` if none.
+        categories: (K,) int64 class index of each categorical task, ``IGNORE_CLASS`` if none.
     """
 
     slide_id: str
@@ -75,6 +76,7 @@ class Bag:
     tumour: Tensor
     log2fc: Tensor
     classes: Tensor
+    categories: Tensor | None = None
 
 
 @dataclass
@@ -88,6 +90,7 @@ class BagBatch:
         log2fc: (B, G) float, NaN where no target.
         classes: (B, G) int64, ``IGNORE_CLASS`` where no target.
         slide_ids: the B slide ids.
+        categories: (B, K) int64 class of each categorical task, ``IGNORE_CLASS`` where none.
     """
 
     features: Tensor
@@ -96,6 +99,7 @@ class BagBatch:
     log2fc: Tensor
     classes: Tensor
     slide_ids: list[str]
+    categories: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -109,6 +113,7 @@ class BagBatch:
             log2fc=self.log2fc.to(device),
             classes=self.classes.to(device),
             slide_ids=list(self.slide_ids),
+            categories=None if self.categories is None else self.categories.to(device),
         )
 
 
@@ -127,6 +132,8 @@ class BagDataset(Dataset[Bag]):
             raise ValueError(f"max_tiles must be ≥ 1 or None (all tiles), got {max_tiles}")
         self.bags, self.labels, self.max_tiles = bags, labels, max_tiles
         self._classes = np.where(labels.gene_mask, labels.classes + 1, IGNORE_CLASS)
+        codes = labels.category_codes
+        self._categories = np.where(labels.category_mask, codes, IGNORE_CLASS).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -145,6 +152,7 @@ class BagDataset(Dataset[Bag]):
             tumour=torch.tensor(self.labels.tumour[i], dtype=torch.float32),
             log2fc=torch.from_numpy(self.labels.log2fc[i].astype(np.float32)),
             classes=torch.from_numpy(self._classes[i].astype(np.int64)),
+            categories=torch.from_numpy(self._categories[i]),
         )
 
 
@@ -171,6 +179,9 @@ def collate_bags(bags: Sequence[Bag]) -> BagBatch:
         log2fc=torch.stack([b.log2fc for b in bags]),
         classes=torch.stack([b.classes for b in bags]),
         slide_ids=[b.slide_id for b in bags],
+        categories=(
+            None if bags[0].categories is None else torch.stack([b.categories for b in bags])
+        ),
     )
 
 

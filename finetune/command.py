@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 #: options that take several values the shell way (``--data.genes MYC CD8A``)
-LIST_OPTIONS = {"data.tasks", "data.genes", "data.normal_types"}
+LIST_OPTIONS = {"data.tasks", "data.classes", "data.genes", "data.normal_types"}
 
 DESCRIPTION = (
     "Train attention-MIL slide models (tumour vs normal and log2 fold change of driver genes) on "

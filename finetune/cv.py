@@ -191,6 +191,35 @@ def check_sites(labels: Labels, folds: int | None = None) -> None:
         )
 
 
+def check_categories(labels: Labels, folds: int) -> None:
+    """Check that every class of every categorical task has a patient for each test fold.
+
+    Raises:
+        ValueError: a class with fewer patients than folds (some test folds could not hold it,
+            and its one-vs-rest AUC would be undefined there); names the task, every class's
+            patients and slides, and the fix.
+    """
+    patients = np.asarray(labels.patient_ids)
+    for k, (task, names) in enumerate(labels.categories.items()):
+        codes = labels.category_codes[:, k]
+        counts = [
+            (name, len(set(patients[codes == c].tolist())), int((codes == c).sum()))
+            for c, name in enumerate(names)
+        ]
+        rare = [name for name, n_patients, _ in counts if n_patients < folds]
+        if not rare:
+            continue
+        listed = ", ".join(f"{name}: {p} patient(s), {s} slide(s)" for name, p, s in counts)
+        fewest = min(p for _, p, _ in counts)
+        fold_fix = f"use --cv.folds {fewest} or fewer, " if fewest >= 2 else ""
+        raise ValueError(
+            f"categorical task {task!r}: class(es) {', '.join(map(repr, rare))} have fewer "
+            f"patients than the {folds} test folds, so some folds cannot test them ({listed}). "
+            f"To fix: {fold_fix}leave the rare class's cells empty (or merge it into another "
+            "class) in the labels CSV, or add patients."
+        )
+
+
 def validation_group(
     rows: np.ndarray, labels: Labels, val_fraction: float, group: Group = "patient"
 ) -> Group:
@@ -282,6 +311,7 @@ def make_folds(
         )
     if group == "site":
         check_sites(labels, folds)
+    check_categories(labels, folds)
     rows = np.arange(len(labels))
     out = []
     for k, (trainval, test) in enumerate(_grouped_split(rows, labels, folds, seed, group)):
@@ -495,9 +525,11 @@ def predictions_frame(labels: Labels, results: list[FoldResult], tumour: bool) -
     Columns (``DESIGN.md``): ``slide_id``, ``patient_id``, ``sample_id``, ``site`` (tissue
     source site, ``""`` when unknown), ``fold``, ``tumour_prob``, ``tumour_true``, and per
     gene ``<GENE>_log2fc_pred``, ``<GENE>_log2fc_true``, ``<GENE>_up_prob``,
-    ``<GENE>_class_true`` (up / down / unchanged, empty without target).
+    ``<GENE>_class_true`` (up / down / unchanged, empty without target), and per categorical
+    task ``<task>_prob_<class>`` for each class and ``<task>_true`` (the class, empty without).
     """
     names = labels.class_names()
+    category_names = {task: labels.category_names(task) for task in labels.categories}
     where = {s: i for i, s in enumerate(labels.slide_ids)}
     rows = []
     for result in results:
@@ -519,6 +551,11 @@ def predictions_frame(labels: Labels, results: list[FoldResult], tumour: bool) -
                 row[f"{gene}_log2fc_true"] = labels.log2fc[r, j]
                 row[f"{gene}_up_prob"] = float(pred["up_prob"][i, j])
                 row[f"{gene}_class_true"] = names[r, j]
+            for task, classes in labels.categories.items():
+                probs = pred[f"prob:{task}"][i]
+                for c, name in enumerate(classes):
+                    row[f"{task}_prob_{name}"] = float(probs[c])
+                row[f"{task}_true"] = category_names[task][r]
             rows.append(row)
     frame = pd.DataFrame(rows)
     if len(frame):

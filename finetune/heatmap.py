@@ -201,14 +201,17 @@ def compute_maps(
         (maps, prediction, main map name, tile score kind). Maps: ``attention`` (the tumour
         task's attention for per-task attention; sums to 1), ``tumour`` (tile scores of the
         tumour logit), and per gene ``<GENE>_log2fc``, ``<GENE>_up`` (tile scores) and, for
-        per-task attention, ``<GENE>_attention``. The kind (:data:`TILE_SCORES`) is read off
-        the numbers: ``own`` when the aggregator has no attention (the head on each tile),
-        ``exact`` when every slide output equals its tiles' scores plus the head's bias,
-        else ``approximate``.
+        per-task attention, ``<GENE>_attention``; per categorical task (``extra.classes`` of
+        the card) ``<task>_<class>`` (each class's contribution map: tile scores of its
+        logit) and, for per-task attention, ``<task>_attention``. The kind
+        (:data:`TILE_SCORES`) is read off the numbers: ``own`` when the aggregator has no
+        attention (the head on each tile), ``exact`` when every slide output equals its
+        tiles' scores plus the head's bias, else ``approximate``.
     """
     import torch
 
     genes = list(card.extra.get("genes", []))
+    categories: dict[str, list[str]] = dict(card.extra.get("classes") or {})
     x = torch.from_numpy(np.asarray(features, np.float32))[None]
     with torch.no_grad():
         out = model(x)
@@ -224,6 +227,8 @@ def compute_maps(
             maps["attention"] = branches[0, 0].numpy()
         for g, gene in enumerate(genes):
             maps[f"{gene}_attention"] = branches[0, int(tumour) + g].numpy()
+        for k, task in enumerate(categories):
+            maps[f"{task}_attention"] = branches[0, int(tumour) + len(genes) + k].numpy()
     elif out.attention is not None and not uniform:
         maps["attention"] = out.attention[0].numpy()
     if scores.tumour is not None:
@@ -235,6 +240,11 @@ def compute_maps(
             prediction[f"{gene}_log2fc"] = float(out.log2fc[0, g])
         if scores.up is not None:
             maps[f"{gene}_up"] = scores.up[0, :, g].numpy()
+    for k, (task, classes) in enumerate(categories.items()):
+        probs = torch.softmax(out.category_logits[k][0].float(), -1)
+        for c, name in enumerate(classes):
+            maps[f"{task}_{name}"] = scores.categories[k][0, :, c].numpy()
+            prediction[f"{task}_prob_{name}"] = float(probs[c])
     main = (
         "attention" if "attention" in maps else ("tumour" if "tumour" in maps else next(iter(maps)))
     )
@@ -252,6 +262,8 @@ def _tile_score_kind(model: Any, out: Any, scores: Any) -> TileScoreKind:
         (scores.up, None if out.gene_logits is None else out.gene_logits[..., 2],
          None if bias.gene_logits is None else bias.gene_logits[..., 2]),
     ]  # fmt: skip
+    for k, tiles in enumerate(getattr(scores, "categories", None) or []):
+        pairs.append((tiles, out.category_logits[k], bias.category_logits[k]))
     for tiles, slide, b in pairs:
         if tiles is None or slide is None:
             continue
@@ -527,6 +539,16 @@ def _genes_to_draw(
     return ranked[:DEFAULT_MAX_GENE_MAPS]
 
 
+def _class_maps(maps: SlideMaps) -> list[tuple[str, str]]:
+    """(task, class) of the categorical tasks in ``maps.prediction`` (``<task>_prob_<class>``)."""
+    pairs = []
+    for key in maps.prediction:
+        task, sep, name = key.partition("_prob_")
+        if sep and task and name:
+            pairs.append((task, name))
+    return pairs
+
+
 def _draw(
     maps: SlideMaps,
     slide_path: Path,
@@ -548,6 +570,8 @@ def _draw(
     with SlideReader(slide_path, mpp_override=tiles.attrs["mpp_level0"]) as reader:
         to_draw = [m for m in ("attention", "tumour") if m in maps.maps]
         to_draw += [f"{g}_log2fc" for g in drawn_genes if f"{g}_log2fc" in maps.maps]
+        # each class of each categorical task: its contribution map
+        to_draw += [f"{t}_{c}" for t, c in _class_maps(maps) if f"{t}_{c}" in maps.maps]
         for name in to_draw:
             attention = name == "attention"
             title, warning = map_title(

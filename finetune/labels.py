@@ -80,6 +80,10 @@ class Labels:
             every slide.
         reference: the normal expression samples whose mean is the reference of every fold
             change (empty without an expression matrix).
+        categories: categorical task (a labels-CSV column such as ``subtype``) → its class
+            names, sorted; the class index of a slide is the name's position.
+        category_codes: (n, K) int64, each slide's class index per categorical task (in the
+            order of ``categories``), -1 where the slide has no value (masked).
     """
 
     slide_ids: list[str]
@@ -92,9 +96,16 @@ class Labels:
     warnings: list[str] = field(default_factory=list)
     sites: list[str] | None = None
     reference: list[str] = field(default_factory=list)
+    categories: dict[str, list[str]] = field(default_factory=dict)
+    category_codes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.slide_ids)
+        if self.category_codes is None:
+            self.category_codes = np.full((n, len(self.categories)), -1, np.int64)
+        self.category_codes = np.asarray(self.category_codes, np.int64).reshape(
+            n, len(self.categories)
+        )
         self.sites = [""] * n if self.sites is None else [str(s) for s in self.sites]
         if len(self.sites) != n:
             raise ValueError("sites must have one entry per slide")
@@ -155,7 +166,19 @@ class Labels:
             warnings=list(self.warnings),
             sites=[self.sites[i] for i in rows],
             reference=list(self.reference),
+            categories={k: list(v) for k, v in self.categories.items()},
+            category_codes=self.category_codes[rows],
         )
+
+    @property
+    def category_mask(self) -> np.ndarray:
+        """(n, K) bool: the slide has a class for the categorical task."""
+        return self.category_codes >= 0
+
+    def category_names(self, task: str) -> np.ndarray:
+        """(n,) object: each slide's class of categorical ``task``, ``""`` where none."""
+        names = np.array([*self.categories[task], ""], dtype=object)
+        return names[self.category_codes[:, list(self.categories).index(task)]]
 
     def to_frame(self) -> pd.DataFrame:
         """One row per slide: ids, ``site``, ``tumour``, and ``<GENE>_log2fc`` /
@@ -173,6 +196,8 @@ class Labels:
         for j, g in enumerate(self.genes):
             frame[f"{g}{LOG2FC_SUFFIX}"] = self.log2fc[:, j]
             frame[f"{g}_class"] = names[:, j]
+        for task in self.categories:
+            frame[task] = self.category_names(task)
         return frame
 
 
@@ -189,6 +214,7 @@ def build_labels(
     genes_source: str = "the gene list",
     normal_types: Sequence[int] = (11,),
     log_offset: float = 1.0,
+    classes: Sequence[str] = (),
 ) -> Labels:
     """Labels from a labels table and, for gene targets, an expression matrix.
 
@@ -210,10 +236,12 @@ def build_labels(
             buccal, 13 EBV cell line, 14 bone marrow) are left out, with a warning. Columns
             that are not TCGA barcodes are normal when their slides are labelled normal.
         log_offset: for ``units="log2tpm"`` (see :func:`expression_log2fc`).
+        classes: columns of ``table`` that are categorical tasks (:func:`categorical_targets`).
 
     Raises:
         ValueError: see the module docstring; every message names the offending ids.
     """
+    categories, codes = categorical_targets(table, classes)
     slide_ids = table["slide_id"].tolist()
     tumour = table["tumour"].to_numpy(np.float64)
     samples = [s or sid for s, sid in zip(table["sample_id"], slide_ids, strict=True)]
@@ -315,7 +343,63 @@ def build_labels(
         warnings=warnings,
         sites=table["site"].tolist() if "site" in table else None,
         reference=reference,
+        categories=categories,
+        category_codes=codes,
     )
+
+
+#: Names a categorical task cannot have: they are columns of predictions.csv or the table.
+_RESERVED = {"tumour", "genes", "slide_id", "patient_id", "sample_id", "site", "fold"}
+
+
+def categorical_targets(
+    table: pd.DataFrame, classes: Sequence[str]
+) -> tuple[dict[str, list[str]], np.ndarray]:
+    """Class names and per-slide class indices of the categorical columns ``classes``.
+
+    Args:
+        table: a labels table holding the columns as text (``read_label_table(keep=…)``);
+            ``""`` is a missing value.
+        classes: the columns, each a task.
+
+    Returns:
+        (task → sorted class names, (n, K) int64 indices, -1 where missing).
+
+    Raises:
+        ValueError: a reserved or repeated task name, a column the table lacks, or a column
+            with fewer than 2 classes; names the column and its values.
+    """
+    classes = list(classes)
+    bad = [c for c in classes if c.lower() in _RESERVED or c.endswith(LOG2FC_SUFFIX)]
+    if bad:
+        raise ValueError(
+            f"--data.classes {', '.join(bad)}: these name tumour status, ids or gene targets, "
+            "not a categorical column; use --data.tasks for tumour and genes"
+        )
+    dupes = sorted({c for c in classes if classes.count(c) > 1})
+    if dupes:
+        raise ValueError(f"--data.classes names columns more than once: {', '.join(dupes)}")
+    missing = [c for c in classes if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"the labels table has no column {', '.join(missing)} for --data.classes; pass "
+            "--labels a CSV with that column"
+        )
+    categories: dict[str, list[str]] = {}
+    codes = np.full((len(table), len(classes)), -1, np.int64)
+    for k, column in enumerate(classes):
+        values = table[column].fillna("").astype(str).str.strip()
+        names = sorted(set(values) - {""})
+        if len(names) < 2:
+            raise ValueError(
+                f"categorical column {column!r} has {len(names)} class(es) "
+                f"({', '.join(names) or 'every cell empty'}) on the slides with features; a "
+                "classification task needs at least 2"
+            )
+        index = {name: i for i, name in enumerate(names)}
+        codes[:, k] = [index.get(v, -1) for v in values]
+        categories[column] = names
+    return categories, codes
 
 
 def _check_recorded_units(expression: pd.DataFrame, units: str, source: str) -> None:
@@ -340,6 +424,7 @@ def load_labels(
     with_genes: bool = True,
     normal_types: Sequence[int] = (11,),
     log_offset: float = 1.0,
+    classes: Sequence[str] = (),
 ) -> Labels:
     """Read labels from files (see :func:`build_labels`).
 
@@ -347,10 +432,14 @@ def load_labels(
         labels: a labels CSV, or ``None`` to label ``slide_ids`` from their TCGA barcodes.
         expression: an expression matrix, or ``None``.
         slide_ids: the slides with features (used when ``labels`` is ``None``).
-        genes, threshold, units, pseudocount, strict, with_genes, normal_types, log_offset:
-            see :func:`build_labels`.
+        genes, threshold, units, pseudocount, strict, with_genes, normal_types, log_offset,
+            classes: see :func:`build_labels`.
     """
-    table = read_label_table(labels) if labels is not None else table_from_slide_ids(slide_ids)
+    if classes and labels is None:
+        raise ValueError("--data.classes needs --labels, a CSV with those columns")
+    table = (
+        read_label_table(labels, classes) if labels is not None else table_from_slide_ids(slide_ids)
+    )
     matrix = read_expression(expression) if expression is not None and with_genes else None
     source = f"expression matrix {expression}" if expression is not None else "expression matrix"
     return build_labels(
@@ -365,6 +454,7 @@ def load_labels(
         source,
         normal_types=normal_types,
         log_offset=log_offset,
+        classes=classes,
     )
 
 
@@ -374,6 +464,7 @@ __all__ = [
     "Labels",
     "SampleMatch",
     "build_labels",
+    "categorical_targets",
     "classify",
     "default_genes",
     "expression_log2fc",

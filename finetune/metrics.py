@@ -18,6 +18,10 @@
 * Mean gene AUC (``gene_auc_up``, ``mean_gene_auc_up``) averages only the genes whose AUC is
   defined in every test fold; the others are listed in ``gene_auc_up.left_out`` with the
   number of folds their AUC rests on.
+* Each categorical task (``--data.classes``, e.g. subtype), per test fold and over the slides
+  with a class: one-vs-rest ROC AUC of each class (``<task>_prob_<class>``), their mean (the
+  macro AUC, over the classes present in the fold) and accuracy of the most probable class
+  (``categories.<task>``; :func:`categorical_metrics`).
 * ``genes.<GENE>.pooled`` keeps descriptive figures of the pooled out-of-fold predictions
   (one value per expression sample); it has no p-values: folds' models have their own
   offsets and scales, so a pooled correlation is not a test of any one model.
@@ -432,12 +436,66 @@ def within_site_auc(predictions: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+def _fold_class_metrics(frame: pd.DataFrame, task: str, classes: Sequence[str]) -> dict[str, Any]:
+    """Per-class one-vs-rest AUC, macro AUC and accuracy of one fold's slides with a class."""
+    from sklearn.metrics import roc_auc_score
+
+    true = frame[f"{task}_true"].fillna("").astype(str)
+    frame, true = frame[true != ""], true[true != ""]
+    probs = frame[[f"{task}_prob_{c}" for c in classes]].to_numpy(np.float64)
+    per_class = {}
+    for c, name in enumerate(classes):
+        y = (true == name).to_numpy()
+        per_class[name] = float(roc_auc_score(y, probs[:, c])) if 0 < y.sum() < len(y) else math.nan
+    defined = [v for v in per_class.values() if math.isfinite(v)]
+    predicted = np.asarray(classes, dtype=object)[probs.argmax(1)] if len(probs) else []
+    return {
+        "per_class": per_class,
+        "macro_auc": float(np.mean(defined)) if defined else math.nan,
+        "accuracy": float(np.mean(predicted == true.to_numpy())) if len(true) else math.nan,
+        "slides": len(true),
+    }
+
+
+def categorical_metrics(
+    predictions: pd.DataFrame, task: str, classes: Sequence[str]
+) -> dict[str, Any]:
+    """Metrics of a categorical task (``metrics.json`` ``categories.<task>``).
+
+    Args:
+        predictions: out-of-fold predictions with ``<task>_prob_<class>`` and ``<task>_true``.
+        task: the task (a labels-CSV column).
+        classes: its class names.
+
+    Returns:
+        ``{"classes", "macro_auc", "accuracy", "auc": {class: …}}`` (each :func:`summarise`
+        over folds; a class absent from a fold's test slides, or the only one there, has no
+        AUC in that fold), ``"slides"`` with a class, ``"pooled"`` (the same figures on all
+        out-of-fold predictions together, descriptive).
+    """
+    folds = sorted(predictions["fold"].unique().tolist()) if len(predictions) else []
+    per = [_fold_class_metrics(predictions[predictions["fold"] == k], task, classes) for k in folds]
+    pooled = _fold_class_metrics(predictions, task, classes) if len(predictions) else {}
+    return {
+        "classes": list(classes),
+        "macro_auc": summarise([p["macro_auc"] for p in per]),
+        "accuracy": summarise([p["accuracy"] for p in per]),
+        "auc": {c: summarise([p["per_class"][c] for p in per]) for c in classes},
+        "slides": int(sum(p["slides"] for p in per)),
+        "pooled": pooled,
+        "method": "per test fold: one-vs-rest ROC AUC of each class over the slides with a "
+        "class; macro AUC = mean over the classes with a defined AUC; accuracy of the most "
+        "probable class",
+    }
+
+
 def compute_metrics(
     predictions: pd.DataFrame,
     genes: Sequence[str],
     tumour: bool,
     alpha: float = 0.05,
     group: str | None = None,
+    categories: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """All metrics of a cross-validation run (the content of ``metrics.json``).
 
@@ -448,6 +506,8 @@ def compute_metrics(
         alpha: FDR level for significant genes.
         group: what the folds were grouped by (``patient`` or ``site``), recorded as
             ``cv_group``; ``None`` leaves it out.
+        categories: categorical task → class names; each gives ``categories.<task>``
+            (:func:`categorical_metrics`).
 
     Returns:
         ``{"folds", "slides", "patients", ["cv_group"], "tumour": {metric: {mean, sd, n,
@@ -476,6 +536,11 @@ def compute_metrics(
             predictions["tumour_true"], predictions["tumour_prob"]
         )
         out["tumour"]["within_site_auc"] = within_site_auc(predictions)
+    if categories:
+        out["categories"] = {
+            task: categorical_metrics(predictions, task, classes)
+            for task, classes in categories.items()
+        }
     gene_out: dict[str, Any] = {}
     for gene in genes:
         per = [gene_fold_metrics(f, gene) for f in by_fold.values()]
@@ -538,6 +603,7 @@ __all__ = [
     "MIN_PATIENTS",
     "bh_fdr",
     "binary_metrics",
+    "categorical_metrics",
     "combine_folds",
     "compute_metrics",
     "correlation",

@@ -135,13 +135,20 @@ def prepare_labels(
             tumour and normal slides, or a genes task without any target.
     """
     tasks = list(dict.fromkeys(data.tasks))
-    if not tasks:
-        raise ValueError("--data.tasks is empty; use [tumour], [genes] or [tumour, genes]")
+    if not tasks and not data.classes:
+        raise ValueError(
+            "--data.tasks is empty and there is no --data.classes; use [tumour], [genes] or "
+            "[tumour, genes], or name categorical columns with --data.classes"
+        )
+    if data.classes and labels is None:
+        raise ValueError(
+            f"--data.classes {' '.join(data.classes)} needs --labels, a CSV with those columns"
+        )
     if data.genes is not None and data.genes_file is not None:
         raise ValueError("pass --data.genes or --data.genes_file, not both")
     genes = read_gene_list(data.genes_file) if data.genes_file is not None else data.genes
     if labels is not None:
-        table = read_label_table(labels)
+        table = read_label_table(labels, data.classes)
         selection = select_slides(store, table["slide_id"].tolist())
     else:
         ok = [s for s in store.slide_ids() if store.status(s) == "ok"]
@@ -162,6 +169,7 @@ def prepare_labels(
         genes_source=f"the gene list {data.genes_file}" if data.genes_file else "--data.genes",
         normal_types=data.normal_types,
         log_offset=data.log_offset,
+        classes=data.classes,
     )
     if "tumour" in tasks:
         known = built.tumour[built.tumour_mask]
@@ -174,10 +182,10 @@ def prepare_labels(
             )
     if "genes" in tasks and not built.gene_mask.any():
         raise ValueError("the genes task has no target on any slide with features")
-    if "tumour" not in tasks:  # without the tumour task, slides without gene targets teach nothing
-        keep = built.gene_mask.any(1)
+    if "tumour" not in tasks:  # without the tumour task, slides without targets teach nothing
+        keep = built.gene_mask.any(1) | built.category_mask.any(1)
         if not keep.all():
-            log.info("genes task only: %d slide(s) without gene targets left out", (~keep).sum())
+            log.info("no tumour task: %d slide(s) without targets left out", (~keep).sum())
             built = built.subset(np.flatnonzero(keep))
     if expression is not None and "genes" not in tasks:
         log.warning("--expression is ignored: 'genes' is not in --data.tasks")
@@ -311,7 +319,7 @@ def run_finetune(
     genes = built.genes
 
     def make_module() -> MILModule:
-        return MILModule(in_dim, tumour, genes, model, loss, optim)
+        return MILModule(in_dim, tumour, genes, model, loss, optim, built.categories)
 
     make_module()  # unknown aggregator or option: fail before any training
     if cv.group == "site":  # sites unknown or too few: fail before any training
@@ -338,7 +346,9 @@ def run_finetune(
     )
     bags = FeatureBags(store, cache=data.cache)
     result = cvmod.run_cv(built, bags, make_module, data, cv, trainer_kwargs, tumour)
-    metrics = compute_metrics(result.predictions, genes, tumour, cv.alpha, cv.group)
+    metrics = compute_metrics(
+        result.predictions, genes, tumour, cv.alpha, cv.group, built.categories
+    )
 
     refitted = None
     if cv.register == "refit":  # every process trains (distributed strategies need all)
@@ -440,6 +450,7 @@ def _register(
                 {
                     "genes": list(fold_result.module.genes),
                     "tasks": list(data.tasks),
+                    "classes": labels.categories,
                     "threshold": data.threshold,
                     "units": data.units,
                     "normal_reference": labels.reference,
@@ -474,6 +485,8 @@ def _card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             "sites": within["sites"],
             "per_site": {s: v["auc"] for s, v in within.get("per_site", {}).items()},
         }
+    for task, m in metrics.get("categories", {}).items():
+        card[f"{task}_macro_auc"] = {"mean": m["macro_auc"]["mean"], "sd": m["macro_auc"]["sd"]}
     if "genes" in metrics:
         auc = metrics.get("gene_auc_up", {})
         card["genes_evaluated"] = len(metrics["genes"])

@@ -163,7 +163,7 @@ def write_atomic(path: Path, text: str) -> Path:
 # -- the labels CSV -----------------------------------------------------------------------------
 
 
-def read_label_table(path: Path | str) -> pd.DataFrame:
+def read_label_table(path: Path | str, keep: Sequence[str] = ()) -> pd.DataFrame:
     """Read a labels CSV into canonical columns.
 
     Accepted columns (case-insensitive; aliases in brackets): ``slide_id`` (slide, id) required;
@@ -172,7 +172,12 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
     TCGA sample type code (01–09 tumour, 10–19 normal); ``sample_id``
     (the slide's expression column); ``site`` (site_id, tss, tissue_source_site: the tissue
     source site; empty cells of TCGA slides are read from the barcode, characters 6–7);
-    ``<GENE>_log2fc`` numeric targets. Other columns are ignored.
+    ``<GENE>_log2fc`` numeric targets. Other columns are ignored unless named in ``keep``.
+
+    Args:
+        path: the CSV/TSV.
+        keep: further columns to keep as text (stripped; ``""`` where empty or ``NA``), under
+            the names given here, e.g. the categorical tasks ``["subtype", "msi"]``.
 
     Returns:
         A frame with ``slide_id``, ``patient_id``, ``tumour`` (float 1/0/NaN), ``sample_id``
@@ -182,10 +187,19 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
     Raises:
         FileNotFoundError: no such file.
         ValueError: no slide column, duplicate or empty slide ids, missing patient ids,
-            unreadable tumour labels or non-numeric log2FC; names the rows.
+            unreadable tumour labels or non-numeric log2FC; names the rows. A ``keep`` column
+            the file lacks; names the columns it has.
     """
     path = Path(path)
     raw = read_table(path, "labels file")
+    lower = {c.lower(): c for c in raw.columns}
+    absent = [k for k in keep if k.lower() not in lower]
+    if absent:
+        raise ValueError(
+            f"labels file {path} has no column {', '.join(map(repr, absent))} (asked for by "
+            f"--data.classes); its columns: {preview(raw.columns, 12)}. Name a column it has, "
+            "or add the column."
+        )
     by_lower = {c.lower(): c for c in raw.columns}
     found = {}
     for canon, aliases in _ALIASES.items():
@@ -276,6 +290,9 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
                     f"no target); bad values for {preview(shown, 6)}"
                 )
             out[f"{gene}{LOG2FC_SUFFIX}"] = values.to_numpy(np.float64)
+    for k in keep:
+        text = raw[lower[k.lower()]].str.strip()
+        out[k] = text.mask(text.str.lower().isin({"na", "nan", "none", "null"}), "").to_numpy()
     return out.reset_index(drop=True)
 
 

@@ -30,6 +30,7 @@ class SignalCohort:
     lymph_fraction: dict[str, float] = field(default_factory=dict)
     tumour_tiles: dict[str, np.ndarray] = field(default_factory=dict)
     lymph_tiles: dict[str, np.ndarray] = field(default_factory=dict)
+    subtype: dict[str, str] = field(default_factory=dict)
 
 
 def _feature_store(path: Path, dim: int) -> FeatureStore:
@@ -67,6 +68,7 @@ def write_signal_cohort(
     tiles: tuple[int, int] = (30, 90),
     seed: int = 0,
     shift: float = 3.0,
+    subtypes: int = 0,
 ) -> SignalCohort:
     """A TCGA-style cohort whose features carry a known signal.
 
@@ -77,6 +79,11 @@ def write_signal_cohort(
     fraction, CD8A's the lymphocyte fraction, TP53 / KRAS / EGFR / PTEN are pure noise.
     Expression (TPM) of normal samples scatters around a base level; tumour samples are
     the base times 2^log2FC.
+
+    With ``subtypes`` k > 0, each patient's tumour has one of k subtypes (``A``, ``B``, …,
+    drawn from their own random stream, so the rest of the cohort is unchanged but for the
+    shift): the tumour tiles of subtype ``j`` are further shifted by ``shift`` along a
+    direction of its own, and the labels CSV gets a ``subtype`` column (empty for normals).
     """
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -89,6 +96,12 @@ def write_signal_cohort(
     )
     expression: dict[str, np.ndarray] = {}
     rows = []
+    sub_rng = np.random.default_rng(seed + 7919)
+    sub_dirs = sub_rng.normal(size=(max(subtypes, 1), dim))
+    sub_dirs /= np.linalg.norm(sub_dirs, axis=1, keepdims=True)
+    sub_of = [
+        chr(65 + int(sub_rng.integers(subtypes))) if subtypes else "" for _ in range(n_patients)
+    ]
     for p in range(n_patients):
         patient = f"TCGA-S{p % 3 + 1}-{p + 1:04d}"
         samples = ["01A", "01B"] + (["11A"] if p % 2 == 0 else [])
@@ -101,6 +114,9 @@ def write_signal_cohort(
             kinds = rng.random(n)
             x[kinds < f_t] += shift * u_tumour
             x[(kinds >= f_t) & (kinds < f_t + f_l)] += shift * u_lymph
+            subtype = sub_of[p] if tumour else ""
+            if subtype:
+                x[kinds < f_t] += shift * sub_dirs[ord(subtype) - 65]
             slide = f"{patient}-{sample}-01-TS1"
             write_bag(store, slide, x)
             cohort.slides.append(slide)
@@ -109,7 +125,11 @@ def write_signal_cohort(
             cohort.lymph_fraction[slide] = f_l
             cohort.tumour_tiles[slide] = kinds < f_t
             cohort.lymph_tiles[slide] = (kinds >= f_t) & (kinds < f_t + f_l)
-            rows.append({"slide_id": slide, "patient_id": patient, "tumour": int(tumour)})
+            row = {"slide_id": slide, "patient_id": patient, "tumour": int(tumour)}
+            if subtypes:
+                row["subtype"] = subtype
+                cohort.subtype[slide] = subtype
+            rows.append(row)
             if tumour:
                 lfc = np.concatenate(
                     [
