@@ -140,7 +140,8 @@ def test_report_renders_the_ceiling_table_and_flags_collapse() -> None:
     assert "| hard | 1 (64) | simclr | 3 | 0.45 ± 0.02 | 0.55 ± 0.02 | 0.42 ± 0.02 |" in md
     assert "| 1.3 ± 0.1 / 64 | 4.15 ± 0.00 (4.14) |" in md
     assert "failed: X" in md
-    assert "collapsed" in md and "the features, not the aggregator" in md
+    assert "final loss 4.15 = 1.00 × ln(2B−1) (at chance" in md
+    assert "no encoder's tiles rank slides above 0.55" in md and "not the aggregator" in md
     report = {"machine": {}, "results": {"ceiling": entry}}
     assert "## Ceiling: what the tile features can separate" in runner.render_markdown(report)
     assert "ceiling" in runner.NAMES
