@@ -114,9 +114,10 @@ class TileLabels:
 
 def _mask_labels(mask: np.ndarray, coords: np.ndarray, side: float, scale: float) -> np.ndarray:
     """1 where a tile's centre is on ``mask``, 0 where no mask pixel is under it, else -1."""
+    from histcode.heatmaps import tile_labels_from_mask
+
     h, w = mask.shape
-    centre = np.clip(((coords + side / 2) * scale).astype(int), 0, [w - 1, h - 1])
-    on = mask[centre[:, 1], centre[:, 0]]
+    on = tile_labels_from_mask(coords, side, scale, mask, 1.0)  # the centre, as heatmaps score
     x0 = np.clip(np.floor(coords[:, 0] * scale).astype(int), 0, w - 1)
     y0 = np.clip(np.floor(coords[:, 1] * scale).astype(int), 0, h - 1)
     x1 = np.clip(np.ceil((coords[:, 0] + side) * scale).astype(int), 1, w)
