@@ -225,12 +225,16 @@ def draw_heatmap(
     map_ax.set_title(label, fontsize=9)
     bar = fig.colorbar(image, cax=cax)
     bar.set_label(label)
-    if ratio:  # ticks at powers of 2, written as plain numbers
-        from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
+    if ratio:  # ticks at powers of 2: 1/8, 1/2, 1, 2, 8 (every other one past ±8)
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
         ticks = [t for t in 2.0 ** np.arange(-10, 11) if norm.vmin <= t <= norm.vmax]
+        if len(ticks) > 9:
+            ticks = [t for t in ticks if round(np.log2(t)) % 2 == 0]
         bar.ax.yaxis.set_major_locator(FixedLocator(ticks))
-        bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        bar.ax.yaxis.set_major_formatter(
+            FuncFormatter(lambda t, _: f"{t:g}" if t >= 1 else f"1/{round(1 / t)}")
+        )
         bar.ax.yaxis.set_minor_locator(NullLocator())
     bar.solids.set_alpha(1)
     title_y = 1.0 + 0.22 / fig_h  # above the panels' own titles
