@@ -5,7 +5,8 @@
 ``SOURCE`` is any of: a GDC "STAR - Counts" download folder (with its GDC sample sheet, given
 or found in the folder), a cBioPortal ``data_mrna_seq_v2_rsem.txt``, a UCSC Xena matrix
 (log2 values: ``--units log2tpm``; Ensembl rows need ``--gene_map``), or our own genes ×
-samples TSV (:mod:`histcode.finetune.expression`). Slides are found under ``SLIDES`` by
+samples TSV (:mod:`histcode.finetune.expression`), or an AnnData ``.h5ad`` of samples × genes
+(:mod:`histcode.finetune.h5ad`, extra ``histcode[anndata]``). Slides are found under ``SLIDES`` by
 extension (GDC's ``<UUID>/<barcode>.<UUID>.svs`` layout included); their id is the file stem.
 
 ``COHORT`` receives:
@@ -47,6 +48,7 @@ from histcode.finetune.barcodes import SAMPLE_TYPES, SLIDE_KINDS, parse_barcode,
 from histcode.finetune.expression import (
     DUPLICATE_RULE,
     GDC_COLUMNS,
+    UNITS,
     cpm,
     find_sample_sheet,
     log_scale_reason,
@@ -148,7 +150,7 @@ def load_source(
     source = f"expression matrix {expression}"
     chosen = units
     if units == "auto":
-        if raw.attrs.get("units") in ("tpm", "counts"):
+        if raw.attrs.get("units") in UNITS:  # "# units:" line, AnnData uns
             chosen = raw.attrs["units"]
         elif layout == "cbioportal" or log_scale_reason(raw):
             chosen = "tpm"  # RSEM is linear; log-looking input is refused by to_linear

@@ -119,7 +119,11 @@ def main(argv: Sequence[str], prog: str = "histcode finetune") -> int:
     config_text = parser.dump(cfg, skip_unset=False)
     config = json.loads(parser.dump(cfg, format="json", skip_unset=False))
     config.pop("config", None)
-    init = parser.instantiate(cfg)
+    try:
+        init = parser.instantiate(cfg)
+    except USAGE_ERRORS as err:  # an option group's own check (e.g. --cv.anndata)
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
     def trainer_kwargs() -> dict[str, Any]:  # fresh callbacks / loggers for every Trainer
         return dict(parser.instantiate(cfg).trainer.as_dict())

@@ -245,6 +245,9 @@ def _layout(columns: list[str], comments: list[str]) -> str:
 def read_expression(path: Path | str, gene_map: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Read an expression matrix, genes × samples, in any layout of the module docstring.
 
+    A ``.h5ad`` file (AnnData, samples × genes) is read by
+    :func:`histcode.finetune.h5ad.read_h5ad_expression` (extra ``histcode[anndata]``).
+
     Values are parsed as numbers; checks of NaN, sign and scale come later, on the rows and
     columns that are used (:func:`histcode.finetune.labels.expression_log2fc`).
 
@@ -264,6 +267,10 @@ def read_expression(path: Path | str, gene_map: Mapping[str, str] | None = None)
             column, a single GDC file, or Ensembl ids without a gene map; names file and rows.
     """
     path = Path(path)
+    if path.suffix.lower() == ".h5ad":  # AnnData, samples × genes (histcode[anndata])
+        from histcode.finetune.h5ad import read_h5ad_expression
+
+        return read_h5ad_expression(path, gene_map)
     frame = read_table(path, "expression matrix")
     comments = frame.attrs["comments"]
     first_line = frame.attrs["first_line"]

@@ -183,6 +183,9 @@ class CVOptions:
         register: what goes to the registry: ``refit`` (one model trained on all patients,
             its epoch chosen on a validation split), ``folds`` (each fold's model), or
             ``none``.
+        anndata: also write ``slides.h5ad`` (AnnData for scanpy: ``obs`` the out-of-fold
+            predictions and labels of each slide, ``obsm['X_slide']`` its embedding from the
+            fold model that held it out); needs ``pip install 'histcode[anndata]'``.
     """
 
     folds: int = 5
@@ -195,10 +198,19 @@ class CVOptions:
     patience: int = 30
     alpha: float = 0.05
     register: Literal["refit", "folds", "none"] = "refit"
+    anndata: bool = False
 
     def __post_init__(self) -> None:
         if self.group not in ("patient", "site"):
             raise ValueError(f"cv.group must be 'patient' or 'site', not {self.group!r}")
+        if self.anndata:
+            from histcode.finetune.h5ad import INSTALL_HINT, anndata_available
+
+            if not anndata_available():
+                raise ValueError(
+                    "cv.anndata is true but the anndata package is not installed; install "
+                    f"the extra ({INSTALL_HINT}) or set --cv.anndata false"
+                )
 
 
 #: Defaults of ``trainer:`` where histcode's differ from Lightning's.

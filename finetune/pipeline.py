@@ -358,6 +358,8 @@ def run_finetune(
     registered: list[str] = []
     if _is_rank_zero():  # one process writes and registers
         files = _write_outputs(out, result, metrics, built, tumour, config_text)
+        if cv.anndata:
+            files.append(_write_anndata(out, result, bags, metrics, store))
         if cv.register != "none":
             chosen = (
                 [(refitted, {"fold": "refit"})]
@@ -413,6 +415,26 @@ def _write_outputs(
     files += [out / f for f in ("predictions.csv", "targets.csv", "metrics.json", "folds.json")]
     files += plot_all(result.predictions, metrics, labels.genes, tumour, out / "plots")
     return files
+
+
+def _write_anndata(
+    out: Path, result: Any, bags: Any, metrics: dict[str, Any], store: FeatureStore
+) -> Path:
+    """``slides.h5ad``: out-of-fold predictions as ``obs``, held-out embeddings as ``obsm``."""
+    from histcode.finetune.h5ad import slide_embeddings, write_slides_h5ad
+    from histcode.finetune.metrics import jsonable
+
+    predictions = result.predictions
+    embeddings = slide_embeddings(result.folds, bags, predictions["slide_id"].tolist())
+    provenance = {
+        "encoder_ref": str(store.attrs.get("encoder_ref", "unknown-encoder")),
+        "encoder_sha256": str(store.attrs.get("encoder_sha256", "")),
+        "features": str(store.path.resolve()),
+        "lineage": " | ".join(lineage(store)),
+        "run": str(out.resolve()),
+    }
+    text = json.dumps(jsonable(metrics))
+    return write_slides_h5ad(out / "slides.h5ad", predictions, embeddings, text, provenance)
 
 
 def _register(
