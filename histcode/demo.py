@@ -81,6 +81,9 @@ def _pretrain_config(o: DemoOptions) -> dict[str, Any]:
             "max_steps": o.pretrain_steps,
             "log_every_n_steps": 10,
             "val_check_interval": max(o.pretrain_steps // 4, 1),
+            # count that interval in steps across epochs: a small cohort's epoch can be
+            # shorter than it (Lightning refuses the interval otherwise)
+            "check_val_every_n_epoch": None,
             "enable_model_summary": False,
             "benchmark": False,
         },

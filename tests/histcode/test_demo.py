@@ -217,3 +217,31 @@ def test_demo_on_a_cohort_of_your_own(demo_run: tuple[Path, dict, str], tmp_path
 
     code, _, stderr = _run(["demo", "--cohort", str(tmp_path / "none"), "--out", str(out)])
     assert code == 2 and "no such folder" in stderr
+
+
+def test_demo_pretraining_validates_by_steps_on_a_cohort_smaller_than_an_interval(
+    small_cohort: dict[str, Path], tmp_path: Path
+) -> None:
+    """The demo validates every pretrain_steps / 4 steps; on a small cohort an epoch has
+    fewer batches than that, which Lightning refuses unless the interval counts steps across
+    epochs (``histcode demo --patients 12`` stopped at pretraining)."""
+    from dataclasses import replace
+
+    from histcode.demo import DemoOptions, _pretrain_config, _write_yaml
+
+    options = DemoOptions(
+        patients=6, difficulty="easy", slide_mm=(1.2, 1.0), mpp=1.0, tile_size=64,
+        pretrain_steps=24, batch_size=64, epochs=2, folds=2, baseline_encoder="tiny",
+        aggregator="abmil", seed=0,
+    )  # fmt: skip
+    config = _pretrain_config(replace(options))
+    assert config["trainer"]["val_check_interval"] == 6  # > the ~4 batches of an epoch
+    path = _write_yaml(tmp_path / "pretrain.yaml", config, "test")
+    code, _, stderr = _run(
+        [
+            "pretrain", f"--config={path}", "--data.tiles", str(small_cohort["tiles"]),
+            "--name", "small", "--registry",
+            str(tmp_path / "registry"), "--out", str(tmp_path / "run"),
+        ]
+    )  # fmt: skip
+    assert code == 0, stderr[-2000:]
