@@ -42,7 +42,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("histcode.embedding", "run a frozen encoder over every tile → features.zarr"),
     "demo": (
         "histcode.demo",
-        "the whole pipeline on a small synthetic cohort vs the naive baseline",
+        "the whole pipeline on a synthetic cohort (or --cohort DIR) vs the naive baseline",
     ),
     "registry": ("histcode.registry_cli", "list, show and verify checkpoints in the registry"),
     "config": ("histcode.configfiles", "list and print the shipped YAML configs (--config NAME)"),

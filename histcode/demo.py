@@ -1,4 +1,5 @@
-"""run the whole pipeline on a small synthetic cohort and compare it with the naive baseline.
+"""run the whole pipeline on a small synthetic cohort (or a cohort of your own, ``--cohort``)
+and compare it with the naive baseline.
 
 ``histcode demo --out DIR``
 
