@@ -556,6 +556,21 @@ def demo(
 
     roles = gene_roles(cohort / "genes.json")
     maps = _heatmaps(run, out, cohort, tiles, feats, finetuned, registry, roles)
+    result = _report(out, options, finetuned, maps, roles, registry, run.start)
+    return CommandResult(out, result, {"options": asdict(options), "steps": run.state["steps"]})
+
+
+def _report(
+    out: Path,
+    options: DemoOptions,
+    finetuned: dict[str, dict[str, Any]],
+    maps: dict[str, dict[str, float | None]],
+    roles: dict[str, str],
+    registry: str,
+    start: float,
+) -> dict[str, Any]:
+    """Write ``results.md`` (the table) and ``results.json``, print the table, and return the
+    command's result: each arm's tumour AUC, genes by role and map scores."""
     arms: dict[str, dict[str, Any]] = {}
     for arm in (PIPELINE, BASELINE):
         metrics = json.loads((out / "finetune" / arm / "metrics.json").read_text())
@@ -570,8 +585,8 @@ def demo(
     counts: dict[str, int] = {}
     for role in roles.values():
         counts[role] = counts.get(role, 0) + 1
-    table = results_table(arms, counts, aggregator)
-    minutes = (time.perf_counter() - run.start) / 60
+    table = results_table(arms, counts, options.aggregator)
+    minutes = (time.perf_counter() - start) / 60
     plots = out / "finetune" / PIPELINE / "plots"
     paths = {
         "tumour ROC, genes ranked, predicted vs true log2FC": str(plots),
@@ -611,7 +626,7 @@ def demo(
     }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print("\n" + text, file=sys.stderr)
-    return CommandResult(out, result, {"options": asdict(options), "steps": run.state["steps"]})
+    return result
 
 
 def _heatmaps(
