@@ -321,5 +321,10 @@ def test_quick_run_of_tile_reading(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     result = report["results"]["tile_reading"]["result"]
-    assert result["tiles"] > 100 and result["ratio_to_naive"] > 0
-    assert "| tile reading (" in out.read_text()
+    for slide in ("svs40x", "svs20x"):  # the reader vs OpenSlide and the decode limit, per slide
+        measured = result["slides"][slide]
+        assert measured["tiles"] > 100, measured
+        assert measured["ratio_to_openslide"]["median"] > 0
+        assert measured["ratio_to_decode_limit"]["median"] > 0
+    report_text = out.read_text()
+    assert "| tile reading svs40x (" in report_text and "| tile reading svs20x (" in report_text
