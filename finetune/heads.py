@@ -352,7 +352,7 @@ def build_slide_model(
         options["branches"] = head_tasks if options["branches"] == "per_task" else 1
     gene_pooling = options.pop("gene_pooling", None)
     if gene_pooling is not None and n_genes > 0:  # without genes there is nothing to pool
-        if options.get("branches", 1) == head_tasks:
+        if architecture == "abmil" and options.get("branches", 1) == head_tasks:
             tumour_pooling = options.get("normalise", "softmax")
             options["normalise"] = (
                 [tumour_pooling] * int(tumour)

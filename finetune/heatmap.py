@@ -302,7 +302,10 @@ def map_title(
         target = {"tumour": "tumour logit"}.get(name)
         if target is None:
             gene, _, part = name.rpartition("_")
-            target = f"{gene} " + ("log2FC prediction" if part == "log2fc" else "up-class logit")
+            target = {
+                "log2fc": f"{gene} log2FC prediction",
+                "up": f"{gene} up-class logit",
+            }.get(part, f"{name} class logit")  # a categorical task's class: <task>_<class>
         shown = TILE_SCORES[kind].format(target=target)
     seen = {
         True: f"SEEN IN TRAINING ({role.role}) — not a held-out map",

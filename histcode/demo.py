@@ -555,6 +555,8 @@ def demo(
         )  # fmt: skip
 
     roles = gene_roles(cohort / "genes.json")
+    if genes:  # the model predicts only these: draw, count and group no other gene
+        roles = {g: r for g, r in roles.items() if g in genes}
     maps = _heatmaps(run, out, cohort, tiles, feats, finetuned, registry, roles)
     result = _report(out, options, finetuned, maps, roles, registry, run.start)
     return CommandResult(out, result, {"options": asdict(options), "steps": run.state["steps"]})

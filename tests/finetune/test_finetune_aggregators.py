@@ -299,6 +299,13 @@ def test_composition_path_is_linear_in_tissue_composition() -> None:
     assert tumour_only.model.composition is None  # no genes, no path
 
 
+def test_gene_pooling_is_refused_for_other_aggregators() -> None:
+    """gene_pooling is abmil's: another aggregator gets the message naming the fix, not a
+    keyword error from deep inside, even where one task makes 'branches' look per-task."""
+    with pytest.raises(ValueError, match="gene_pooling 'sigmoid' needs abmil"):
+        build_slide_model("mean", 8, tumour=False, n_genes=1, options={"gene_pooling": "sigmoid"})
+
+
 def test_attention_branch_options() -> None:
     shared = build_slide_model("abmil", 12, hidden=16, n_genes=3, options={"branches": "shared"})
     assert shared.aggregator.branches == 1

@@ -396,3 +396,15 @@ def test_fold_cards_list_the_patients_they_learnt_from(tmp_path: Path, capsys) -
         # a new slide of a training patient, never in the run, is still not held out
         new = f"{fold['patients']['train'][0]}-01C-01-TS1"
         assert training_role(card, new).seen is True
+
+
+def test_class_map_titles_name_the_class_logit() -> None:
+    """A categorical task's map (<task>_<class>) is titled as that class's logit, not as a
+    gene's up-class logit."""
+    from histcode.finetune.heatmap import TrainingRole, map_title
+
+    role = TrainingRole("held-out", False, "")
+    title, _ = map_title("S", "subtype_LumA", "exact", True, 10, "m@1", Path("f.zarr"), role)
+    assert "subtype_LumA class logit" in title and "up-class" not in title
+    title, _ = map_title("S", "MYC_up", "exact", True, 10, "m@1", Path("f.zarr"), role)
+    assert "MYC up-class logit" in title

@@ -219,6 +219,32 @@ def test_demo_on_a_cohort_of_your_own(demo_run: tuple[Path, dict, str], tmp_path
     assert code == 2 and "no such folder" in stderr
 
 
+def test_demo_cohort_with_roles_uses_only_the_genes_asked_for(
+    demo_run: tuple[Path, dict, str], tmp_path: Path
+) -> None:
+    """With ``genes.json`` beside the slides and ``--genes`` naming a subset, the maps draw and
+    the table counts only genes the model predicts (the first tumour-burden gene of
+    genes.json, left out here, used to be drawn and stopped the heatmap step)."""
+    import shutil
+
+    made, _, _ = demo_run
+    cohort = tmp_path / "mine"
+    shutil.copytree(made / "cohort" / "slides", cohort / "slides")
+    for name in ("expression.tsv", "genes.json"):
+        shutil.copy(made / "cohort" / name, cohort / name)
+    roles = {g: v["role"] for g, v in json.loads((cohort / "genes.json").read_text()).items()}
+    by_role = {r: [g for g, x in roles.items() if x == r] for r in ("tumour", "lymphocyte")}
+    genes = [by_role["tumour"][1], by_role["lymphocyte"][0]]  # not the first tumour gene
+    out = tmp_path / "out"
+    code, _, stderr = _run(
+        ["demo", "--cohort", str(cohort), "--out", str(out), *TINY, "--genes", *genes]
+    )
+    assert code == 0, stderr[-3000:]
+    drawn = {p.name for p in (out / "maps" / "simclr").glob("*_log2fc.png")}
+    assert drawn and all(any(f"_{g}_log2fc" in d for g in genes) for d in drawn)
+    assert "of 2 with signal / noise genes" in (out / "results.md").read_text()
+
+
 def test_demo_pretraining_validates_by_steps_on_a_cohort_smaller_than_an_interval(
     small_cohort: dict[str, Path], tmp_path: Path
 ) -> None:
