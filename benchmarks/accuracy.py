@@ -262,7 +262,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "--slide_mm", json.dumps(list(args.slide_mm)), "--progress", "false",
     )  # fmt: skip
     clock("synth", start)
-    roles = {g: v["role"] for g, v in json.loads((cohort / "genes.json").read_text()).items()}
+    from histcode.synth.cohort import read_gene_roles
+
+    roles = read_gene_roles(cohort / "genes.json")
 
     tiles = work / f"tiles-{cohort.name}-{args.mpp:g}-{args.tile_size}.zarr"
     start = time.perf_counter()

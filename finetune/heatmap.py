@@ -25,7 +25,6 @@ one of them (``seen_in_training``: true, false, or null when the card does not s
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import sys
@@ -505,13 +504,9 @@ def heatmap(
 
     localisation = None
     if truth is not None:
-        roles_path = Path(truth).parent.parent / "genes.json"
-        roles = {}
-        if roles_path.is_file():
-            roles = {
-                g: v["role"] if isinstance(v, dict) else v
-                for g, v in json.loads(roles_path.read_text()).items()
-            }
+        from histcode.synth.cohort import read_gene_roles
+
+        roles = read_gene_roles(Path(truth).parent.parent / "genes.json")
         localisation = truth_auroc(maps, float(tiles.attrs["mpp_level0"]), Path(truth), roles)
     result = {
         "out": str(out),

@@ -237,17 +237,6 @@ def _own_cohort(cohort: Path) -> tuple[Path, Path]:
     return (slides if slides.is_dir() else cohort), expression
 
 
-def gene_roles(path: Path) -> dict[str, str]:
-    """Each gene's role from a cohort's ``genes.json`` (``{gene: {"role": …}}`` or
-    ``{gene: role}``); empty when the cohort has none (a cohort of your own)."""
-    if not path.is_file():
-        return {}
-    return {
-        g: str(v["role"] if isinstance(v, dict) else v)
-        for g, v in json.loads(path.read_text()).items()
-    }
-
-
 def _mean(values: Sequence[float]) -> float | None:
     return round(statistics.mean(values), 3) if values else None
 
@@ -554,7 +543,9 @@ def demo(
             ],
         )  # fmt: skip
 
-    roles = gene_roles(cohort / "genes.json")
+    from histcode.synth.cohort import read_gene_roles
+
+    roles = read_gene_roles(cohort / "genes.json")
     if genes:  # the model predicts only these: draw, count and group no other gene
         roles = {g: r for g, r in roles.items() if g in genes}
     maps = _heatmaps(run, out, cohort, tiles, feats, finetuned, registry, roles)
@@ -674,7 +665,7 @@ def _heatmaps(
             sid = row["slide_id"]
             argv = [
                 "heatmap", "--model", fold_model[int(row["fold"])], "--registry", registry,
-                "--features", str(feats[arm]), "--slide", str(store.read(sid).path),
+                "--features", str(feats[arm]), "--slide", str(store.group(sid).attrs["path"]),
                 "--out", str(out / "maps" / arm),
             ]  # fmt: skip
             truth = cohort / "truth" / f"{sid}.npz"

@@ -598,3 +598,15 @@ def describe(cohort: Cohort) -> dict[str, Any]:
         "written": len(cohort.written),
         "skipped": len(cohort.skipped),
     }
+
+
+def read_gene_roles(path: Path) -> dict[str, str]:
+    """Each gene's role from a cohort's ``genes.json`` (as :func:`make_cohort` writes it,
+    ``{gene: {"role": …}}``, or another generator's ``{gene: role}``); empty when the file
+    does not exist (a cohort of your own)."""
+    if not path.is_file():
+        return {}
+    return {
+        g: str(v["role"] if isinstance(v, dict) else v)
+        for g, v in json.loads(path.read_text()).items()
+    }
