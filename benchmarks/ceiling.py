@@ -65,6 +65,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.spec import Benchmark, Section, fmt, tail
+
 #: Field of view of a tile in µm at every resolution (the demo's 64 px at 1 µm/px).
 CONTEXT_UM = 64.0
 #: Encoders of a cell: zoo name and builder arguments of the random-weight ones.
@@ -933,6 +935,151 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["quick"] = q
     print(json.dumps(result), flush=True)
     return result
+
+
+# -- report --------------------------------------------------------------------------------
+
+#: Slide ceilings at or below this leave MIL little to find (a reading, not a goal).
+CEILING_WEAK = 0.75
+
+
+def _pm2(stat: dict[str, Any] | None, digits: int = 2) -> str:
+    """``mean ± sd (n)`` with fewer digits, for the ceiling table."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    sd = "" if stat.get("sd") is None else f" ± {stat['sd']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}{sd}"
+
+
+def ceiling_table(r: dict[str, Any]) -> list[str]:
+    """The markdown table of ``benchmarks.ceiling``'s result: one row a cohort × µm/px × encoder."""
+    lines = [
+        "| cohort | µm/px (px) | encoder | seeds | tumour tile AUC | tumour slide AUC (top "
+        "2 %) | lymphocyte tile AUC | lymphocyte slide r | effective rank | SimCLR final loss "
+        "(ln(2B−1)) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    dims = {}
+    for cell in r.get("cells", []):
+        for name, e in cell.get("encoders", {}).items():
+            if e.get("status") == "ok":
+                dims[name] = (e.get("features") or {}).get("dim")
+            else:
+                lines.append(
+                    f"| {cell.get('difficulty')} | {cell.get('mpp')} | {name} | seed "
+                    f"{cell.get('seed')} | failed: {tail(str(e.get('error')), 100)} "
+                    "| | | | | |"
+                )
+    rows = sorted(
+        r.get("rows", []),
+        key=lambda x: (
+            x.get("difficulty") != "hard",
+            -(x.get("mpp") or 0),
+            x.get("encoder", ""),
+            x.get("steps") or 0,
+        ),
+    )
+    for row in rows:
+        px = round(r.get("context_um", 64) / row["mpp"]) if row.get("mpp") else "?"
+        loss = "–"
+        if row.get("final_loss"):
+            loss = f"{_pm2(row['final_loss'])} ({row.get('chance_loss', 0):.2f})"
+        dim = dims.get(row["encoder"])
+        name = row["encoder"] + (f" ({row['steps']} steps)" if row.get("steps") else "")
+        lines.append(
+            f"| {row['difficulty']} | {row['mpp']:g} ({px}) | {name} | {row['seeds']} "
+            f"| {_pm2(row.get('tumour_tile_auc'))} | {_pm2(row.get('tumour_slide_auc'))} "
+            f"| {_pm2(row.get('lymphocyte_tile_auc'))} | {_pm2(row.get('lymphocyte_slide_r'))} "
+            f"| {_pm2(row.get('effective_rank'), 1)}{f' / {dim}' if dim else ''} | {loss} |"
+        )
+    return lines
+
+
+def ceiling_section(entry: dict[str, Any]) -> list[str]:
+    """Setup, table and a reading of the ceiling benchmark."""
+    r = entry["result"]
+    lines = []
+    if r.get("quick"):
+        lines += ["*Quick run: a smoke test of the benchmark, not evidence.*", ""]
+    cohorts = "; ".join(
+        f"{d}: {c.get('patients')} patients, {c.get('slides')} slides ({c.get('normal_slides')} "
+        f"normal), tumour {100 * (c.get('mean_tumour_fraction') or 0):.1f} % of the tissue"
+        for d, c in (r.get("cohorts") or {}).items()
+    )
+    recipe = r.get("simclr_recipe") or {}
+    lines += [
+        f"Synthetic cohorts ({cohorts}); tiles of {r.get('context_um', 64):g} µm at every "
+        f"resolution, up to {r.get('tiles_per_slide')} a slide. Probe: {r.get('probe')}. "
+        f"Encoders: the tiny CNN with random weights, a random-weight ResNet-18 (the naive "
+        f"baseline's) and the tiny CNN after SimCLR with the demo's recipe "
+        f"({recipe.get('optimizer')} lr {recipe.get('lr')}, batch {recipe.get('batch_size')}, "
+        f"{recipe.get('steps')} steps). Figures are mean ± sd over seeds {r.get('seeds')} "
+        "(encoder initialisation and SimCLR; cohort and folds fixed). Lymphocyte slide r: "
+        "Pearson r of a slide's mean tile probability with its true lymphocyte fraction.",
+        "",
+        *ceiling_table(r),
+    ]
+    notes = []
+    rows = r.get("rows", [])
+    for d, mpp in sorted({(x["difficulty"], x["mpp"]) for x in rows}, key=lambda k: (k[0], -k[1])):
+        here = [x for x in rows if (x["difficulty"], x["mpp"]) == (d, mpp)]
+        slide = {
+            x["encoder"] + (f" ({x['steps']} steps)" if x.get("steps") else ""): v
+            for x in here
+            if (v := (x.get("tumour_slide_auc") or {}).get("mean")) is not None
+        }
+        if slide and max(slide.values()) <= CEILING_WEAK:
+            best = max(slide, key=slide.__getitem__)
+            notes.append(
+                f"on {d} at {mpp:g} µm/px no encoder's tiles rank slides above "
+                f"{slide[best]:.2f} ({best}) even with a tile probe trained on the truth masks: "
+                "the features, not the aggregator, cap the slide result"
+            )
+        random_rank = next(
+            (
+                (x.get("effective_rank") or {}).get("mean")
+                for x in here
+                if x["encoder"] == "tiny_random"
+            ),
+            None,
+        )
+        for x in here:
+            loss, chance = (x.get("final_loss") or {}).get("mean"), x.get("chance_loss")
+            if loss is None or not chance:
+                continue
+            rank = (x.get("effective_rank") or {}).get("mean")
+            verdict = (
+                "at chance"
+                if abs(loss - chance) <= 0.05 * chance
+                else ("above chance" if loss > chance else "below chance")
+            )
+            notes.append(
+                f"{x['encoder']} ({x.get('steps')} steps) on {d} at {mpp:g} µm/px: final loss "
+                f"{loss:.2f} = {loss / chance:.2f} × ln(2B−1) ({verdict}; a constant embedding "
+                f"scores exactly ln(2B−1)), effective rank {fmt(rank)}"
+                + (f" vs {random_rank:.1f} with random weights" if random_rank else "")
+            )
+    if notes:
+        lines += ["", "Reading: " + "; ".join(notes) + "."]
+    return lines
+
+
+SPEC = Benchmark(
+    name="ceiling",
+    what="tile probes with truth-mask labels: what the features can separate, per resolution",
+    quick=["--quick"],
+    timeout=3 * 3600,
+    order=100,
+    goals=(
+        "none: a diagnosis. A slide ceiling at or below "
+        f"{CEILING_WEAK} means the features, not the aggregator, cap the slide result",
+    ),
+    section=Section(
+        "Ceiling: what the tile features can separate (labels MIL never gets)",
+        ceiling_section,
+        order=20,
+    ),
+)
 
 
 if __name__ == "__main__":

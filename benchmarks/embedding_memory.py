@@ -17,6 +17,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from benchmarks.spec import Benchmark, Row, fmt, meets
+
+#: peak RSS of the ~145,000-tile slide over the small one's: flat means at most this
+GOAL_RSS_RATIO = 1.25
 
 
 def _child(tiles: Path, out: Path) -> dict:
@@ -80,6 +86,34 @@ def main() -> None:
         result["large"]["peak_rss_mib"] / result["small"]["peak_rss_mib"], 2
     )
     print(json.dumps(result))
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def speed_rows(r: dict[str, Any]) -> list[Row]:
+    """Peak RSS of the large slide against the small one."""
+    large, small = r.get("large", {}), r.get("small", {})
+    return [
+        (
+            f"embedding memory ({fmt(large.get('tiles'))} tiles)",
+            f"peak RSS {fmt(large.get('peak_rss_mib'))} MiB",
+            f"{fmt(small.get('tiles'))}-tile slide {fmt(small.get('peak_rss_mib'))} MiB",
+            fmt(r.get("rss_ratio_large_to_small")),
+            "≈ 1 (flat)",
+            meets(r.get("rss_ratio_large_to_small"), GOAL_RSS_RATIO, higher=False),
+        )
+    ]
+
+
+SPEC = Benchmark(
+    name="embedding_memory",
+    what="peak RSS embedding a ~145,000-tile slide vs a small one",
+    quick=None,
+    order=40,
+    goals=(f"peak RSS flat in the slide's size: large / small ≤ {GOAL_RSS_RATIO}",),
+    speed_rows=speed_rows,
+)
 
 
 if __name__ == "__main__":

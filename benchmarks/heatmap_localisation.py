@@ -16,6 +16,9 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
+
+from benchmarks.spec import Benchmark, fmt
 
 GOAL = 0.85
 
@@ -73,6 +76,31 @@ def main() -> None:
     print(
         json.dumps(run(a.work, a.difficulty, a.patients, a.steps, a.epochs, a.aggregator, a.seed))
     )
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def summary(r: dict[str, Any]) -> str:
+    """Attention and gene maps against the truth masks."""
+    return (
+        f"- **heatmap_localisation** ({r.get('difficulty')}): attention vs tumour mask "
+        f"AUROC {fmt(r.get('attention_vs_tumour_mask'))}, lymphocyte genes vs lymphocyte "
+        f"mask {fmt(r.get('lymphocyte_genes_vs_lymphocyte_mask'))} (goal ≥ {r.get('goal')})."
+    )
+
+
+SPEC = Benchmark(
+    name="heatmap_localisation",
+    what="attention and gene maps vs the synthetic truth masks",
+    quick=None,
+    order=90,
+    goals=(
+        f"AUROC ≥ {GOAL} of the attention map against the tumour mask and of the lymphocyte "
+        "genes' maps against the lymphocyte mask",
+    ),
+    summary=summary,
+)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.ceiling import tile_labels, tile_probe
+from benchmarks.spec import Benchmark, fmt
 
 
 def make_data(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -249,6 +251,29 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(out), flush=True)
     return out
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def summary(r: dict[str, Any]) -> str:
+    """The probe's AUC with SimCLR features against random weights."""
+    return (
+        f"- **pretrain_quality**: tile-level linear probe (tumour) on the hard cohort: "
+        f"SimCLR {fmt(r.get('auc_pretrained'))} vs random weights {fmt(r.get('auc_random'))}"
+        f" (BatchNorm recalibrated {fmt(r.get('auc_random_bn_calibrated'))})."
+    )
+
+
+SPEC = Benchmark(
+    name="pretrain_quality",
+    what="linear probe of SimCLR features vs the same encoder untrained (hard cohort)",
+    quick=None,
+    gpu=["--device", "cuda"],
+    order=70,
+    goals=("the tile probe on SimCLR features above the same encoder with random weights",),
+    summary=summary,
+)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from benchmarks.spec import Benchmark, fmt
+
+#: the naive baseline's tumour AUC
+GOAL = "easy ≈ 1, hard ≲ 0.75"
 TILE_UM, TILE_MPP = 128.0, 0.5
 
 
@@ -180,6 +185,30 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(json.dumps(result), flush=True)
     return 0
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def summary(r: dict[str, Any]) -> str:
+    """The naive baseline's tumour AUC on the easy and the hard cohort."""
+    e, h = r.get("easy", {}), r.get("hard", {})
+    return (
+        f"- **synth_difficulty**: naive baseline tumour AUC easy {fmt(e.get('auc'))} ± "
+        f"{fmt(e.get('auc_sd'))}, hard {fmt(h.get('auc'))} ± {fmt(h.get('auc_sd'))} "
+        f"(goal: {GOAL})."
+    )
+
+
+SPEC = Benchmark(
+    name="synth_difficulty",
+    what="the naive baseline on easy vs hard synthetic cohorts",
+    args=["--out", "benchmarks/out/synth_difficulty"],
+    quick=None,
+    order=80,
+    goals=(f"the naive baseline's tumour AUC {GOAL}",),
+    summary=summary,
+)
 
 
 if __name__ == "__main__":
