@@ -20,10 +20,10 @@ a ``SPEC`` (:class:`benchmarks.spec.Benchmark`), runs them in their ``order``, a
 the report from the pieces each one renders (speed rows, time notes, its own section, a
 summary line). A new benchmark is a module with a ``SPEC``; nothing here changes.
 
-Text of ``RESULTS.md`` between ``<!-- hand-written -->`` and ``<!-- /hand-written -->`` lines
-is carried over when the report is written again: to the same section (the nearest heading
-above it), at its start if nothing was generated between that heading and the text, else
-at its end; to the end of the report when that heading is gone.
+Text of ``RESULTS.md`` between a ``<!-- hand-written -->`` line (or ``<!-- hand-written: a
+note -->``) and a ``<!-- /hand-written -->`` line is carried over when the report is written
+again (:func:`carry_hand_written`): to the same section, at its start or its end as before.
+Such blocks cannot sit inside a table.
 """
 
 from __future__ import annotations
@@ -59,10 +59,11 @@ def discover(package: str = PACKAGE) -> tuple[Benchmark, ...]:
 
     Raises:
         ValueError: a module's ``SPEC`` names another module (the runner calls
-            ``python -m <package>.<name>``), or two modules share a name.
+            ``python -m <package>.<name>``).
     """
     found: dict[str, Benchmark] = {}
-    for info in sorted(pkgutil.iter_modules(importlib.import_module(package).__path__)):
+    modules = pkgutil.iter_modules(importlib.import_module(package).__path__)
+    for info in sorted(modules, key=lambda m: m.name):
         if info.name.startswith("_") or info.name in NOT_BENCHMARKS or info.name in found:
             continue
         spec = getattr(importlib.import_module(f"{package}.{info.name}"), "SPEC", None)
@@ -402,52 +403,69 @@ HAND_OPEN = "<!-- hand-written"
 HAND_CLOSE = "<!-- /hand-written -->"
 
 
-def _is_heading(line: str) -> bool:
-    return line.startswith("#") and line.lstrip("#").startswith(" ")
+def _level(line: str) -> int:
+    """The level of a markdown heading (``## x``: 2), 0 for any other line."""
+    hashes = len(line) - len(line.lstrip("#"))
+    return hashes if hashes and line[hashes : hashes + 1] == " " else 0
 
 
-def hand_written(text: str) -> list[tuple[str | None, bool, list[str]]]:
-    """The hand-written blocks of a ``RESULTS.md``: ``(heading, at_start, lines)`` each.
+def hand_written(text: str) -> list[tuple[list[str], bool, list[str]]]:
+    """The hand-written blocks of a ``RESULTS.md``: ``(headings, at_start, lines)`` each.
 
-    ``heading`` is the nearest generated heading above the block (None: none), ``at_start``
-    whether nothing generated lies between that heading and the block; ``lines`` run from
-    the opening marker to the closing one. A block left open runs to the end of the text.
+    ``headings`` are the generated headings the block sits under, outermost first;
+    ``at_start`` says whether nothing generated lies between the innermost one and the block;
+    ``lines`` run from the opening marker to the closing one (a block left open runs to the
+    end of the text).
     """
-    blocks: list[tuple[str | None, bool, list[str]]] = []
-    heading: str | None = None
+    blocks: list[tuple[list[str], bool, list[str]]] = []
+    trail: list[str] = []
     at_start = True
     block: list[str] | None = None
     for line in text.splitlines():
         if block is not None:
             block.append(line)
             if line.strip() == HAND_CLOSE:
-                blocks.append((heading, at_start, block))
+                blocks.append((list(trail), at_start, block))
                 block = None
         elif line.startswith(HAND_OPEN):
             block = [line]
             if line.rstrip().endswith(HAND_CLOSE):  # opened and closed on one line
-                blocks.append((heading, at_start, block))
+                blocks.append((list(trail), at_start, block))
                 block = None
-        elif _is_heading(line):
-            heading, at_start = line, True
+        elif level := _level(line):
+            trail = [*(h for h in trail if _level(h) < level), line]
+            at_start = True
         elif line.strip():
             at_start = False
     if block is not None:
-        blocks.append((heading, at_start, [*block, HAND_CLOSE]))
+        blocks.append((list(trail), at_start, [*block, HAND_CLOSE]))
     return blocks
 
 
 def carry_hand_written(markdown: str, previous: str) -> str:
-    """``markdown`` with the hand-written blocks of ``previous`` put back (see the module)."""
+    """``markdown`` with the hand-written blocks of ``previous`` put back.
+
+    A block goes to the section of the innermost heading it sat under, at the section's
+    start if it was there before anything generated, else at its end. When that heading is
+    no longer generated, to the end of the section (``##`` or deeper) above it that still
+    is; failing all, to the end of the report. ``markdown`` is a fresh rendering (no
+    blocks).
+    """
     lines = markdown.rstrip("\n").split("\n")
-    headings = [i for i, line in enumerate(lines) if _is_heading(line)]
+    headings = [i for i, line in enumerate(lines) if _level(line)]
     place: dict[int, list[list[str]]] = {}  # line index → the blocks that go before it
-    for heading, at_start, block in hand_written(previous):
-        if heading not in lines:
+    for trail, at_start, block in hand_written(previous):
+        found = [h for h in trail if h in lines and (h == trail[-1] or _level(h) > 1)]
+        if not found:
             place.setdefault(len(lines), []).append(block)
             continue
-        h = lines.index(heading)
-        end = next((i for i in headings if i > h), len(lines))
+        h = lines.index(found[-1])
+        if found[-1] == trail[-1]:  # its own section, up to the next heading
+            end = next((i for i in headings if i > h), len(lines))
+        else:  # the end of a section above it, with its subsections
+            at_start = False
+            level = _level(lines[h])
+            end = next((i for i in headings if i > h and _level(lines[i]) <= level), len(lines))
         at = h + 1 if at_start else end
         if at_start:  # before the section's first generated line
             while at < end and not lines[at].strip():
