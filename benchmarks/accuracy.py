@@ -59,7 +59,7 @@ import numpy as np
 from benchmarks.ceiling import tile_ceiling
 from benchmarks.spec import Benchmark, RunnerOption, Section, fmt, pm, tail
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "histcode" / "configs"
 AGGREGATORS = ("abmil", "clam_sb", "transformer", "mean", "max")
 ENCODERS = ("simclr", "random", "imagenet")
 #: "Clearly better" than the naive baseline: at least this much higher tumour AUC.

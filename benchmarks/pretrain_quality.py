@@ -144,7 +144,7 @@ def pretrain(
     """
     from histcode.cli import run_captured
 
-    configs = Path(__file__).parents[1] / "configs" / "pretrain"
+    configs = Path(__file__).parents[1] / "histcode" / "configs" / "pretrain"
     argv = [
         "pretrain",
         "--config", str(configs / "simclr.yaml"),

@@ -5,11 +5,13 @@
     histcode config list              every shipped config: name and first comment line
     histcode config show NAME         print one (e.g. pretrain/simclr, deg) to copy and edit
 
-The repository's ``configs/`` folder is installed as the package ``histcode.configs``, so
+The repository's ``histcode/configs/`` folder is the package ``histcode.configs``, so
 ``--config`` of every command also takes a shipped config by name when no file of that name
 exists (a file path always wins): ``--config simclr``, ``--config pretrain/simclr`` or the
-README's ``--config configs/pretrain/simclr.yaml`` all work from any folder. A bare name that
-two stages share (``cpu_smoke``) is the running command's own (``configs/<command>/``).
+README's ``--config configs/pretrain/simclr.yaml`` all work from any folder, the repository's
+root included (there ``configs/pretrain/simclr.yaml`` is not a file: it names the shipped
+``histcode/configs/pretrain/simclr.yaml``). A bare name that two stages share (``cpu_smoke``)
+is the running command's own (``configs/<command>/``).
 
 These commands only read: they write no ``summary.json``. Exit status: 0 ok, 2 unknown name.
 """
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-#: The package the repository's ``configs/`` folder installs as (``pyproject.toml``).
+#: The package of the shipped configs (``histcode/configs/``; YAML as package data).
 CONFIG_PACKAGE = "histcode.configs"
 EXIT_OK, EXIT_USAGE = 0, 2
 _SUFFIXES = (".yaml", ".yml")
@@ -33,11 +35,8 @@ class UnknownConfigError(ValueError):
 
 
 def config_root() -> Path:
-    """The folder of the shipped configs (installed package, else a source checkout's)."""
-    try:
-        return Path(str(resources.files(CONFIG_PACKAGE)))
-    except ModuleNotFoundError:  # a checkout whose editable install predates histcode.configs
-        return Path(__file__).resolve().parents[1] / "configs"
+    """The folder of the shipped configs (``histcode/configs/``)."""
+    return Path(str(resources.files(CONFIG_PACKAGE)))
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -59,8 +58,9 @@ def resolve_config(value: str, command: str | None = None) -> Path:
     """The shipped config that ``value`` names.
 
     Args:
-        value: ``pretrain/simclr``, ``simclr``, ``simclr.yaml`` or
-            ``configs/pretrain/simclr.yaml`` (the repository path, from any folder).
+        value: ``pretrain/simclr``, ``simclr``, ``simclr.yaml``,
+            ``configs/pretrain/simclr.yaml`` or ``histcode/configs/pretrain/simclr.yaml``
+            (the repository path, from any folder).
         command: the running command (``pretrain``, ``finetune``): a bare name found under
             several stages is this command's.
 
@@ -75,7 +75,7 @@ def resolve_config(value: str, command: str | None = None) -> Path:
     name = Path(value).as_posix()
     for suffix in _SUFFIXES:
         name = name.removesuffix(suffix)
-    name = name.removeprefix("./").removeprefix("configs/")
+    name = name.removeprefix("./").removeprefix("histcode/").removeprefix("configs/")
     if name in configs:
         return configs[name]
     same_stem = [n for n in configs if n.rsplit("/", 1)[-1] == name]

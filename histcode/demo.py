@@ -472,13 +472,13 @@ def demo(
         out / "configs" / "pretrain.yaml",
         _pretrain_config(options),
         "histcode demo: SimCLR pretraining on CPU (written by `histcode demo`).\n"
-        "Full defaults: configs/pretrain/simclr.yaml in the repository.",
+        "Full defaults: histcode config show pretrain/simclr.",
     )
     ft_cfg = _write_yaml(
         out / "configs" / "finetune.yaml",
         _finetune_config(options),
         "histcode demo: tumour + driver-gene log2FC, gated attention MIL, per-fold models\n"
-        "(written by `histcode demo`). Full defaults: configs/finetune/deg.yaml.",
+        "(written by `histcode demo`). Full defaults: histcode config show finetune/deg.",
     )
     progress = ["--progress", "true"]
 

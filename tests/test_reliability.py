@@ -50,8 +50,8 @@ from tests.finetune.finetune_cohort import SignalCohort, write_signal_cohort
 from tests.histcode.recoloured_slides import write_recoloured
 
 ROOT = Path(__file__).resolve().parents[1]
-PRETRAIN_CONFIGS = ROOT / "configs" / "pretrain"
-FINETUNE_CONFIGS = ROOT / "configs" / "finetune"
+PRETRAIN_CONFIGS = ROOT / "histcode" / "configs" / "pretrain"
+FINETUNE_CONFIGS = ROOT / "histcode" / "configs" / "finetune"
 S1, S2, S3 = "TCGA-S1-0001-01A-01-TS1", "TCGA-S2-0002-11A-01-TS1", "TCGA-S3-0003-01A-01-TS1"
 
 # -- what exists before every case ----------------------------------------------------------------

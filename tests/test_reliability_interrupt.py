@@ -35,7 +35,7 @@ from histcode.featurestore import FeatureStore
 from histcode.registry import Registry
 from histcode.tilestore import TileStore
 
-PRETRAIN_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+PRETRAIN_CONFIGS = Path(__file__).resolve().parents[1] / "histcode" / "configs" / "pretrain"
 
 #: name → (the fault of the issue it tries, what must happen)
 SCENARIOS: dict[str, tuple[str, str]] = {

@@ -408,7 +408,7 @@ def test_gdc_download_to_finetune(tmp_path: Path) -> None:
     store = _feature_store(tmp_path / "features.zarr", 8)
     for sid in d.slide_ids:
         write_bag(store, sid, rng.normal(size=(12, 8)))
-    configs = Path(__file__).parents[2] / "configs" / "finetune"
+    configs = Path(__file__).parents[2] / "histcode" / "configs" / "finetune"
     argv = made["finetune"].replace("FEATURES.zarr", str(tmp_path / "features.zarr"))
     argv = argv.replace("configs/finetune/deg.yaml", str(configs / "deg.yaml")).split()[1:]
     argv = [a if a != "NAME" else "brca-deg" for a in argv]

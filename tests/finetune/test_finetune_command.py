@@ -15,7 +15,7 @@ from histcode.finetune.heads import SlideModel, slide_model_builders
 from histcode.registry import Registry
 from tests.finetune.finetune_cohort import SignalCohort
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
+CONFIGS = Path(__file__).resolve().parents[2] / "histcode" / "configs" / "finetune"
 
 
 def _last_json(text: str) -> dict:

@@ -362,7 +362,7 @@ def test_fold_cards_list_the_patients_they_learnt_from(tmp_path: Path, capsys) -
     from tests.finetune.finetune_cohort import write_signal_cohort
 
     cohort = write_signal_cohort(tmp_path / "cohort", n_patients=8, dim=8, tiles=(8, 16))
-    configs = Path(__file__).parents[2] / "configs" / "finetune"
+    configs = Path(__file__).parents[2] / "histcode" / "configs" / "finetune"
     argv = [
         "finetune", "--config", str(configs / "deg.yaml"),
         "--config", str(configs / "cpu_smoke.yaml"),

@@ -17,7 +17,8 @@ from histcode.configfiles import (
     shipped_configs,
 )
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_CONFIGS = REPO_ROOT / "histcode" / "configs"
 
 
 def test_every_repo_config_is_shipped_under_its_name() -> None:
@@ -33,7 +34,13 @@ def test_every_repo_config_is_shipped_under_its_name() -> None:
 
 def test_names_resolve_and_files_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     simclr = shipped_configs()["pretrain/simclr"]
-    for value in ("simclr", "simclr.yaml", "pretrain/simclr", "configs/pretrain/simclr.yaml"):
+    for value in (
+        "simclr",
+        "simclr.yaml",
+        "pretrain/simclr",
+        "configs/pretrain/simclr.yaml",
+        "histcode/configs/pretrain/simclr.yaml",
+    ):
         assert resolve_config(value) == simclr
     # a stem two stages share is the running command's own
     assert resolve_config("cpu_smoke", "finetune") == shipped_configs()["finetune/cpu_smoke"]
@@ -48,6 +55,26 @@ def test_names_resolve_and_files_win(tmp_path: Path, monkeypatch: pytest.MonkeyP
     out = resolve_config_args(argv, "finetune")
     assert out[:2] == ["--config", "simclr"]
     assert out[2] == f"--config={shipped_configs()['finetune/deg']}"
+
+
+def test_readme_config_paths_work_from_the_repository_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``configs/<stage>/<name>.yaml`` (README, DESIGN.md) is not a file in a clone's root since
+    the configs live in ``histcode/configs/``: it names the shipped file; a file on disk wins."""
+    monkeypatch.chdir(REPO_ROOT)
+    assert not Path("configs/pretrain/simclr.yaml").exists()
+    argv = ["--config", "configs/pretrain/simclr.yaml", "--config=configs/pretrain/cpu_smoke.yaml"]
+    out = resolve_config_args(argv, "pretrain")
+    assert Path(out[1]).read_bytes() == (REPO_CONFIGS / "pretrain" / "simclr.yaml").read_bytes()
+    assert out[2] == f"--config={shipped_configs()['pretrain/cpu_smoke']}"
+    kept = ["--config", "histcode/configs/finetune/deg.yaml"]
+    assert resolve_config_args(kept, "finetune") == kept  # the file itself
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "pretrain").mkdir(parents=True)
+    (tmp_path / "configs" / "pretrain" / "simclr.yaml").write_text("model: {}\n")
+    mine = ["--config", "configs/pretrain/simclr.yaml"]
+    assert resolve_config_args(mine, "pretrain") == mine  # an existing file always wins
 
 
 def test_config_command_lists_and_shows(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from histcode.tiling import TilingParams, tile_slides
 
-CONFIGS = Path(__file__).parents[2] / "configs" / "pretrain"
+CONFIGS = Path(__file__).parents[2] / "histcode" / "configs" / "pretrain"
 
 
 @pytest.fixture(scope="session")

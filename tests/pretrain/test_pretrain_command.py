@@ -42,7 +42,7 @@ def _last_json(text: str) -> dict:
 def smoke_run(pretrain_tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One 50-step CPU run through ``histcode.cli.main`` (shared by the tests below)."""
     root = tmp_path_factory.mktemp("smoke_run")
-    configs = Path(__file__).parents[2] / "configs" / "pretrain"
+    configs = Path(__file__).parents[2] / "histcode" / "configs" / "pretrain"
     argv = [
         "pretrain",
         "--config", str(configs / "simclr.yaml"),
@@ -135,7 +135,7 @@ def test_loss_falls_over_50_steps(smoke_run: dict) -> None:
 
 
 def test_rerun_of_a_finished_run_registers_nothing_new(smoke_run: dict, capsys) -> None:
-    configs = Path(__file__).parents[2] / "configs" / "pretrain"
+    configs = Path(__file__).parents[2] / "histcode" / "configs" / "pretrain"
     argv = [
         "pretrain",
         "--config", str(configs / "simclr.yaml"),
@@ -208,7 +208,7 @@ def test_help_and_print_config(capsys, pretrain_tiles: Path) -> None:
     for option in ("--trainer.devices", "--trainer.strategy", "--model.augmentation.hed_sigma",
                    "--data.tiles", "--name", "--checkpoint.every_n_train_steps"):  # fmt: skip
         assert option in text
-    configs = Path(__file__).parents[2] / "configs" / "pretrain"
+    configs = Path(__file__).parents[2] / "histcode" / "configs" / "pretrain"
     argv = ["pretrain", "--config", str(configs / "simclr.yaml"), "--print_config"]
     code = cli_main([*argv, "--data.tiles", str(pretrain_tiles), "--name", "x"])
     assert code == 0
@@ -383,7 +383,7 @@ def test_sync_batchnorm_is_on_by_default_and_on_the_card(
 ) -> None:
     """simclr.yaml syncs BatchNorm across processes (SimCLR's global BN); the CPU override turns
     it off; the card says which one ran."""
-    configs = Path(__file__).parents[2] / "configs" / "pretrain"
+    configs = Path(__file__).parents[2] / "histcode" / "configs" / "pretrain"
     argv = ["pretrain", "--config", str(configs / "simclr.yaml"), "--print_config"]
     assert cli_main([*argv, "--data.tiles", str(pretrain_tiles), "--name", "x"]) == 0
     assert "sync_batchnorm: true" in capsys.readouterr().out

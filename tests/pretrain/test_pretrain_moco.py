@@ -20,7 +20,7 @@ from histcode.cli import main as cli_main
 from histcode.pretrain.module import ContrastiveModule
 from histcode.registry import Registry
 
-CONFIGS = Path(__file__).parents[2] / "configs" / "pretrain"
+CONFIGS = Path(__file__).parents[2] / "histcode" / "configs" / "pretrain"
 
 
 def _moco(**kw) -> ContrastiveModule:

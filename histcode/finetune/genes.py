@@ -29,7 +29,7 @@ def read_gene_list(path: Path | str) -> list[str]:
 
 
 def default_genes() -> list[str]:
-    """The driver and immune genes shipped with histcode (``finetune/data/driver_genes.txt``)."""
+    """The driver and immune genes shipped with histcode (``data/driver_genes.txt`` here)."""
     text = resources.files("histcode.finetune").joinpath("data/driver_genes.txt").read_text("utf-8")
     return _parse_gene_lines(text.splitlines(), "driver_genes.txt")
 

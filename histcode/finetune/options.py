@@ -1,7 +1,7 @@
 """Typed options of ``histcode finetune``: each group is a dataclass, a section of the YAML.
 
-``configs/finetune/*.yaml`` set them (``data:``, ``model:``, ``loss:``, ``optim:``, ``cv:``,
-plus ``trainer:`` — every argument of ``pytorch_lightning.Trainer``); on the command line
+``histcode/configs/finetune/*.yaml`` set them (``data:``, ``model:``, ``loss:``, ``optim:``,
+``cv:``, plus ``trainer:`` — every argument of ``pytorch_lightning.Trainer``); on the command line
 they are ``--data.genes``, ``--model.aggregator``, ``--trainer.max_epochs`` and so on.
 """
 

@@ -1,4 +1,4 @@
-"""The YAML configs shipped with histcode, installed as ``histcode.configs``.
+"""The YAML configs shipped with histcode, the package ``histcode.configs``.
 
 One full default per command (``pretrain/simclr.yaml``, ``finetune/deg.yaml``, …) plus small
 overrides (``*/cpu_smoke.yaml``). ``--config NAME`` of every command finds them by name from
