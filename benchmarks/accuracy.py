@@ -27,11 +27,11 @@ noise genes (should be ≈ 0); ``driver_auc_up`` — AUC of "up" vs the rest ove
 by finetune's test: one-sided Pearson per test fold, Stouffer-combined, BH over all genes
 (``metrics.json`` ``fdr``).
 
-Prints one JSON line; ``benchmarks.run`` renders it as a markdown table. A tile-level
-ceiling check (a linear classifier on tiles labelled from the truth masks, which MIL never
-sees; :func:`benchmarks.ceiling.tile_ceiling`) tells whether the features or the aggregators
-limit the slide-level figures; ``benchmarks.ceiling`` runs that check on its own, at several
-resolutions and seeds.
+Prints one JSON line; its ``SPEC`` renders it for ``benchmarks.run`` (:func:`accuracy_section`:
+cohort, table, verdict). A tile-level ceiling check (a linear classifier on tiles labelled
+from the truth masks, which MIL never sees; :func:`benchmarks.ceiling.tile_ceiling`) tells
+whether the features or the aggregators limit the slide-level figures; ``benchmarks.ceiling``
+runs that check on its own, at several resolutions and seeds.
 
 Measured on 2 shared CPU cores (defaults: 18 patients, 150 SimCLR steps, 30 epochs; 56 min):
 no row clearly beats the naive baseline (tumour AUC 0.59 ± 0.18): SimCLR × gated attention

@@ -35,9 +35,9 @@ an A/B of the probe. Seeds change the encoders' initialisation and SimCLR's augm
 batches; the cohort (synth seed 0) and the probe's folds stay fixed. Finished SimCLR runs and
 cells are cached in ``--work`` and reused by a rerun with the same settings.
 
-Prints one JSON line; ``benchmarks.run`` renders it (``ceiling_section``). ``--merge`` adds
-earlier runs' cells (other encoders, seeds or step counts) to the table; ``--seeds`` with no
-value runs nothing and only merges.
+Prints one JSON line; its ``SPEC`` renders it for ``benchmarks.run`` (:func:`ceiling_section`).
+``--merge`` adds earlier runs' cells (other encoders, seeds or step counts) to the table;
+``--seeds`` with no value runs nothing and only merges.
 
     python -m benchmarks.ceiling [--quick] [--difficulty hard] [--reference easy|none] \\
         [--patients 20] [--mpp 2 1 0.5] [--seeds 0 1 2] [--steps 1000] [--variants nocolour] \\
