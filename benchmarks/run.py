@@ -57,6 +57,9 @@ NOT_BENCHMARKS = frozenset({"run", "spec"})
 def discover(package: str = PACKAGE) -> tuple[Benchmark, ...]:
     """Every module of ``package`` that defines a ``SPEC``, in the specs' ``order``.
 
+    A module that cannot be imported is kept as a bare benchmark under its name (it renders
+    nothing), so that a run records its failure and runs the others.
+
     Raises:
         ValueError: a module's ``SPEC`` names another module (the runner calls
             ``python -m <package>.<name>``).
@@ -66,7 +69,13 @@ def discover(package: str = PACKAGE) -> tuple[Benchmark, ...]:
     for info in sorted(modules, key=lambda m: m.name):
         if info.name.startswith("_") or info.name in NOT_BENCHMARKS or info.name in found:
             continue
-        spec = getattr(importlib.import_module(f"{package}.{info.name}"), "SPEC", None)
+        try:
+            module = importlib.import_module(f"{package}.{info.name}")
+        except Exception as err:  # run it all the same: its child fails and is recorded so
+            print(f"benchmarks.run: cannot import {info.name}: {err!r}", file=sys.stderr)
+            found[info.name] = Benchmark(info.name, f"could not be imported: {err!r}", quick=[])
+            continue
+        spec = getattr(module, "SPEC", None)
         if not isinstance(spec, Benchmark):
             continue
         if spec.name != info.name:

@@ -139,6 +139,23 @@ def test_a_spec_must_name_its_own_module(tmp_path: Path, monkeypatch: pytest.Mon
         runner.discover()
 
 
+def test_a_module_that_cannot_be_imported_is_run_and_recorded_as_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "zz_broken.py").write_text("import no_such_dependency_here\n")
+    monkeypatch.setattr(benchmarks, "__path__", [*benchmarks.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "benchmarks.zz_broken", raising=False)
+    broken = next(b for b in runner.discover() if b.name == "zz_broken")
+    assert "could not be imported" in broken.what and broken.quick == []
+
+    def child(cmd: list[str], **kwargs: Any) -> Any:
+        err = "ModuleNotFoundError: No module named 'no_such_dependency_here'"
+        return type("Done", (), {"returncode": 1, "stdout": "", "stderr": err})()
+
+    entry = runner.run_one(broken, True, False, {}, child)
+    assert entry["status"] == "failed" and "no_such_dependency_here" in entry["error"]
+
+
 def _report(ceiling: bool = True) -> dict[str, Any]:
     results: dict[str, Any] = {
         "finetune_speed": {
