@@ -10,14 +10,13 @@ import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from histcode.errors import NotFoundError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(NotFoundError):
     """Raised when a name is not registered; the message lists close matches."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
-        return str(self.args[0]) if self.args else ""
 
 
 class Builders(Generic[T]):

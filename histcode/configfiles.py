@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from histcode.commandkit import EXIT_OK, EXIT_USAGE, usage_error
+
 #: The package of the shipped configs (``histcode/configs/``; YAML as package data).
 CONFIG_PACKAGE = "histcode.configs"
-EXIT_OK, EXIT_USAGE = 0, 2
 _SUFFIXES = (".yaml", ".yml")
 
 
@@ -160,8 +161,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "histcode config") -> in
         try:
             path = resolve_config(argv[1])
         except UnknownConfigError as err:
-            print(f"{prog}: error: {err}", file=sys.stderr)
-            return EXIT_USAGE
+            return usage_error(prog, err)
         sys.stdout.write(path.read_text(encoding="utf-8"))
         return EXIT_OK
     print(f"{prog}: error: unknown arguments {' '.join(argv)!r}\n{usage}", file=sys.stderr)

@@ -431,7 +431,7 @@ def demo(
         genes: Genes to predict (default: the driver genes found in the expression matrix).
         restart: Forget the steps a previous run of this folder finished and redo them all.
     """
-    from histcode.cli import CommandResult
+    from histcode.commandkit import CommandResult
 
     if cohort is not None:
         slides, expression = _own_cohort(Path(cohort))
@@ -694,6 +694,6 @@ def _heatmaps(
 
 def main(argv: Sequence[str], prog: str = "histcode demo") -> int:
     """``histcode demo``."""
-    from histcode.cli import run_function
+    from histcode.commandkit import run_function
 
     return run_function(demo, argv, prog, "demo")

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from histcode.builders import UnknownNameError
-from histcode.cli import EXIT_OK, EXIT_PARTIAL, CommandResult, run_function
+from histcode.commandkit import EXIT_OK, EXIT_PARTIAL, CommandResult, run_function
 from histcode.encoders import Encoder, create_encoder, encoders
 from histcode.featurestore import FeatureStore
 from histcode.registry import Registry

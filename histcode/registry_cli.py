@@ -8,7 +8,9 @@
 
 REF is ``name``, ``name@latest`` or ``name@3``. The root defaults to ``$HISTCODE_REGISTRY``,
 else ``./registry``. These commands only read the registry: they write no ``summary.json``.
-By default they print a human-readable table; ``--json`` prints one JSON line instead.
+By default they print a human-readable table; ``--json`` prints one JSON line instead. The
+parser (three subcommands) is this module's; errors and exit statuses are the command kit's
+(:mod:`histcode.commandkit`).
 
 Exit status: 0 ok; 1 a checkpoint failed verification or is unreadable (the reason is
 printed); 2 unusable arguments, e.g. an unknown or malformed ref (the message lists what
@@ -22,14 +24,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from histcode.commandkit import EXIT_OK, EXIT_USAGE, usage_error, with_option_hints
+from histcode.commandkit import EXIT_PARTIAL as EXIT_FAILED
 from histcode.registry import (
     REGISTRY_ENV,
     CorruptCheckpointError,
     Registry,
     UnknownRefError,
 )
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 _ROOT_HELP = f"Registry folder (default: ${REGISTRY_ENV} if set, else ./registry)."
 _JSON_HELP = "Print one JSON line instead of a table."
@@ -40,7 +42,7 @@ def _parser(prog: str) -> Any:
     from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
     def command(description: str, ref: str | None) -> ArgumentParser:
-        sub = ArgumentParser(description=description)
+        sub = with_option_hints(ArgumentParser(description=description))
         sub.add_argument("--config", action=ActionConfigFile, help="YAML file with options.")
         if ref == "required":
             sub.add_argument("ref", type=str, help=_REF_HELP)
@@ -50,10 +52,12 @@ def _parser(prog: str) -> Any:
         sub.add_argument("--json", action=ActionYesNo, default=False, help=_JSON_HELP)
         return sub
 
-    parser = ArgumentParser(
-        prog=prog,
-        description="List, show and verify checkpoints in the histcode registry.",
-        epilog=f"The registry root defaults to ${REGISTRY_ENV} if set, else ./registry.",
+    parser = with_option_hints(
+        ArgumentParser(
+            prog=prog,
+            description="List, show and verify checkpoints in the histcode registry.",
+            epilog=f"The registry root defaults to ${REGISTRY_ENV} if set, else ./registry.",
+        )
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with options.")
     commands = parser.add_subcommands(required=True, dest="command")
@@ -171,11 +175,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "histcode registry") -> 
             return _show(registry, options.ref, options.json)
         return _verify(registry, options.ref, options.json)
     except UnknownRefError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(prog, err)
     except CorruptCheckpointError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return EXIT_FAILED
     except (ValueError, NotADirectoryError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(prog, err)

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from histcode.errors import NotFoundError
 from histcode.slide import SlideReader, open_slide
 from histcode.tilestore import SlideTiles, TileStore
 
@@ -211,7 +212,7 @@ class TileIndex:
                 slides.append(SlideGeometry.from_tiles(tiles))
                 coords.append(tiles.coords)
         if wanted is not None and (missing := wanted - {g.slide_id for g in slides}):
-            raise KeyError(
+            raise NotFoundError(
                 f"{self.store.path} has no ok slide {sorted(missing)[:5]} (not tiled, empty "
                 "or failed; see its summary.json)"
             )

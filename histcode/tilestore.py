@@ -129,7 +129,8 @@ class TileStore(SlideStore):
         """One slide's tiles.
 
         Raises:
-            KeyError: no such slide; the message lists what the store holds.
+            NotFoundError: (a ``KeyError``) no such slide; the message lists what the store
+                holds.
         """
         group = self.group(slide_id)
         return SlideTiles(

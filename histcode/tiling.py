@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from histcode.cli import EXIT_OK, EXIT_PARTIAL, CommandResult, run_function
+from histcode.commandkit import EXIT_OK, EXIT_PARTIAL, CommandResult, run_function
 from histcode.segmentation import SegmentationParams, segment_tissue
 from histcode.slide import (
     SLIDE_EXTENSIONS,

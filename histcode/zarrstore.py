@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from histcode.cli import OutputBusyError
+from histcode.errors import NotFoundError, OutputBusyError
 from histcode.slide import check_slide_id
 
 FINAL_STATUSES = ("ok", "empty", "failed")
@@ -204,13 +204,16 @@ class SlideStore:
         """A complete slide's group (read only).
 
         Raises:
-            KeyError: no such complete slide; the message lists what the store holds.
+            NotFoundError: (a ``KeyError``) no such complete slide; the message lists what the
+                store holds.
         """
         check_slide_id(slide_id, self.path)
         if self.status(slide_id) is None:
             known = self.slide_ids()
             shown = ", ".join(known[:10]) + (" …" if len(known) > 10 else "")
-            raise KeyError(f"{self.path} has no slide {slide_id!r} (it holds: {shown or 'none'})")
+            raise NotFoundError(
+                f"{self.path} has no slide {slide_id!r} (it holds: {shown or 'none'})"
+            )
         return zarr.open_group(self.path / slide_id, mode="r")
 
     def staging(self, slide_id: str) -> zarr.Group:

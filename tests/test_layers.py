@@ -31,25 +31,14 @@ PACKAGE = ROOT / "histcode"
 STAGES = ("histcode.pretrain", "histcode.finetune")
 CLI = "histcode.cli"
 
-#: Command modules: they build or dispatch commands and may import the CLI.
-COMMAND_MODULES = frozenset({CLI})
+#: Command modules that may import the CLI: the dispatcher itself, and the demo, which runs
+#: the other commands through it (``run_captured``). Every other command builds on the
+#: command kit (``histcode.commandkit``), which imports no CLI.
+COMMAND_MODULES = frozenset({CLI, "histcode.demo"})
+KIT = "histcode.commandkit"
 
 #: Violations that a later step of the restructuring removes; each must still be present
 #: (so the list only shrinks) and none other may appear.
-KNOWN_CLI_IMPORTS: frozenset[tuple[str, str]] = frozenset(
-    (module, CLI)
-    for module in (
-        "histcode.demo",
-        "histcode.embedding",
-        "histcode.tiling",
-        "histcode.zarrstore",
-        "histcode.synth.command",
-        "histcode.finetune.cohort",
-        "histcode.finetune.command",
-        "histcode.finetune.heatmap",
-        "histcode.pretrain.runner",
-    )
-)
 KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset(
     map(
         frozenset,
@@ -222,8 +211,13 @@ def test_core_imports_no_stage_and_finetune_not_pretrain(
 
 def test_library_modules_do_not_import_the_cli(graph: dict[str, dict[str, int]]) -> None:
     found = cli_imports(graph)
-    assert found - KNOWN_CLI_IMPORTS == set(), "library modules import histcode.cli"
-    assert KNOWN_CLI_IMPORTS - found == set(), "no longer imported: drop from KNOWN_CLI_IMPORTS"
+    assert found == set(), "library modules import histcode.cli"
+
+
+def test_the_command_kit_is_ground_floor(graph: dict[str, dict[str, int]]) -> None:
+    """The kit imports neither the CLI nor any command or stage: library modules may use it."""
+    assert set(graph[KIT]) <= {"histcode", "histcode.errors"}
+    assert set(graph["histcode.errors"]) == set()
 
 
 def test_no_import_cycles(graph: dict[str, dict[str, int]]) -> None:

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from histcode.cli import EXIT_OK, EXIT_PARTIAL, CommandResult
+from histcode.commandkit import EXIT_OK, EXIT_PARTIAL, CommandResult
 from histcode.finetune.barcodes import SAMPLE_TYPES, SLIDE_KINDS, parse_barcode, slide_kind
 from histcode.finetune.expression import (
     DUPLICATE_RULE,
@@ -463,7 +463,7 @@ def cohort(
 
 def main(argv: Sequence[str], prog: str = "histcode cohort") -> int:
     """``histcode cohort``."""
-    from histcode.cli import run_function
+    from histcode.commandkit import run_function
 
     return run_function(cohort, argv, prog, "cohort")
 

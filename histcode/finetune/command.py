@@ -33,7 +33,7 @@ def build_parser(prog: str = "histcode finetune") -> Any:
     import pytorch_lightning as pl
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from histcode.cli import with_option_hints
+    from histcode.commandkit import with_option_hints
     from histcode.finetune.options import (
         TRAINER_DEFAULTS,
         CVOptions,
@@ -96,22 +96,24 @@ def build_parser(prog: str = "histcode finetune") -> Any:
 def main(argv: Sequence[str], prog: str = "histcode finetune") -> int:
     """``histcode finetune``: parse, run, write ``summary.json``, print one JSON line.
 
+    The parser is this module's (typed option groups and every Trainer argument); the rest is
+    the command kit's (:mod:`histcode.commandkit`): usage errors, exit codes, the summary.
+
     Returns:
         0 ok; 1 some labelled slides had no usable features (listed); 2 unusable arguments.
     """
     import json
-    import sys
     import time
     import warnings
 
-    from histcode.cli import (
+    from histcode.commandkit import (
         EXIT_OK,
         EXIT_PARTIAL,
-        EXIT_USAGE,
         USAGE_ERRORS,
         CommandResult,
+        finish,
         gather_list_options,
-        write_summary,
+        usage_error,
     )
 
     parser = build_parser(prog)
@@ -122,8 +124,7 @@ def main(argv: Sequence[str], prog: str = "histcode finetune") -> int:
     try:
         init = parser.instantiate(cfg)
     except USAGE_ERRORS as err:  # an option group's own check (e.g. --cv.anndata)
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(prog, err)
 
     def trainer_kwargs() -> dict[str, Any]:  # fresh callbacks / loggers for every Trainer
         return dict(parser.instantiate(cfg).trainer.as_dict())
@@ -150,9 +151,7 @@ def main(argv: Sequence[str], prog: str = "histcode finetune") -> int:
                 config_text=config_text,
             )
     except USAGE_ERRORS as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(prog, err)
     failed = run.selection.failed()
     details = {
         "files": [str(p) for p in run.files],
@@ -167,6 +166,4 @@ def main(argv: Sequence[str], prog: str = "histcode finetune") -> int:
         details=details,
         exit_code=EXIT_PARTIAL if failed else EXIT_OK,
     )
-    write_summary(run.out, "finetune", config, outcome, time.perf_counter() - start)
-    print(json.dumps(outcome.result, default=str), flush=True)
-    return outcome.exit_code
+    return finish(outcome, "finetune", config, time.perf_counter() - start)

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from histcode.cli import CommandResult
+from histcode.commandkit import CommandResult
 from histcode.featurestore import FeatureStore
 from histcode.finetune.barcodes import is_tcga, parse_barcode
 from histcode.heatmaps import (
@@ -621,6 +621,6 @@ def _write_csv(maps: SlideMaps, path: Path) -> Path:
 
 def main(argv: Sequence[str], prog: str = "histcode heatmap") -> int:
     """``histcode heatmap``."""
-    from histcode.cli import run_function
+    from histcode.commandkit import run_function
 
     return run_function(heatmap, argv, prog, "heatmap")

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from histcode.errors import NotFoundError
 from histcode.finetune.expression import read_expression
 from histcode.finetune.foldchange import (
     CLASS_NAMES,
@@ -149,7 +150,7 @@ class Labels:
         where = {s: i for i, s in enumerate(self.slide_ids)}
         missing = [s for s in slide_ids if s not in where]
         if missing:
-            raise KeyError(f"slides without labels: {preview(missing)}")
+            raise NotFoundError(f"slides without labels: {preview(missing)}")
         return np.array([where[s] for s in slide_ids], dtype=np.int64)
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> Labels:

@@ -9,6 +9,11 @@ and links that make the encoder's input spec follow the tile store (``data.mpp``
 ``model.mpp``, ``data.tile_size`` → ``model.tile_size``), so the registered card says which
 tiles the encoder was trained on. :func:`run` parses, resumes from ``<out>/checkpoints/
 last.ckpt`` when it exists, trains, and registers the encoder on process 0.
+
+``LightningCLI`` stays the parser (every ``--trainer.*``, ``--model.*``, ``--data.*`` and
+``--checkpoint.*`` option, Lightning's own config handling); everything around it is the
+command kit's (:mod:`histcode.commandkit`): one-line parse errors with option hints, usage
+errors, exit statuses (0, 2, 130 interrupted), ``summary.json`` and the result line.
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from histcode.cli import USAGE_ERRORS, CommandResult, with_option_hints, write_summary
+from histcode.commandkit import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    USAGE_ERRORS,
+    CommandResult,
+    finish,
+    usage_error,
+    with_option_hints,
+)
 from histcode.encoders import encoder_card
 from histcode.registry import Registry, check_name, default_root
 
@@ -382,31 +396,24 @@ def run(argv: list[str], prog: str) -> int:
     try:
         cli = _parse(argv, prog)
     except SystemExit as done:  # --help, --print_config, or a parse error (jsonargparse)
-        return int(done.code or 0) if isinstance(done.code, int) else 2
+        return int(done.code or 0) if isinstance(done.code, int) else EXIT_USAGE
     except USAGE_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(prog, err)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     out = Path(cli.config.out)
     registry = Registry(cli.config.registry or default_root())
     try:
         registry.check_root()  # a wrong --registry fails now, not after the training
-    except USAGE_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    try:
         check_sync_batchnorm(trainer, bool(cli.config.trainer.sync_batchnorm))
-    except ValueError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+    except USAGE_ERRORS as err:
+        return usage_error(prog, err)
     ckpt = cli.last_checkpoint
     ckpt_path, resumed_at = None, None
     if cli.config.resume and ckpt.is_file():
         try:
             ckpt_path, resumed_at = str(ckpt), _ckpt_step(ckpt)
         except ValueError as err:
-            print(f"{prog}: error: {err}", file=sys.stderr)
-            return 2
+            return usage_error(prog, err)
         log.info("resuming from %s (step %d)", ckpt, resumed_at)
     try:
         # progress bars and Lightning's tables go to stderr: stdout carries only the final
@@ -416,20 +423,19 @@ def run(argv: list[str], prog: str) -> int:
             # weights_only=True: the checkpoint is never unpickled, whatever torch's default
             trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     except USAGE_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(prog, err)
     except SystemExit:  # Lightning exits after a KeyboardInterrupt
         print(
             f"{prog}: interrupted; rerun the same command to resume from {ckpt}.", file=sys.stderr
         )
-        return 130
+        return EXIT_INTERRUPTED
     if trainer.interrupted:
         print(
             f"{prog}: interrupted; rerun the same command to resume from {ckpt}.", file=sys.stderr
         )
-        return 130
+        return EXIT_INTERRUPTED
     if not trainer.is_global_zero:
-        return 0
+        return EXIT_OK
     result = None
     if resumed_at == trained_steps(trainer, model):  # nothing trained since the checkpoint
         result = _already_registered(out, registry, resumed_at)
@@ -444,6 +450,4 @@ def run(argv: list[str], prog: str) -> int:
     config = json.loads(cli.parser.dump(cli.config, format="json", skip_unset=False))
     config.pop("config", None)
     outcome = CommandResult(out_dir=out, result=result)
-    write_summary(out, "pretrain", config, outcome, time.perf_counter() - start)
-    print(json.dumps(result, default=str), flush=True)
-    return 0
+    return finish(outcome, "pretrain", config, time.perf_counter() - start)

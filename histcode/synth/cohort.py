@@ -37,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from histcode import __version__
+from histcode.errors import NotFoundError
 from histcode.synth.cells import Morphology
 from histcode.synth.scan import write_slide
 from histcode.synth.stain import site_stain
@@ -179,7 +180,7 @@ class Cohort:
         for row in self.slides:
             if row["slide_id"] == slide_id:
                 return self.out / row["path"]
-        raise KeyError(f"no slide {slide_id!r} in the cohort at {self.out}")
+        raise NotFoundError(f"no slide {slide_id!r} in the cohort at {self.out}")
 
     def truth(self, slide_id: str) -> SlideTruth:
         """The ground-truth masks of a slide."""

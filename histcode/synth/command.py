@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from histcode.cli import CommandResult, run_function
+from histcode.commandkit import CommandResult, run_function
 
 
 def synth(
