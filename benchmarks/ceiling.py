@@ -116,7 +116,7 @@ class TileLabels:
 
 def _mask_labels(mask: np.ndarray, coords: np.ndarray, side: float, scale: float) -> np.ndarray:
     """1 where a tile's centre is on ``mask``, 0 where no mask pixel is under it, else -1."""
-    from histcode.heatmaps import tile_labels_from_mask
+    from histcode.synth.scoring import tile_labels_from_mask
 
     h, w = mask.shape
     on = tile_labels_from_mask(coords, side, scale, mask, 1.0)  # the centre, as heatmaps score

@@ -20,6 +20,10 @@ Modules:
     options      the typed option groups of the command.
     pipeline     :func:`~.pipeline.run_finetune`: a whole run, outputs and registration.
     command      ``histcode finetune``.
+    maps         a slide model's tile maps over one slide (attention, each tile's score per
+                 prediction) and whether the model saw the slide in training.
+    heatmap      ``histcode heatmap``: the maps drawn and written by the core
+                 (:mod:`histcode.mapdrawing`), scored by :mod:`histcode.synth.scoring`.
 
 Example:
     >>> from histcode.finetune.heads import slide_model_builders

@@ -6,9 +6,10 @@ For one slide, the registered slide model scores every tile: its attention (aggr
 have one), drawn as a multiple of uniform (attention × n tiles, 1 = every tile alike), and
 each tile's score for each prediction — the tumour logit and each gene's log2FC and up-class
 logit. What a tile score is depends on the aggregator, and every output says which
-(:data:`TILE_SCORES`): an exact contribution (attention × head on the tile's embedding,
-adding up to the slide prediction: abmil, clam_sb, mean, linear), an approximate one (the
-transformer's CLS attention × head) or the tile's own prediction (max pooling).
+(:data:`~histcode.finetune.maps.TILE_SCORES`): an exact contribution (attention × head on
+the tile's embedding, adding up to the slide prediction: abmil, clam_sb, mean, linear), an
+approximate one (the transformer's CLS attention × head) or the tile's own prediction (max
+pooling).
 
 Writes, per map, the slide thumbnail beside the scores over it with a colour bar; a montage
 of the top-k and bottom-k tiles of the main map; a GeoJSON of the tiles with every score as a
@@ -20,31 +21,36 @@ Maps are honest only on slides the model never saw. The registry card lists the 
 (and slides) a model was trained and validated on; every output says whether this slide was
 one of them (``seen_in_training``: true, false, or null when the card does not say), and
 ``--truth`` refuses to score a seen slide unless ``--allow_in_sample true``.
+
+The command only ties three parts together: :mod:`histcode.finetune.maps` computes the maps
+from the model, :mod:`histcode.mapdrawing` (the core) draws and writes them, and
+:mod:`histcode.synth.scoring` scores them against a synthetic cohort's truth masks.
+:func:`heatmap` runs its steps in order: :func:`open_source` (model, stores, slide, checked),
+:func:`_check_truth_allowed`, :func:`_compute`, :func:`_genes_to_draw`, :func:`_draw` (PNGs),
+:func:`_write_tables` (GeoJSON, CSV) and :func:`_score_truth`.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from histcode.commandkit import CommandResult
 from histcode.featurestore import FeatureStore
-from histcode.finetune.barcodes import is_tcga, parse_barcode
-from histcode.heatmaps import (
+from histcode.finetune.heads import slide_model_builders
+from histcode.finetune.maps import SlideMaps, TrainingRole, map_title, slide_maps, training_role
+from histcode.mapdrawing import (
     draw_heatmap,
     draw_montage,
-    mask_auroc,
-    tile_labels_from_mask,
     tiles_geojson,
     write_geojson,
+    write_tile_scores_csv,
 )
 from histcode.registry import Registry
 from histcode.slide import SlideError, SlideReader, slide_id
@@ -59,108 +65,46 @@ DEFAULT_MAX_GENE_MAPS = 8
 #: colour bar label of the attention map
 ATTENTION_LABEL = "attention × n tiles (1 = uniform)"
 
-TileScoreKind = Literal["exact", "approximate", "own"]
-
-#: what a tile score is, by how it relates to the slide prediction
-TILE_SCORES: dict[str, str] = {
-    "exact": "each tile's contribution to the slide's {target} (exact: they add up to it, "
-    "with the bias)",
-    "approximate": "each tile's approximate contribution to the slide's {target} (CLS "
-    "attention × the head on the tile; they do not add up to it)",
-    "own": "each tile's own {target} (max pooling: the head on each tile; the slide's is "
-    "not a sum of these)",
-}
-
-#: the card's lists of the patients and slides a model learnt from (``histcode finetune``)
-TRAINED_KEYS = ("trained_patients", "validation_patients", "trained_slide_ids",
-                "validation_slide_ids")  # fmt: skip
-
-
-@dataclass
-class SlideMaps:
-    """All tile maps of one slide.
-
-    Attributes:
-        slide_id: the slide.
-        coords: (N, 2) level-0 top-left corners.
-        side: level-0 tile side.
-        maps: name → (N,) scores (``attention``, ``tumour``, ``<GENE>_log2fc``, ``<GENE>_up``).
-        prediction: the slide-level predictions (tumour probability, per-gene log2FC).
-        main: the map the montage shows (attention when the model has it, else tumour).
-        tile_scores: how the tile scores relate to the slide prediction (a key of
-            :data:`TILE_SCORES`).
-    """
-
-    slide_id: str
-    coords: np.ndarray
-    side: float
-    maps: dict[str, np.ndarray]
-    prediction: dict[str, float] = field(default_factory=dict)
-    main: str = "attention"
-    tile_scores: TileScoreKind = "exact"
-
 
 @dataclass(frozen=True)
-class TrainingRole:
-    """Whether a model saw a slide while it was trained.
+class MapSource:
+    """What one slide's maps are made from, checked: the model, the slide and its stores.
 
     Attributes:
-        role: ``training`` (its patient's slides were trained on), ``validation`` (they chose
-            the epoch), ``held-out``, or ``unknown`` (the card lists no patients).
-        seen: True for training and validation, False for held-out, None for unknown.
-        reason: one sentence saying why.
-    """
-
-    role: Literal["training", "validation", "held-out", "unknown"]
-    seen: bool | None
-    reason: str
-
-
-def training_role(card: Any, sid: str) -> TrainingRole:
-    """Whether the model of ``card`` saw slide ``sid`` in training or validation.
-
-    A slide counts as seen when it, or another slide of its patient (TCGA barcodes give the
-    patient), was among the model's training or validation slides: validation slides chose
-    the epoch, so they are not held out either. Everything else is held out — a fold model's
-    test fold and slides outside the run. Cards written before the lists were recorded say
-    nothing, and then neither does this (``unknown``).
-
-    Args:
-        card: the model's registry card (``extra`` as :func:`histcode.finetune.pipeline.
-            run_finetune` writes it).
+        net: the slide model, in eval mode.
+        card: its registry card.
+        model: the model as ``--model`` named it.
+        ref: its registry ref (``name@version``).
+        features: the feature store.
+        store: the open feature store.
+        attrs: its root attributes (encoder, tile size, tile store).
         sid: the slide id.
+        slide_path: the slide file that was tiled.
+        tiles: the slide's tiles in the tile store.
+        role: whether the model saw the slide in training.
     """
-    extra = getattr(card, "extra", {}) or {}
-    ref = getattr(card, "ref", None) or "the model"
-    if "trained_patients" not in extra:
-        return TrainingRole(
-            "unknown",
-            None,
-            f"the card of {ref} does not list the patients it was trained on (registered "
-            "before histcode recorded them): cannot tell whether it saw this slide",
-        )
-    patient = parse_barcode(sid).patient if is_tcga(sid) else None
-    for role, slides_key, patients_key in (
-        ("training", "trained_slide_ids", "trained_patients"),
-        ("validation", "validation_slide_ids", "validation_patients"),
-    ):
-        what = "trained on" if role == "training" else "chose its epoch on"
-        if sid in set(extra.get(slides_key, [])):
-            return TrainingRole(role, True, f"{ref} {what} this slide")  # type: ignore[arg-type]
-        if patient is not None and patient in set(extra.get(patients_key, [])):
-            return TrainingRole(  # type: ignore[arg-type]
-                role, True, f"{ref} {what} slides of this slide's patient {patient}"
-            )
-    fold = extra.get("fold")
-    where = f"fold {fold}'s test patients" if isinstance(fold, int) else "outside its run"
-    unchecked = (
-        "" if patient else "; its patient cannot be read from the slide id (not a TCGA barcode)"
-    )
-    return TrainingRole(
-        "held-out",
-        False,
-        f"{ref} neither trained nor validated on this slide or its patient ({where}){unchecked}",
-    )
+
+    net: Any
+    card: Any
+    model: str
+    ref: str
+    features: Path
+    store: FeatureStore
+    attrs: dict[str, Any]
+    sid: str
+    slide_path: Path
+    tiles: SlideTiles
+    role: TrainingRole
+
+    @property
+    def per_task(self) -> bool:
+        """The aggregator has one attention per task (the tumour's is ``attention``)."""
+        return getattr(self.net.aggregator, "branches", 1) > 1
+
+    @property
+    def seen(self) -> dict[str, Any]:
+        """``seen_in_training`` and ``training_role``, as every output states them."""
+        return {"seen_in_training": self.role.seen, "training_role": self.role.role}
 
 
 def check_lineage(card: Any, store_attrs: dict[str, Any], model_ref: str, features: Path) -> None:
@@ -184,140 +128,6 @@ def check_lineage(card: Any, store_attrs: dict[str, Any], model_ref: str, featur
             f"{model_ref} takes {in_dim}-d features; {features} holds "
             f"{store_attrs.get('embed_dim')}-d ones"
         )
-
-
-def compute_maps(
-    model: Any, card: Any, features: np.ndarray
-) -> tuple[dict[str, np.ndarray], dict[str, float], str, TileScoreKind]:
-    """Tile maps and slide predictions of one slide.
-
-    Args:
-        model: a ``SlideModel`` in eval mode.
-        card: its registry card (``extra.genes`` names the gene outputs).
-        features: (N, D) tile features.
-
-    Returns:
-        (maps, prediction, main map name, tile score kind). Maps: ``attention`` (the tumour
-        task's attention for per-task attention; sums to 1), ``tumour`` (tile scores of the
-        tumour logit), and per gene ``<GENE>_log2fc``, ``<GENE>_up`` (tile scores) and, for
-        per-task attention, ``<GENE>_attention``; per categorical task (``extra.classes`` of
-        the card) ``<task>_<class>`` (each class's contribution map: tile scores of its
-        logit) and, for per-task attention, ``<task>_attention``. The kind
-        (:data:`TILE_SCORES`) is read off the numbers: ``own`` when the aggregator has no
-        attention (the head on each tile), ``exact`` when every slide output equals its
-        tiles' scores plus the head's bias, else ``approximate``.
-    """
-    import torch
-
-    genes = list(card.extra.get("genes", []))
-    categories: dict[str, list[str]] = dict(card.extra.get("classes") or {})
-    x = torch.from_numpy(np.asarray(features, np.float32))[None]
-    with torch.no_grad():
-        out = model(x)
-        scores = model.tile_scores(x)
-    branches = out.branch_attention  # (1, tasks, N) for per-task attention, else None
-    maps: dict[str, np.ndarray] = {}
-    prediction: dict[str, float] = {}
-    # mean and linear pooling weigh every tile alike: their "attention" says nothing
-    uniform = getattr(model.aggregator, "uniform_pooling", False)
-    tumour = model.head.tumour
-    if branches is not None:  # per-task attention: the tumour's is "attention", each gene's own
-        if tumour:
-            maps["attention"] = branches[0, 0].numpy()
-        for g, gene in enumerate(genes):
-            maps[f"{gene}_attention"] = branches[0, int(tumour) + g].numpy()
-        for k, task in enumerate(categories):
-            maps[f"{task}_attention"] = branches[0, int(tumour) + len(genes) + k].numpy()
-    elif out.attention is not None and not uniform:
-        maps["attention"] = out.attention[0].numpy()
-    if scores.tumour is not None:
-        maps["tumour"] = scores.tumour[0].numpy()
-        prediction["tumour_prob"] = float(out.tumour_prob[0])
-    for g, gene in enumerate(genes):
-        if scores.log2fc is not None:
-            maps[f"{gene}_log2fc"] = scores.log2fc[0, :, g].numpy()
-            prediction[f"{gene}_log2fc"] = float(out.log2fc[0, g])
-        if scores.up is not None:
-            maps[f"{gene}_up"] = scores.up[0, :, g].numpy()
-    for k, (task, classes) in enumerate(categories.items()):
-        probs = torch.softmax(out.category_logits[k][0].float(), -1)
-        for c, name in enumerate(classes):
-            maps[f"{task}_{name}"] = scores.categories[k][0, :, c].numpy()
-            prediction[f"{task}_prob_{name}"] = float(probs[c])
-    main = (
-        "attention" if "attention" in maps else ("tumour" if "tumour" in maps else next(iter(maps)))
-    )
-    return maps, prediction, main, _tile_score_kind(model, out, scores)
-
-
-def _tile_score_kind(model: Any, out: Any, scores: Any) -> TileScoreKind:
-    """``own``, ``exact`` or ``approximate``: how tile scores relate to the slide outputs."""
-    if out.attention is None and out.branch_attention is None:
-        return "own"  # tile_scores adds the bias to each tile: its own prediction
-    bias = model.head.split(model.head.linear.bias.detach())
-    pairs = [
-        (scores.tumour, out.tumour_logit, bias.tumour_logit),
-        (scores.log2fc, out.log2fc, bias.log2fc),
-        (scores.up, None if out.gene_logits is None else out.gene_logits[..., 2],
-         None if bias.gene_logits is None else bias.gene_logits[..., 2]),
-    ]  # fmt: skip
-    for k, tiles in enumerate(getattr(scores, "categories", None) or []):
-        pairs.append((tiles, out.category_logits[k], bias.category_logits[k]))
-    for tiles, slide, b in pairs:
-        if tiles is None or slide is None:
-            continue
-        total = tiles.sum(1) + b  # (1,) or (1, G)
-        if not np.allclose(total.numpy(), slide.numpy(), rtol=1e-3, atol=1e-4):
-            return "approximate"
-    return "exact"
-
-
-def map_title(
-    sid: str,
-    name: str,
-    kind: TileScoreKind,
-    per_task: bool,
-    n_tiles: int,
-    ref: str,
-    features: Path,
-    role: TrainingRole,
-) -> tuple[str, str | None]:
-    """The title of one map's PNG and, when the map is not of a held-out slide, a warning.
-
-    Returns:
-        (title, warning): the title says what the map shows (:data:`TILE_SCORES`), on
-        which slide, by which model, and whether the model saw the slide; the warning (for
-        seen or unknown slides, else None) is drawn in red above it.
-    """
-    if name.endswith("attention"):
-        whose = "the tumour task's " if per_task and name == "attention" else ""
-        what = (
-            "CLS-token attention of the last layer (a readout, not the pooling weights)"
-            if kind == "approximate"
-            else f"{whose}pooling weight of each tile"
-        )
-        shown = f"{what}, × {n_tiles} tiles (1 = uniform)"
-    else:
-        target = {"tumour": "tumour logit"}.get(name)
-        if target is None:
-            gene, _, part = name.rpartition("_")
-            target = {
-                "log2fc": f"{gene} log2FC prediction",
-                "up": f"{gene} up-class logit",
-            }.get(part, f"{name} class logit")  # a categorical task's class: <task>_<class>
-        shown = TILE_SCORES[kind].format(target=target)
-    seen = {
-        True: f"SEEN IN TRAINING ({role.role}) — not a held-out map",
-        False: "held out (the model never saw this slide's patient)",
-        None: "held out or not: unknown",
-    }[role.seen]
-    title = f"{sid} — {name}: {shown}\nmodel {ref}, features {features.name}; {seen}"
-    warning = None
-    if role.seen is not False:
-        warning = (
-            f"IN-SAMPLE: {role.reason}" if role.seen else f"UNKNOWN WHETHER HELD OUT: {role.reason}"
-        )
-    return title, warning
 
 
 def resolve_slide(slide: str, store: FeatureStore, tile_store: TileStore) -> tuple[str, Path]:
@@ -391,31 +201,6 @@ def check_scan(path: Path, tiles: SlideTiles, store_path: Path) -> None:
         )
 
 
-def truth_auroc(
-    maps: SlideMaps, mpp0: float, truth_path: Path, genes_roles: dict[str, str]
-) -> dict:
-    """AUROC of maps against a synthetic truth: attention/tumour vs the tumour mask, and each
-    lymphocyte gene's log2FC map vs the lymphocyte mask."""
-    truth = np.load(truth_path)
-    mask_mpp = float(truth["mask_mpp"])
-    tumour = tile_labels_from_mask(maps.coords, maps.side, mpp0, truth["tumour"], mask_mpp)
-    lymph = tile_labels_from_mask(maps.coords, maps.side, mpp0, truth["lymphocyte"], mask_mpp)
-    result: dict[str, float | None] = {}
-    for name in ("attention", "tumour"):
-        if name in maps.maps:
-            result[f"{name}_vs_tumour_mask"] = mask_auroc(maps.maps[name], tumour)
-    for gene, role in genes_roles.items():
-        if role == "lymphocyte" and f"{gene}_log2fc" in maps.maps:
-            result[f"{gene}_log2fc_vs_lymphocyte_mask"] = mask_auroc(
-                maps.maps[f"{gene}_log2fc"], lymph
-            )
-    return result
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
 def heatmap(
     model: str,
     features: Path,
@@ -452,76 +237,127 @@ def heatmap(
         thumbnail_mpp: µm/px of the thumbnail under the maps (default: chosen from the
             slide's size, about 16 px per tile and at most 2048 px).
     """
-    from histcode.finetune.heads import slide_model_builders
+    source = open_source(model, Path(features), slide, registry)
+    _check_truth_allowed(source, truth, allow_in_sample)
+    maps = _compute(source)
+    drawn_genes = _genes_to_draw(
+        genes, list(source.card.extra.get("genes", [])), maps.prediction, model
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = _draw(maps, source, drawn_genes, out, top_k, thumbnail_mpp)
+    written += _write_tables(maps, source, out)
+    localisation = None if truth is None else _score_truth(maps, source, Path(truth))
+    result = {
+        "out": str(out),
+        "slide_id": source.sid,
+        "model": source.ref,
+        **source.seen,
+        "tiles": len(maps.coords),
+        "maps": len(maps.maps),
+        "tile_scores": maps.tile_scores,
+        "files": len(written),
+        "prediction": maps.prediction,
+        "localisation_auroc": localisation,
+    }
+    print(f"wrote {len(written)} files to {out}", file=sys.stderr)
+    return CommandResult(out, result, {"files": written, "seen_reason": source.role.reason})
 
+
+def open_source(model: str, features: Path, slide: str, registry: str | None) -> MapSource:
+    """Load the model and find the slide: its features' lineage, its file and its tiles checked.
+
+    Raises:
+        ValueError: features of another encoder (:func:`check_lineage`), or a file that is
+            not the scan that was tiled (:func:`resolve_slide`).
+        FileNotFoundError: no such slide file or slide id.
+    """
     net, card = Registry(registry).load(model, builders=slide_model_builders())
     net.eval()
-    ref = card.ref if getattr(card, "ref", None) else model
     store = FeatureStore(features)
     attrs = store.attrs
-    check_lineage(card, attrs, model, Path(features))
+    check_lineage(card, attrs, model, features)
     tile_store = TileStore(attrs["tiles"])
     sid, slide_path = resolve_slide(slide, store, tile_store)
-    role = training_role(card, sid)
+    ref = card.ref if getattr(card, "ref", None) else model
+    return MapSource(
+        net, card, model, ref, features, store, attrs, sid, slide_path, tile_store.read(sid),
+        training_role(card, sid),
+    )  # fmt: skip
+
+
+def _check_truth_allowed(source: MapSource, truth: Path | None, allow_in_sample: bool) -> None:
+    """Refuse ``--truth`` on a slide the model saw (unless allowed); warn of a seen slide."""
+    role = source.role
     if truth is not None and role.seen and not allow_in_sample:
         raise ValueError(
-            f"refusing to score --truth on {sid}: {role.reason}, so its AUROC would be an "
+            f"refusing to score --truth on {source.sid}: {role.reason}, so its AUROC would be an "
             "in-sample figure. Map a held-out slide (with --cv.register folds, the model of "
             "the fold that tested it), or pass --allow_in_sample true to score it anyway."
         )
     if role.seen is not False:
-        log.warning("%s: %s", sid, role.reason)
-    feats = store.read(sid)
+        log.warning("%s: %s", source.sid, role.reason)
+
+
+def _compute(source: MapSource) -> SlideMaps:
+    """The slide's tile maps, from its features in the store.
+
+    Raises:
+        ValueError: the store has no features for the slide (embedding failed or empty).
+    """
+    sid = source.sid
+    feats = source.store.read(sid)
     if feats.status != "ok" or len(feats) == 0:
         raise ValueError(
-            f"{features} has no features for {sid} (status {feats.status}: "
+            f"{source.features} has no features for {sid} (status {feats.status}: "
             f"{feats.attrs.get('error')}); nothing to draw"
         )
-    tiles = tile_store.read(sid)
-    side = float(tiles.attrs["tile_size_level0"])
-    maps_, prediction, main, kind = compute_maps(net, card, feats.features)
-    maps = SlideMaps(sid, feats.coords, side, maps_, prediction, main, kind)
-    drawn_genes = _genes_to_draw(genes, list(card.extra.get("genes", [])), prediction, model)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    per_task = getattr(net.aggregator, "branches", 1) > 1
-    seen = {"seen_in_training": role.seen, "training_role": role.role}
-    written = _draw(
-        maps, slide_path, tiles, drawn_genes, out, ref, Path(features), role, per_task,
-        int(attrs["tile_size"]), top_k, thumbnail_mpp,
-    )  # fmt: skip
+    side = float(source.tiles.attrs["tile_size_level0"])
+    return slide_maps(source.net, source.card, sid, feats.coords, side, feats.features)
+
+
+def _write_tables(maps: SlideMaps, source: MapSource, out: Path) -> list[str]:
+    """The GeoJSON (every score a QuPath measurement, with provenance) and the CSV."""
     provenance = {
-        "model": ref,
-        "features": str(Path(features).resolve()),
-        "encoder": attrs.get("encoder_ref"),
-        **seen,
-        "seen_reason": role.reason,
-        "tile_scores": kind,
+        "model": source.ref,
+        "features": str(source.features.resolve()),
+        "encoder": source.attrs.get("encoder_ref"),
+        **source.seen,
+        "seen_reason": source.role.reason,
+        "tile_scores": maps.tile_scores,
     }
-    collection = tiles_geojson(maps.coords, side, maps.maps, sid, provenance, seen)
-    written.append(str(write_geojson(collection, out / f"{_safe(sid)}.geojson")))
-    written.append(str(_write_csv(maps, out / f"{_safe(sid)}_tile_scores.csv")))
+    sid = maps.slide_id
+    collection = tiles_geojson(maps.coords, maps.side, maps.maps, sid, provenance, source.seen)
+    return [
+        str(write_geojson(collection, out / f"{_safe(sid)}.geojson")),
+        str(write_tile_scores_csv(maps.coords, maps.maps, out / f"{_safe(sid)}_tile_scores.csv")),
+    ]
 
-    localisation = None
-    if truth is not None:
-        from histcode.synth.cohort import read_gene_roles
 
-        roles = read_gene_roles(Path(truth).parent.parent / "genes.json")
-        localisation = truth_auroc(maps, float(tiles.attrs["mpp_level0"]), Path(truth), roles)
-    result = {
-        "out": str(out),
-        "slide_id": sid,
-        "model": ref,
-        **seen,
-        "tiles": len(maps.coords),
-        "maps": len(maps.maps),
-        "tile_scores": kind,
-        "files": len(written),
-        "prediction": prediction,
-        "localisation_auroc": localisation,
-    }
-    print(f"wrote {len(written)} files to {out}", file=sys.stderr)
-    return CommandResult(out, result, {"files": written, "seen_reason": role.reason})
+def _score_truth(maps: SlideMaps, source: MapSource, truth: Path) -> dict[str, float | None]:
+    """AUROC of the maps against a synthetic cohort's truth masks (``truth/<slide>.npz``; the
+    genes' roles from the cohort's ``genes.json``): attention and tumour vs the tumour mask,
+    each lymphocyte gene's log2FC vs the lymphocyte mask."""
+    # only with --truth: the synthetic cohort package is not needed to draw maps
+    from histcode.synth.cohort import read_gene_roles
+    from histcode.synth.scoring import localisation_auroc
+
+    roles = read_gene_roles(truth.parent.parent / "genes.json")
+    with np.load(truth) as masks:
+        return localisation_auroc(
+            maps.coords,
+            maps.side,
+            float(source.tiles.attrs["mpp_level0"]),
+            maps.maps,
+            masks["tumour"],
+            masks["lymphocyte"],
+            float(masks["mask_mpp"]),
+            roles,
+        )
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _genes_to_draw(
@@ -549,15 +385,9 @@ def _class_maps(maps: SlideMaps) -> list[tuple[str, str]]:
 
 def _draw(
     maps: SlideMaps,
-    slide_path: Path,
-    tiles: SlideTiles,
+    source: MapSource,
     drawn_genes: list[str],
     out: Path,
-    ref: str,
-    features: Path,
-    role: TrainingRole,
-    per_task: bool,
-    tile_size: int,
     top_k: int,
     thumbnail_mpp: float | None,
 ) -> list[str]:
@@ -565,23 +395,25 @@ def _draw(
     written: list[str] = []
     n = len(maps.coords)
     sid = maps.slide_id
-    with SlideReader(slide_path, mpp_override=tiles.attrs["mpp_level0"]) as reader:
-        to_draw = [m for m in ("attention", "tumour") if m in maps.maps]
-        to_draw += [f"{g}_log2fc" for g in drawn_genes if f"{g}_log2fc" in maps.maps]
-        # each class of each categorical task: its contribution map
-        to_draw += [f"{t}_{c}" for t, c in _class_maps(maps) if f"{t}_{c}" in maps.maps]
-        for name in to_draw:
+    tiles = source.tiles
+
+    def title(name: str) -> tuple[str, str | None]:
+        return map_title(
+            sid, name, maps.tile_scores, source.per_task, n, source.ref, source.features,
+            source.role,
+        )  # fmt: skip
+
+    with SlideReader(source.slide_path, mpp_override=tiles.attrs["mpp_level0"]) as reader:
+        for name in _maps_to_draw(maps, drawn_genes):
             attention = name == "attention"
-            title, warning = map_title(
-                sid, name, maps.tile_scores, per_task, n, ref, features, role
-            )
+            heading, warning = title(name)
             path = draw_heatmap(
                 reader,
                 maps.coords,
                 maps.side,
                 maps.maps[name] * n if attention else maps.maps[name],
                 out / f"{_safe(sid)}_{_safe(name)}.png",
-                title,
+                heading,
                 label=ATTENTION_LABEL if attention else name,
                 cmap="PuOr_r" if attention else "RdBu_r",
                 thumbnail_mpp=thumbnail_mpp,
@@ -590,15 +422,15 @@ def _draw(
                 warning=warning,
             )
             written.append(str(path))
-        _, warning = map_title(sid, maps.main, maps.tile_scores, per_task, n, ref, features, role)
+        _, warning = title(maps.main)
         montage = draw_montage(
             reader,
             SlideGeometry.from_tiles(tiles),
             maps.coords,
             maps.maps[maps.main],
-            tile_size,  # the feature store records the tile store's tile size
+            int(source.attrs["tile_size"]),  # the tile store's tile size, as recorded
             out / f"{_safe(sid)}_montage_{_safe(maps.main)}.png",
-            f"{sid} — top and bottom {top_k} tiles by {maps.main} (model {ref})"
+            f"{sid} — top and bottom {top_k} tiles by {maps.main} (model {source.ref})"
             + (f"\n{warning}" if warning else ""),
             k=top_k,
         )
@@ -606,17 +438,12 @@ def _draw(
     return written
 
 
-def _write_csv(maps: SlideMaps, path: Path) -> Path:
-    """Every tile's scores (raw: attention sums to 1), written atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        names = list(maps.maps)
-        w.writerow(["x", "y", *names])
-        for i, (x, y) in enumerate(maps.coords):
-            w.writerow([int(x), int(y), *(f"{maps.maps[n][i]:.6g}" for n in names)])
-    tmp.replace(path)
-    return path
+def _maps_to_draw(maps: SlideMaps, drawn_genes: list[str]) -> list[str]:
+    """Attention and tumour, the drawn genes' log2FC, each class of each categorical task."""
+    names = [m for m in ("attention", "tumour") if m in maps.maps]
+    names += [f"{g}_log2fc" for g in drawn_genes if f"{g}_log2fc" in maps.maps]
+    names += [f"{t}_{c}" for t, c in _class_maps(maps) if f"{t}_{c}" in maps.maps]
+    return names
 
 
 def main(argv: Sequence[str], prog: str = "histcode heatmap") -> int:

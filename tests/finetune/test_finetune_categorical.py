@@ -12,8 +12,8 @@ import torch
 
 from histcode.finetune.cv import make_folds
 from histcode.finetune.heads import build_slide_model
-from histcode.finetune.heatmap import compute_maps
 from histcode.finetune.labels import Labels, build_labels, categorical_targets
+from histcode.finetune.maps import compute_maps
 from histcode.finetune.options import (
     TRAINER_DEFAULTS,
     CVOptions,

@@ -14,7 +14,7 @@ from histcode.cli import main as cli_main
 from histcode.embedding import embed_store
 from histcode.featurestore import FeatureStore
 from histcode.finetune.heads import build_slide_model, slide_model_builders
-from histcode.finetune.heatmap import compute_maps
+from histcode.finetune.maps import compute_maps
 from histcode.finetune.pipeline import lineage
 from histcode.registry import Card, Registry
 
@@ -300,7 +300,7 @@ def test_tile_scores_say_how_they_relate_to_the_prediction(
 ) -> None:
     """Exact contributions for attention/mean/linear pooling, approximate for the
     transformer, each tile's own prediction for max pooling — and the title says which."""
-    from histcode.finetune.heatmap import TrainingRole, map_title
+    from histcode.finetune.maps import TrainingRole, map_title
 
     torch.manual_seed(0)
     model = build_slide_model(
@@ -326,7 +326,7 @@ def test_tile_scores_say_how_they_relate_to_the_prediction(
 def test_attention_is_drawn_as_a_multiple_of_uniform(registered, tmp_path, capsys, monkeypatch):
     """A model whose attention is exactly uniform draws a flat map: every tile at 1 (× n
     tiles), in the middle of a colour scale that holds 1, under a bar that says so."""
-    import histcode.heatmaps as drawing
+    import histcode.mapdrawing as drawing
 
     flat, _ = Registry(registered["registry"]).load("hm-test@1", builders=slide_model_builders())
     with torch.no_grad():
@@ -358,7 +358,7 @@ def test_fold_cards_list_the_patients_they_learnt_from(tmp_path: Path, capsys) -
     """``--cv.register folds``: each fold model's card lists its training and validation
     patients and slides, as folds.json has them; its test fold is held out, another slide of
     a training patient is not."""
-    from histcode.finetune.heatmap import training_role
+    from histcode.finetune.maps import training_role
     from tests.finetune.finetune_cohort import write_signal_cohort
 
     cohort = write_signal_cohort(tmp_path / "cohort", n_patients=8, dim=8, tiles=(8, 16))
@@ -401,7 +401,7 @@ def test_fold_cards_list_the_patients_they_learnt_from(tmp_path: Path, capsys) -
 def test_class_map_titles_name_the_class_logit() -> None:
     """A categorical task's map (<task>_<class>) is titled as that class's logit, not as a
     gene's up-class logit."""
-    from histcode.finetune.heatmap import TrainingRole, map_title
+    from histcode.finetune.maps import TrainingRole, map_title
 
     role = TrainingRole("held-out", False, "")
     title, _ = map_title("S", "subtype_LumA", "exact", True, 10, "m@1", Path("f.zarr"), role)

@@ -92,7 +92,7 @@ def test_demo_results_table(demo_run: tuple[Path, dict, str]) -> None:
         assert "Stouffer" in arm["genes"]["test"]
     # the attention row is the mean over tumour slides of attention vs the true tumour mask,
     # recomputed here from each slide's tile-score CSV and its truth mask
-    from histcode.heatmaps import mask_auroc, tile_labels_from_mask
+    from histcode.synth.scoring import mask_auroc, tile_labels_from_mask
     from histcode.tilestore import TileStore
 
     tiles = TileStore(out / "tiles.zarr")

@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histcode.heatmaps import (
+from histcode.mapdrawing import (
     draw_heatmap,
     draw_montage,
-    mask_auroc,
     score_grid,
     thumbnail_mpp_for,
-    tile_labels_from_mask,
     tiles_geojson,
     write_geojson,
 )
 from histcode.slide import SlideReader
+from histcode.synth.scoring import mask_auroc, tile_labels_from_mask
 from histcode.tilereader import SlideGeometry
 from histcode.tilestore import TileStore
 from histcode.tiling import tile_grid
@@ -58,7 +57,7 @@ def test_thumbnail_resolution_follows_the_slide_size() -> None:
 
 
 def _captured_figure(monkeypatch) -> list:
-    import histcode.heatmaps as drawing
+    import histcode.mapdrawing as drawing
 
     figures: list = []
     save = drawing._save

@@ -1,8 +1,9 @@
-"""Drawing per-tile scores over a slide, and scoring them against a ground-truth mask.
+"""Drawing and writing per-tile scores over a slide: PNG heatmap, montage, GeoJSON, CSV.
 
 Model-agnostic: these functions take tile coordinates and one score per tile (attention, a
-gene's tile contribution, …), whatever model made them. ``histcode heatmap`` (the finetune
-stage) computes the scores and calls them.
+gene's tile contribution, …), whatever model made them. ``histcode heatmap`` computes the
+scores (:mod:`histcode.finetune.maps`) and calls them; scoring maps against a synthetic
+cohort's truth masks is :mod:`histcode.synth.scoring`.
 
 - :func:`draw_heatmap`: the slide thumbnail beside the scores over it, with a colour bar (PNG);
   :func:`score_grid` makes the scores one image at tile resolution, and
@@ -10,16 +11,16 @@ stage) computes the scores and calls them.
 - :func:`draw_montage`: the top-k and bottom-k tiles with their scores (PNG).
 - :func:`tiles_geojson`: a GeoJSON FeatureCollection of tile squares with their scores in
   level-0 pixel coordinates, which QuPath imports (File › Import objects) as detections with
-  measurements.
-- :func:`mask_auroc`: how well the scores find a truth mask (AUROC of score vs "tile centre on
-  the mask").
+  measurements; :func:`write_geojson` writes it.
+- :func:`write_tile_scores_csv`: every tile's corner and scores, one row a tile.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -348,34 +349,29 @@ def write_geojson(collection: Mapping[str, Any], path: Path | str) -> Path:
     return path
 
 
-def tile_labels_from_mask(
-    coords: np.ndarray, side: float, mpp0: float, mask: np.ndarray, mask_mpp: float
-) -> np.ndarray:
-    """Whether each tile's centre falls on a mask (e.g. the true tumour).
+def write_tile_scores_csv(
+    coords: np.ndarray, scores: Mapping[str, np.ndarray], path: Path | str
+) -> Path:
+    """Every tile's scores as a CSV, written atomically.
+
+    Columns ``x``, ``y`` (the level-0 top-left corner) and one per score, in the order of
+    ``scores``; values as written, 6 significant digits (attention raw: it sums to 1).
 
     Args:
         coords: (N, 2) level-0 top-left corners.
-        side: level-0 tile side.
-        mpp0: level-0 µm/px of the slide.
-        mask: (H, W) bool, covering the slide from its origin at ``mask_mpp`` µm/px.
-        mask_mpp: µm per mask pixel.
+        scores: name → (N,) scores.
+        path: CSV to write.
 
     Returns:
-        (N,) bool.
+        The path written.
     """
-    centres = (np.asarray(coords, float) + side / 2) * mpp0 / mask_mpp
-    cols = np.clip(centres[:, 0].astype(int), 0, mask.shape[1] - 1)
-    rows = np.clip(centres[:, 1].astype(int), 0, mask.shape[0] - 1)
-    return mask[rows, cols]
-
-
-def mask_auroc(
-    scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray
-) -> float | None:
-    """AUROC of scores against tile labels; None when only one class is present."""
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels, bool)
-    if labels.all() or not labels.any():
-        return None
-    return float(roc_auc_score(labels, np.asarray(scores, float)))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        names = list(scores)
+        w.writerow(["x", "y", *names])
+        for i, (x, y) in enumerate(coords):
+            w.writerow([int(x), int(y), *(f"{scores[n][i]:.6g}" for n in names)])
+    tmp.replace(path)
+    return path
