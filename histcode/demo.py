@@ -54,6 +54,7 @@ class DemoOptions:
     seed: int
     cohort: str | None = None
     genes: tuple[str, ...] | None = None
+    stain_norm: str = "none"
 
 
 #: Column titles of the aggregators.
@@ -145,6 +146,7 @@ class _Runner:
         self.state: dict[str, Any] = {"options": asdict(options), "steps": {}}
         if self.state_path.is_file():
             old = json.loads(self.state_path.read_text())
+            old["options"] = {"stain_norm": "none", **old.get("options", {})}  # older runs
             if old.get("options") != json.loads(json.dumps(asdict(options))):
                 raise ValueError(
                     f"{out} holds a demo run with other options ({old.get('options')}); "
@@ -394,6 +396,7 @@ def demo(
     seed: int = 0,
     cohort: Path | None = None,
     genes: list[str] | None = None,
+    stain_norm: Literal["none", "macenko"] = "none",
     restart: bool = False,
 ) -> Any:
     """Run the whole pipeline on a small synthetic cohort (about 6 minutes on 2 idle CPU cores),
@@ -429,6 +432,9 @@ def demo(
         cohort: A cohort folder to run the recipe on instead of a synthetic one (see above);
             ``--patients``, ``--difficulty`` and ``--slide_mm`` are then not used.
         genes: Genes to predict (default: the driver genes found in the expression matrix).
+        stain_norm: Stain normalisation of the tiles, passed to ``histcode tile``: 'none', or
+            'macenko' (each slide's stains estimated and mapped to a reference; both arms
+            then see normalised tiles).
         restart: Forget the steps a previous run of this folder finished and redo them all.
     """
     from histcode.commandkit import CommandResult
@@ -457,6 +463,7 @@ def demo(
         seed=seed,
         cohort=str(Path(cohort).resolve()) if cohort else None,
         genes=tuple(genes) if genes else None,
+        stain_norm=stain_norm,
     )
     if restart and (out / "demo.json").is_file():
         (out / "demo.json").unlink()
@@ -500,6 +507,7 @@ def demo(
             "tile", "--slides", str(slides), "--out", str(tiles),
             "--mpp", str(options.mpp), "--tile_size", str(options.tile_size),
             "--workers", str(workers), *progress,
+            *(["--stain_norm", stain_norm] if stain_norm != "none" else []),
         ],
     )  # fmt: skip
     encoder = run.step(

@@ -6,6 +6,22 @@ a GPU); features stream to ``features.zarr`` a chunk at a time, so memory stays 
 the slide size. Finished slides are skipped on rerun, a partial slide is redone, and slides
 that failed tiling are carried over as failed. ``--shard i/n`` splits the slides between
 processes or hosts, which may write one store at once.
+
+Stain normalisation (``histcode tile --stain_norm``) is applied by the tile reader, so the
+tiles embedded are those of the store; what matters is that they are like the tiles the
+encoder was pretrained on. A registry encoder's card records its tiles' ``stain_norm``
+(``extra.stain_norm``); when it differs from the store's, embedding is **refused** unless
+``--allow_stain_mismatch true`` (:func:`check_stain`). Refusing, not warning: the features of
+a whole cohort would be computed on colours the encoder never saw — and finetuning,
+heatmaps and every figure downstream would inherit that — while a warning scrolls past in
+a long run; the fix (retile into another store, or state the override) takes a minute.
+Where the card does not record it (cards made before histcode could normalise) and the store
+is normalised, embedding goes ahead with a warning, in the log and in the result's
+``warnings``: that encoder was most likely pretrained on tiles as scanned, but its card does
+not say so. Zoo encoders (random, ImageNet or foundation-model weights) were not pretrained
+on a tile store: nothing to compare. The feature store's root attrs record ``stain_norm``
+(the tiles'), ``encoder_stain_norm`` (the card's, or null) and ``stain_mismatch`` (true when
+embedding went ahead with a stain warning).
 """
 
 from __future__ import annotations
@@ -49,12 +65,18 @@ class LoadedEncoder:
             ``zoo:name+file:path`` (local weights).
         sha256: identity of the weights (the registry card's, else a hash of the state).
         embed_dim: embedding size ``D``.
+        stain_norm: the stain normalisation of the tiles it was pretrained on, as its card
+            records (``extra.stain_norm``); None when not recorded (a zoo encoder, or a card
+            from before histcode recorded it).
+        registered: whether it came from the registry (else the zoo).
     """
 
     module: Encoder
     ref: str
     sha256: str
     embed_dim: int
+    stain_norm: str | None = None
+    registered: bool = False
 
 
 def state_sha256(module: nn.Module) -> str:
@@ -108,7 +130,12 @@ def load_encoder(
             spec.check(mpp=mpp, tile_size=tile_size, source=source)
         module.eval()
         return LoadedEncoder(
-            module, f"registry:{card.name}@{card.version}", card.sha256, int(module.embed_dim)
+            module,
+            f"registry:{card.name}@{card.version}",
+            card.sha256,
+            int(module.embed_dim),
+            stain_norm=card.extra.get("stain_norm"),
+            registered=True,
         )
     name = encoder.removeprefix("zoo:")
     if name not in encoders and not name.startswith("timm:"):
@@ -132,6 +159,52 @@ def load_encoder(
     else:
         ref = f"zoo:{name}+file:{Path(weights).resolve()}"
     return LoadedEncoder(module, ref, state_sha256(module), int(module.embed_dim))
+
+
+def check_stain(
+    loaded: LoadedEncoder, stain_norm: str, tiles: Path | str, allow_mismatch: bool = False
+) -> str | None:
+    """Check that the tiles' stain normalisation is the one the encoder was pretrained on.
+
+    Args:
+        loaded: the encoder (its card's ``stain_norm``).
+        stain_norm: the tile store's (``none`` | ``macenko``).
+        tiles: the tile store, for messages.
+        allow_mismatch: embed despite a recorded mismatch (``--allow_stain_mismatch``).
+
+    Returns:
+        A warning to log and report, or None when the two agree (or there is nothing to
+        compare: a zoo encoder).
+
+    Raises:
+        ValueError: the card records another setting than the store's and ``allow_mismatch``
+            is false; the message names both and the fix.
+    """
+    if not loaded.registered:
+        return None
+    if loaded.stain_norm is None:
+        if stain_norm == "none":
+            return None
+        return (
+            f"the card of {loaded.ref} does not record the stain normalisation of its "
+            f"pretraining tiles (made before histcode recorded it: most likely tiles as "
+            f"scanned), but {tiles} is stain-normalised ({stain_norm}); its features may be "
+            "off. Pretrain an encoder on this store for a sure match."
+        )
+    if loaded.stain_norm == stain_norm:
+        return None
+    said = (
+        f"the encoder {loaded.ref} was pretrained on tiles with stain_norm "
+        f"{loaded.stain_norm!r}, but {tiles} has stain_norm {stain_norm!r}"
+    )
+    if allow_mismatch:
+        return f"{said}; embedding anyway (--allow_stain_mismatch): features may be off"
+    raise ValueError(
+        f"{said}: its features would describe colours it never saw. Embed tiles made like its "
+        f"training tiles (`histcode tile --stain_norm {loaded.stain_norm} --out NEW.zarr`), "
+        "or pass --allow_stain_mismatch true to embed these anyway (recorded in the feature "
+        "store and the result)."
+    )
 
 
 def _collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -179,6 +252,9 @@ class EmbedReport:
     slides: list[dict[str, Any]] = field(default_factory=list)
     tiles_embedded: int = 0
     seconds_embedding: float = 0.0
+    stain_norm: str = "none"
+    encoder_stain_norm: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def embed_store(
@@ -196,6 +272,7 @@ def embed_store(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    allow_stain_mismatch: bool = False,
 ) -> EmbedReport:
     """Embed every tile of a tile store into a feature store (see :func:`embed`)."""
     import time
@@ -226,6 +303,10 @@ def embed_store(
         seed=seed,
         source=str(tile_store.path),
     )
+    stain_norm = tile_store.stain_norm
+    stain_warning = check_stain(loaded, stain_norm, tile_store.path, allow_stain_mismatch)
+    if stain_warning is not None:
+        log.warning("%s", stain_warning)
     store = FeatureStore(out)
     attrs = {
         "encoder_ref": loaded.ref,
@@ -237,8 +318,17 @@ def embed_store(
         "mpp": root["mpp"],
         "tile_size": root["tile_size"],
         "dtype": dtype,
+        "stain_norm": stain_norm,
+        "encoder_stain_norm": loaded.stain_norm,
+        "stain_mismatch": stain_warning is not None,
     }
-    report = EmbedReport(store.path, loaded.ref)
+    report = EmbedReport(
+        store.path,
+        loaded.ref,
+        stain_norm=stain_norm,
+        encoder_stain_norm=loaded.stain_norm,
+        warnings=[stain_warning] if stain_warning else [],
+    )
     # the run's lock first (a refused run changes nothing), then shards starting together take
     # turns to create or check the root attrs
     with store.lock(f"shard{shard_i}of{shard_n}" if shard_n > 1 else ""):
@@ -464,13 +554,17 @@ def embed(
     shard: str = "0/1",
     seed: int = 0,
     overwrite: bool = False,
+    allow_stain_mismatch: bool = False,
     progress: bool = True,
 ) -> CommandResult:
     """Run a frozen encoder over every tile of a tile store and write features.zarr.
 
-    Tiles are read straight from the slides at the tile store's pyramid level; features are
-    streamed to zarr per slide. Rerunning skips finished slides and redoes partial ones;
-    slides that failed tiling are carried over as failed (exit status 1).
+    Tiles are read straight from the slides at the tile store's pyramid level (stain-
+    normalised when the store was tiled with --stain_norm); features are streamed to zarr per
+    slide. Rerunning skips finished slides and redoes partial ones; slides that failed tiling
+    are carried over as failed (exit status 1). An encoder whose card says it was pretrained
+    on tiles with another --stain_norm than the store's is refused (see
+    --allow_stain_mismatch).
 
     Args:
         tiles: the tile store (from ``histcode tile``).
@@ -490,6 +584,11 @@ def embed(
             several hosts, into one store; their union equals an unsharded run.
         seed: seed of the random weights of a zoo encoder without ``--weights``.
         overwrite: replace an existing store's slides (and its encoder).
+        allow_stain_mismatch: embed with an encoder pretrained on tiles of another stain
+            normalisation than the store's (its card's stain_norm vs the store's): refused
+            otherwise, since its features would describe colours it never saw. The mismatch
+            is logged, listed under 'warnings' in the result line and recorded in the feature
+            store's attrs (stain_mismatch).
         progress: show a progress bar.
     """
     report = embed_store(
@@ -507,6 +606,7 @@ def embed(
         seed,
         overwrite,
         progress,
+        allow_stain_mismatch,
     )
     counts = Counter(s["status"] for s in report.slides)
     failed = [s["slide_id"] for s in report.slides if s["status"] == "failed"]
@@ -521,6 +621,9 @@ def embed(
         if report.seconds_embedding
         else None,
         "failed_slides": failed,
+        "stain_norm": report.stain_norm,
+        "encoder_stain_norm": report.encoder_stain_norm,
+        "warnings": report.warnings,
     }
     i, n = parse_shard(shard)
     return CommandResult(

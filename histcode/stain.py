@@ -21,7 +21,10 @@ variation it is meant to remove. Here the matrix is a property of the **slide**:
   slide's attrs in a tile store), so that every tile of the slide is normalised alike;
 - :func:`normalise` applies it to batches of uint8 tiles in torch, on the tiles' device (CPU
   or CUDA): the whole map is one ``3 × 3`` matrix in OD space,
-  ``S_target · diag(max_target / max_source) · pinv(S_source)``.
+  ``S_target · diag(max_target / max_source) · pinv(S_source)`` (:func:`od_map`);
+  :class:`TileNormaliser` applies a precomputed map to one channels-last tile in numpy (the
+  tile reader's path: ``histcode tile --stain_norm macenko`` stores each slide's parameters,
+  and every tile read for pretraining or embedding is normalised with them).
 
 The estimate follows Macenko et al. and torchstain's implementation: pixels whose OD is above
 ``beta`` in every channel are tissue; the plane of their two largest principal directions holds
@@ -52,6 +55,8 @@ MIN_PIXELS = 1000
 MAX_PERCENTILE = 99.0
 #: Estimates whose two stain vectors are closer than this cosine hold one stain only.
 MAX_STAIN_COSINE = 0.99
+#: Values of ``histcode tile --stain_norm`` (a tile store's ``stain_norm`` attr).
+STAIN_NORMS = ("none", "macenko")
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,62 @@ def od_map(source: StainParams, target: StainParams = REFERENCE) -> np.ndarray:
     ``S_target · diag(max_target / max_source) · pinv(S_source)``."""
     scale = np.diag(target.max_concentrations / source.max_concentrations)
     return target.stain_matrix @ scale @ np.linalg.pinv(source.stain_matrix)
+
+
+#: Optical density of each uint8 value, ``-ln((I + 1) / Io)``.
+_OD_TABLE = -np.log((np.arange(256, dtype=np.float64) + 1.0) / IO)
+
+
+class TileNormaliser:
+    """One slide's normalisation, precomputed, applied to one channels-last tile at a time.
+
+    The tile reader's per-tile path (:class:`histcode.tilereader.TileDataset`); built once per
+    slide from its OD map (:func:`od_map`). Since ``I_out = Io·exp(-M · OD(I)) − 1`` and each
+    ``OD`` depends on one channel's uint8 value, ``exp(-M·OD)`` is a product of three factors
+    each looked up in a 256-entry table: a tile costs 9 table look-ups and 6 multiplications
+    per pixel in float32, no ``log`` nor ``exp`` (measured: 1.5–2.5 ms a 256 × 256 px tile on a
+    busy 2-core CPU, against 8 ms for the direct ``exp``). Same result as
+    :func:`normalise` within 1 grey level (float32 rounding). A map so extreme that a product
+    could leave float32's range falls back to the direct ``exp`` (slower, same result).
+
+    Args:
+        od_matrix: ``(3, 3)`` the slide's map, ``od_map(source, target)``.
+    """
+
+    def __init__(self, od_matrix: np.ndarray) -> None:
+        m = np.asarray(od_matrix, dtype=np.float64)
+        if m.shape != (3, 3) or not np.isfinite(m).all():
+            raise ValueError(f"od_matrix must be a finite 3 × 3 matrix, got {m.shape}")
+        self.od_matrix = m.astype(np.float32)
+        # log of factor (c, k, v): -M[c, k]·OD[v]; the products' logs must stay within float32
+        logs = -m[:, :, None] * _OD_TABLE[None, None, :]
+        logs[:, 0] += np.log(IO)
+        safe = logs.max(axis=2).sum(axis=1).max() < 80 and logs.min(axis=2).sum(axis=1).min() > -80
+        self.tables = np.exp(logs).astype(np.float32) if safe else None
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        """``(H, W, 3)`` uint8 RGB → the normalised tile, a new ``(H, W, 3)`` uint8 array."""
+        if tile.dtype != np.uint8 or tile.ndim != 3 or tile.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) uint8 tile, got {tile.dtype} {tile.shape}")
+        out = np.empty(tile.shape, np.uint8)
+        if self.tables is None:
+            od = _OD_TABLE.astype(np.float32)[tile].reshape(-1, 3)
+            channels = np.exp(-(od @ self.od_matrix.T)).T.reshape(3, *tile.shape[:2]) * IO
+        else:
+            t = self.tables
+            rgb = [tile[..., k] for k in range(3)]
+            channels = []
+            for c in range(3):
+                x = np.take(t[c, 0], rgb[0])
+                x *= np.take(t[c, 1], rgb[1])
+                x *= np.take(t[c, 2], rgb[2])
+                channels.append(x)
+        for c in range(3):
+            x = channels[c] - 1.0
+            np.clip(x, 0.0, 255.0, out=x)
+            np.rint(x, out=x)
+            out[..., c] = x
+        return out
 
 
 def normalise(

@@ -7,6 +7,13 @@ sequential per-slide reading (embedding). Each worker process keeps an LRU cache
 slide handles, so a shuffled stream does not reopen a slide for every tile, and opens the
 next slide of the index on a thread while it reads the last tiles of the current one.
 
+A stain-normalised store (``histcode tile --stain_norm macenko``) holds each slide's stains
+in its attrs; :class:`TileIndex` turns them into one precomputed normaliser per slide when
+it is built, and :class:`TileDataset` maps every tile it returns with it
+(:class:`histcode.stain.TileNormaliser`), so that pretraining and embedding both see the
+normalised tiles. :func:`read_tile` itself returns the slide's pixels as scanned (heatmap
+backgrounds show the slide as it is).
+
 Slides are opened with :func:`~histcode.slide.open_slide`'s ``auto`` reader: JPEG-tiled
 Aperio SVS and generic TIFF levels are decoded directly (:mod:`histcode.tiffjpeg`), and a
 tile read from a level ``f`` = 2, 4 or 8 times finer than the store's µm/px is decoded at
@@ -21,12 +28,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from histcode import stain
 from histcode.errors import NotFoundError
 from histcode.slide import SlideReader, open_slide
 from histcode.tilestore import SlideTiles, TileStore
@@ -52,10 +61,58 @@ class SlideGeometry:
 
     @classmethod
     def from_tiles(cls, tiles: SlideTiles) -> SlideGeometry:
-        a = tiles.attrs
+        return cls.from_attrs(tiles.slide_id, tiles.attrs)
+
+    @classmethod
+    def from_attrs(cls, slide_id: str, a: dict[str, Any]) -> SlideGeometry:
+        """From a slide's tile-store attrs (``path``, ``level``, ``tile_size_level0``, …)."""
         size = max(1, round(a["tile_size_level0"] / a.get("level_downsample", 1.0)))
         override = a["mpp_level0"] if a.get("mpp_source") == "override" else None
-        return cls(tiles.slide_id, a["path"], int(a["level"]), size, override)
+        return cls(slide_id, a["path"], int(a["level"]), size, override)
+
+
+def slide_normaliser(
+    tiles: SlideTiles, stain_norm: str, target: dict[str, Any] | None, store: Path | str
+) -> stain.TileNormaliser | None:
+    """What normalises a slide's tiles (its OD map, precomputed), or None (no normalisation).
+
+    Args:
+        tiles: the slide's entry in the tile store.
+        stain_norm: the store's ``stain_norm`` (``none`` | ``macenko``).
+        target: the store's ``stain_target`` (the reference stains); None: Macenko's.
+        store: the store, for messages.
+
+    Raises:
+        ValueError: a method this histcode cannot apply, or a slide whose attrs disagree with
+            the store's (raw and normalised slides mixed, or its stains missing); the message
+            names the slide and the fix.
+    """
+    if stain_norm not in stain.STAIN_NORMS:
+        raise ValueError(
+            f"{store} was tiled with stain_norm {stain_norm!r}, which this histcode cannot "
+            f"apply (it knows {', '.join(stain.STAIN_NORMS)}): upgrade histcode, or retile "
+            "the slides into a new --out"
+        )
+    own = tiles.attrs.get("stain_norm") or "none"
+    record = tiles.attrs.get("stain")
+    if own != stain_norm or (stain_norm != "none" and not record):
+        said = f"stain_norm {own!r}" + ("" if record or own == "none" else " without its stains")
+        raise ValueError(
+            f"slide {tiles.slide_id} of {store} has {said} but the store is {stain_norm!r}: "
+            "normalised and raw tiles would be mixed. Retile every slide with `histcode tile "
+            f"--stain_norm {stain_norm} --overwrite true`, or into a new --out."
+        )
+    if stain_norm == "none":
+        return None
+    try:
+        source = stain.StainParams.from_dict(record)
+        reference = stain.REFERENCE if target is None else stain.StainParams.from_dict(target)
+    except ValueError as err:
+        raise ValueError(
+            f"slide {tiles.slide_id} of {store}: unusable stain attrs ({err}); retile it with "
+            "`histcode tile --overwrite true`"
+        ) from None
+    return stain.TileNormaliser(stain.od_map(source, reference))
 
 
 class SlideCache:
@@ -194,7 +251,10 @@ class TileIndex:
     Attributes:
         tile_size: tile side at the store's µm/px.
         mpp: the store's µm/px.
+        stain_norm: the store's stain normalisation (``none`` | ``macenko``).
         slides: geometry per slide, in index order.
+        normalisers: per slide, the stain normaliser applied to its tiles (None: none);
+            made here, once per slide (:func:`slide_normaliser`).
         coords: (N, 2) int64 level-0 corners of all tiles.
         slide_of: (N,) int32 index into ``slides`` of each tile.
         offsets: (S + 1,) start of each slide's tiles in the flat index.
@@ -205,12 +265,18 @@ class TileIndex:
         attrs = self.store.attrs
         self.tile_size = int(attrs["tile_size"])
         self.mpp = float(attrs["mpp"])
+        self.stain_norm = str(attrs.get("stain_norm") or "none")
+        target = attrs.get("stain_target")
         wanted = set(slide_ids) if slide_ids is not None else None
         slides, coords = [], []
+        self.normalisers: list[stain.TileNormaliser | None] = []
         for tiles in self.store.iter_slides(status="ok"):
             if wanted is None or tiles.slide_id in wanted:
                 slides.append(SlideGeometry.from_tiles(tiles))
                 coords.append(tiles.coords)
+                self.normalisers.append(
+                    slide_normaliser(tiles, self.stain_norm, target, self.store.path)
+                )
         if wanted is not None and (missing := wanted - {g.slide_id for g in slides}):
             raise NotFoundError(
                 f"{self.store.path} has no ok slide {sorted(missing)[:5]} (not tiled, empty "
@@ -249,6 +315,9 @@ def collate_tiles(tiles: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class TileDataset(Dataset):
     """Tiles of a tile store as uint8 tensors, read straight from the slides.
+
+    When the store is stain-normalised (its ``stain_norm`` attr), every tile is mapped with
+    its slide's precomputed normaliser (:attr:`TileIndex.normalisers`) before it is returned.
 
     Args:
         index: the tiles to serve.
@@ -293,6 +362,9 @@ class TileDataset(Dataset):
         tile = read_tile(
             reader, geometry, self.index.coords[i], self.index.tile_size, self.scaled_decode
         )
+        normaliser = self.index.normalisers[s]
+        if normaliser is not None:
+            tile = normaliser(tile)
         return torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)
 
     @property

@@ -6,6 +6,12 @@ attrs ``path``, ``status`` (``ok`` | ``empty`` | ``failed``), ``error``, ``mpp_l
 ``tile_size_level0``, ``level``, ``fingerprint``; arrays ``coords`` int64 (N, 2) (level-0
 x, y of each tile's top-left corner) and ``tissue`` float32 (N,).
 
+Stain normalisation (``histcode tile --stain_norm macenko``): root attrs ``stain_norm``
+(``none`` | ``macenko``; a store without it is ``none``) and ``stain_target`` (the reference
+stains tiles are mapped to, :meth:`histcode.stain.StainParams.to_dict`, or null); per slide
+``stain_norm`` and ``stain`` (that slide's estimated stains, null unless ``ok`` and
+normalised). The tile reader (:mod:`histcode.tilereader`) applies them to every tile.
+
 Slides are written atomically and a lock keeps two runs apart (:mod:`histcode.zarrstore`).
 """
 
@@ -77,6 +83,9 @@ class TileStore(SlideStore):
         params: dict[str, Any],
         must_match: Sequence[str] = GEOMETRY_KEYS,
         overwrite_params: bool = False,
+        *,
+        defaults: dict[str, Any] | None = None,
+        root: dict[str, Any] | None = None,
     ) -> None:
         """Create the store, or check that an existing one was made with the same settings.
 
@@ -84,12 +93,16 @@ class TileStore(SlideStore):
             params: parameters of this run; must include ``mpp`` and ``tile_size``.
             must_match: keys that decide the tiles; an existing store must agree on them.
             overwrite_params: replace the stored parameters (with ``--overwrite``).
+            defaults: the value of a ``must_match`` key in a store made before the key
+                existed (e.g. ``{"stain_norm": "none"}``).
+            root: further root attrs, written when the store is created or its parameters
+                replaced (e.g. ``stain_norm``).
 
         Raises:
             ValueError: the existing store was made with other settings; says which.
         """
         if self.exists() and not overwrite_params:
-            old = self.attrs.get("params", {})
+            old = {**(defaults or {}), **self.attrs.get("params", {})}
             diff = {
                 k: (old.get(k), params.get(k)) for k in must_match if old.get(k) != params.get(k)
             }
@@ -108,6 +121,7 @@ class TileStore(SlideStore):
                 "histcode_version": __version__,
                 **{k: params[k] for k in GEOMETRY_KEYS},
                 "params": params,
+                **(root or {}),
             }
         )
 
@@ -115,15 +129,31 @@ class TileStore(SlideStore):
         """A content hash of the store: geometry plus every slide's id, status and coords.
 
         Two stores with the same tiles have the same fingerprint wherever they live; it goes
-        into registry cards and feature stores as lineage (``tiles:sha256:<hex>``).
+        into registry cards and feature stores as lineage (``tiles:sha256:<hex>``). A
+        stain-normalised store also hashes its ``stain_norm``, ``stain_target`` and each
+        slide's ``stain`` (its tiles' pixels depend on them); a store without normalisation
+        hashes as it did before the option existed.
         """
         digest = hashlib.sha256()
         attrs = self.attrs
         digest.update(json.dumps({k: attrs[k] for k in GEOMETRY_KEYS}, sort_keys=True).encode())
+        stain_norm = attrs.get("stain_norm") or "none"
+        stained = stain_norm != "none"
+        if stained:
+            record = {"stain_norm": stain_norm, "stain_target": attrs.get("stain_target")}
+            digest.update(json.dumps(record, sort_keys=True).encode())
         for tiles in self.iter_slides():
             digest.update(f"{tiles.slide_id}\0{tiles.status}\0".encode())
             digest.update(np.ascontiguousarray(tiles.coords, dtype="<i8").tobytes())
+            if stained:
+                digest.update(json.dumps(tiles.attrs.get("stain"), sort_keys=True).encode())
         return "tiles:sha256:" + digest.hexdigest()
+
+    @property
+    def stain_norm(self) -> str:
+        """The store's stain normalisation, ``none`` or ``macenko`` (``none`` for a store made
+        before the option existed)."""
+        return str(self.attrs.get("stain_norm") or "none")
 
     def read(self, slide_id: str) -> SlideTiles:
         """One slide's tiles.

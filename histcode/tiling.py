@@ -15,6 +15,14 @@ warn`` tiles it with a warning). The measurements are kept in each slide's ``qc`
 
 Level-0 µm/px comes from the slide's metadata; ``--mpp_override`` is used only for slides
 without any, and ``--mpp_csv`` gives it per slide (replacing metadata, with a warning).
+
+``--stain_norm macenko`` estimates each slide's stains (:func:`histcode.stain.estimate_macenko`)
+from a seeded random sample of its tissue tiles, read at the store's resolution by the reader
+that pretraining and embedding use (:func:`histcode.tilereader.read_tile`), and stores them in
+the slide's attrs (``stain``); the tile reader then maps every tile of the slide to the
+reference stains. A slide whose sample holds too little tissue (or one stain only) to estimate
+is ``failed``, naming why. A store is normalised or not as a whole: its ``stain_norm`` must
+match on rerun like ``mpp`` and ``tile_size`` (``--overwrite`` redoes every slide).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
+from histcode import stain
 from histcode.commandkit import EXIT_OK, EXIT_PARTIAL, CommandResult, run_function
 from histcode.segmentation import SegmentationParams, segment_tissue
 from histcode.slide import (
@@ -46,9 +55,20 @@ from histcode.slide import (
     slide_id,
 )
 from histcode.slideqc import QC_MODES, QCMode, measure_brightfield
+from histcode.tilereader import SlideGeometry, read_tile
 from histcode.tilestore import TileStore
 
 log = logging.getLogger(__name__)
+
+#: Fewest tissue pixels (OD above ``stain.BETA`` in every channel) a slide's stain estimate
+#: takes: about 2.5 tissue tiles of 64 px, a sixth of one of 256 px.
+STAIN_MIN_PIXELS = 10_000
+#: Seed of the draw of the tiles (and pixels) a slide's stains are estimated from.
+STAIN_SEED = 0
+#: Parameters an existing store must share with a run that adds slides to it.
+MUST_MATCH = ("mpp", "tile_size", "min_tissue", "seg_mpp", "seg_coarsen", "stain_norm")
+#: The value of a parameter in a store made before the parameter existed.
+PARAM_DEFAULTS = {"stain_norm": "none"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,10 @@ class TilingParams:
             segmented instead, when the next finer one would cost many times more decoding
             (40x Aperio pyramids have 4 and 16 µm/px levels: 16 is used, not 4).
         verify_tiles: tiles per slide read back at the read level to detect damaged data.
+        stain_norm: ``none`` or ``macenko``: estimate each slide's stains and have the tile
+            reader normalise its tiles to the reference stains.
+        stain_tiles: tissue tiles per slide (drawn at random, seeded) the stains are
+            estimated from.
     """
 
     mpp: float = 0.5
@@ -72,6 +96,8 @@ class TilingParams:
     seg_mpp: float = 8.0
     seg_coarsen: float = 2.0
     verify_tiles: int = 8
+    stain_norm: str = "none"
+    stain_tiles: int = 128
 
     def check(self) -> None:
         """Raise ``ValueError`` with a fix for impossible values."""
@@ -85,6 +111,12 @@ class TilingParams:
             raise ValueError(f"--seg_mpp {self.seg_mpp} must be ≥ --mpp {self.mpp}")
         if self.seg_coarsen < 1:
             raise ValueError(f"--seg_coarsen {self.seg_coarsen}: expected ≥ 1 (1 = never coarser)")
+        if self.stain_norm not in stain.STAIN_NORMS:
+            raise ValueError(
+                f"--stain_norm {self.stain_norm!r}: choose one of {', '.join(stain.STAIN_NORMS)}"
+            )
+        if self.stain_tiles < 1:
+            raise ValueError(f"--stain_tiles {self.stain_tiles}: expected at least 1 (128 typical)")
 
 
 @dataclass
@@ -187,6 +219,52 @@ def _verify(reader: SlideReader, coords: np.ndarray, side: float, level: int, n:
         reader.read_region((int(coords[i, 0]), int(coords[i, 1])), level, (size, size))
 
 
+def estimate_slide_stains(
+    reader: SlideReader,
+    geometry: SlideGeometry,
+    coords: np.ndarray,
+    tile_size: int,
+    n_tiles: int,
+    seed: int = STAIN_SEED,
+) -> dict[str, Any]:
+    """A slide's Macenko stains from a seeded random sample of its tiles.
+
+    The tiles are read as the tile reader reads them (:func:`read_tile`: the store's pyramid
+    level and resolution), so the stains are those of the pixels they will normalise.
+
+    Args:
+        reader: the open slide.
+        geometry: where and at which level its tiles are read.
+        coords: (N, 2) the slide's tiles (its tissue tiles).
+        tile_size: tile side at the store's µm/px.
+        n_tiles: tiles drawn (all of them when there are fewer).
+        seed: seed of the draw of tiles and of pixels.
+
+    Returns:
+        The slide's ``stain`` attrs: :meth:`histcode.stain.StainParams.to_dict` plus
+        ``tiles`` (how many were read) and ``seed``.
+
+    Raises:
+        SlideError: too little tissue in the sample, or one stain only; says what to do.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(coords), min(n_tiles, len(coords)), replace=False))
+    tiles = np.stack([read_tile(reader, geometry, coords[i], tile_size) for i in chosen])
+    try:
+        params = stain.estimate_macenko(
+            tiles.transpose(0, 3, 1, 2), min_pixels=STAIN_MIN_PIXELS, seed=seed
+        )
+    except ValueError as err:
+        raise SlideError(
+            f"{geometry.path}: cannot estimate its stains for --stain_norm macenko from "
+            f"{len(chosen)} of its {len(coords)} tissue tiles: {err}. Tile it into a store "
+            "without --stain_norm (normalised and raw slides cannot share a store), or, if "
+            "it has more tissue than these tiles show, raise --stain_tiles or lower "
+            "--min_tissue."
+        ) from None
+    return {**params.to_dict(), "tiles": len(chosen), "seed": seed}
+
+
 def tile_slide(
     path: Path | str,
     params: TilingParams = TilingParams(),
@@ -212,7 +290,9 @@ def tile_slide(
     Returns:
         The slide's tiles and attributes; ``status`` is ``ok``, ``empty`` (no tissue) or
         ``failed`` (``error`` says why and how to fix). ``qc`` holds the brightfield
-        measurements (None when the slide could not be read that far).
+        measurements (None when the slide could not be read that far). ``stain_norm`` is
+        ``params.stain_norm``; ``stain`` the slide's estimated stains (None unless ``ok``
+        and normalised: a slide whose stains cannot be estimated is ``failed``).
     """
     start = time.perf_counter()
     path = Path(path)
@@ -222,6 +302,8 @@ def tile_slide(
         "status": "failed",
         "error": None,
         "qc": None,
+        "stain_norm": params.stain_norm,
+        "stain": None,
     }
     empty = np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
     try:
@@ -272,6 +354,14 @@ def tile_slide(
             keep = tissue >= max(params.min_tissue, 1e-6)
             coords, tissue = coords[keep], tissue[keep]
             _verify(reader, coords, side, level, params.verify_tiles)
+            if params.stain_norm == "macenko" and len(coords):
+                attrs["stain"] = estimate_slide_stains(
+                    reader,
+                    SlideGeometry.from_attrs(sid, attrs),
+                    coords,
+                    params.tile_size,
+                    params.stain_tiles,
+                )
         attrs["status"] = "ok" if len(coords) else "empty"
         if not len(coords):
             attrs["error"] = None
@@ -491,10 +581,18 @@ def tile_slides(
             "mpp_csv": None if mpp_csv is None else str(Path(mpp_csv).resolve()),
             "brightfield_qc": brightfield_qc,
         }
+        if overwrite:
+            _check_no_mixed_stains(store, params.stain_norm, {slide_id(p) for p in paths})
+        stained = params.stain_norm != "none"
         store.initialise(
             root,
-            must_match=("mpp", "tile_size", "min_tissue", "seg_mpp", "seg_coarsen"),
+            must_match=MUST_MATCH,
             overwrite_params=overwrite,
+            defaults=PARAM_DEFAULTS,
+            root={
+                "stain_norm": params.stain_norm,
+                "stain_target": stain.REFERENCE.to_dict() if stained else None,
+            },
         )
         todo = []
         for p in paths:
@@ -553,6 +651,26 @@ def tile_slides(
         bar.close()
     report.slides.sort(key=lambda s: s["slide_id"])
     return report
+
+
+def _check_no_mixed_stains(store: TileStore, stain_norm: str, redone: set[str]) -> None:
+    """With ``--overwrite``, refuse a changed ``--stain_norm`` that would leave slides of the
+    store that this run does not redo with the other setting (normalised and raw mixed)."""
+    if not store.exists() or store.stain_norm == stain_norm:
+        return
+    kept = [
+        t.slide_id
+        for t in store.iter_slides()
+        if t.slide_id not in redone and (t.attrs.get("stain_norm") or "none") != stain_norm
+    ]
+    if kept:
+        shown = ", ".join(kept[:5]) + (", …" if len(kept) > 5 else "")
+        raise ValueError(
+            f"{store.path} holds {len(kept)} slide(s) tiled with stain_norm "
+            f"{store.stain_norm!r} that --slides does not include ({shown}); --overwrite "
+            f"with --stain_norm {stain_norm} would leave them mixed with normalised ones. "
+            "Include them in --slides, or tile into a new --out."
+        )
 
 
 def _log_outcome(result: SlideTiling) -> None:
@@ -620,6 +738,8 @@ def tile(
     mpp_override: float | None = None,
     mpp_csv: Path | None = None,
     brightfield_qc: Literal["fail", "warn", "off"] = "fail",
+    stain_norm: Literal["none", "macenko"] = "none",
+    stain_tiles: int = 128,
     progress: bool = True,
 ) -> CommandResult:
     """Segment tissue and lay a grid of tiles at a target µm/px on each slide; write tiles.zarr.
@@ -654,9 +774,20 @@ def tile(
             colours): 'fail' records it as failed naming the check and values; 'warn' tiles
             it with a warning; 'off' tiles it silently. The measurements are stored in each
             slide's 'qc' attrs either way.
+        stain_norm: 'macenko' normalises the stains of every slide: its stain matrix is
+            estimated from --stain_tiles of its tissue tiles and stored in the store, and
+            pretraining and embedding read its tiles mapped to Macenko's reference H&E
+            stains. A slide with too little tissue to estimate is failed, naming why.
+            'none' (default) reads the tiles as scanned. A store is normalised or not as a
+            whole: rerunning with another value is refused (use another --out, or
+            --overwrite to redo every slide).
+        stain_tiles: tissue tiles per slide (a seeded random draw) the stains are estimated
+            from.
         progress: show a progress bar.
     """
-    params = TilingParams(mpp, tile_size, min_tissue, seg_mpp, seg_coarsen, verify_tiles)
+    params = TilingParams(
+        mpp, tile_size, min_tissue, seg_mpp, seg_coarsen, verify_tiles, stain_norm, stain_tiles
+    )
     report = tile_slides(
         slides,
         out,
@@ -671,6 +802,7 @@ def tile(
     counts = report.counts
     result = {
         "out": str(report.store),
+        "stain_norm": stain_norm,
         "slides": len(report.slides),
         **{k: counts.get(k, 0) for k in ("ok", "empty", "failed")},
         "skipped": sum(s["skipped"] for s in report.slides),

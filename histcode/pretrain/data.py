@@ -103,6 +103,12 @@ class TileDataModule(pl.LightningDataModule):
         return int(self._store_attrs()["tile_size"])
 
     @property
+    def stain_norm(self) -> str:
+        """The store's stain normalisation (``none`` | ``macenko``): the tiles come out of the
+        reader normalised when it is not ``none``; the card records it (``extra.stain_norm``)."""
+        return str(self._store_attrs().get("stain_norm") or "none")
+
+    @property
     def fingerprint(self) -> str:
         """The store's content hash, ``tiles:sha256:<hex>`` (lineage for registry cards)."""
         if self._fingerprint is None:

@@ -357,6 +357,7 @@ def register(
         "method": hp.method,
         "method_settings": method_record(model),
         "tiles": str(Path(data.tiles).resolve()),
+        "stain_norm": data.stain_norm,  # the tiles' stain normalisation (histcode embed checks)
         "augmentation": model.augmentation_config(),
         "projection": {
             "hidden_dim": hp.projection_hidden_dim or model.encoder.embed_dim,
