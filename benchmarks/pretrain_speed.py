@@ -220,8 +220,8 @@ def reference(args: argparse.Namespace, tiles: Path, tile_size: int, mpp: float)
 
 def augmentation_only(args: argparse.Namespace, tile_size: int) -> float:
     """TileAugmentation alone on a uint8 batch already on the device: tiles/s (two views)."""
+    from histcode.inputspec import IMAGENET_MEAN, IMAGENET_STD
     from histcode.pretrain.augment import AugmentConfig, TileAugmentation
-    from histcode.registry import IMAGENET_MEAN, IMAGENET_STD
 
     aug = TileAugmentation(AugmentConfig(), IMAGENET_MEAN, IMAGENET_STD, tile_size).to(args.device)
     tiles = torch.randint(0, 256, (args.batch_size, 3, tile_size, tile_size), dtype=torch.uint8)

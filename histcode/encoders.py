@@ -2,7 +2,7 @@
 
 Every encoder is an :class:`Encoder`: an ``nn.Module`` mapping normalised tiles
 ``(batch_size, 3, H, W)`` to embeddings ``(batch_size, embed_dim)``, exposing ``embed_dim`` and
-``input_spec`` (:class:`~histcode.registry.InputSpec`: mpp, tile size, mean/std). Builders live
+``input_spec`` (:class:`~histcode.inputspec.InputSpec`: mpp, tile size, mean/std). Builders live
 in one :class:`~histcode.builders.Builders` registry, :data:`encoders`:
 
 ============== ============================================================== ==========
@@ -50,7 +50,8 @@ import torch
 from torch import nn
 
 from histcode.builders import Builders
-from histcode.registry import IMAGENET_MEAN, IMAGENET_STD, Card, InputSpec
+from histcode.inputspec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from histcode.registry import Card
 
 #: The encoder zoo: name → builder. ``encoders.create(name, **kwargs)`` or :func:`create_encoder`.
 encoders: Builders[Encoder] = Builders("encoder")

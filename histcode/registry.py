@@ -26,9 +26,13 @@ file and refuses a mismatch (:class:`ChecksumError`, naming the file). Weights a
 ``safetensors`` and cards with ``json``: nothing is ever unpickled from the registry.
 
 **Rebuilding a module.** The card names a builder (``architecture``) and its JSON keyword
-``arguments``; :meth:`Registry.load` calls that builder from a :class:`~histcode.builders.Builders`
-(the encoder zoo :data:`histcode.encoders.encoders` for kind ``encoder``; other stages pass
-their own) and loads the weights with ``strict=True``.
+``arguments``; :meth:`Registry.load` calls that builder from the
+:class:`~histcode.builders.Builders` the caller passes and loads the weights with
+``strict=True``. The registry imports no zoo and no stage: a caller that passes none gets the
+builders that the package declares for the card's kind in the ``histcode.builders``
+entry-point group (``pyproject.toml``: ``encoder`` → the encoder zoo,
+:data:`histcode.encoders.encoders`); other kinds need theirs passed (the finetune stage's
+``slide_model_builders()`` for ``mil``).
 
 This module imports neither torch nor safetensors at import time, so ``histcode registry list``
 starts fast; they are imported when weights are saved or loaded.
@@ -48,7 +52,6 @@ import errno
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -56,11 +59,13 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histcode import __version__
 from histcode.builders import UnknownNameError
+from histcode.inputspec import InputSpec
 
 if TYPE_CHECKING:
     import torch
@@ -77,10 +82,8 @@ WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
 #: Kinds of checkpoints the registry holds.
 KINDS = ("encoder", "mil")
-#: ImageNet normalisation, the default of torchvision and timm backbones.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+#: Entry-point group: card kind → the builders that rebuild it when ``Registry.load`` gets none.
+BUILDERS_ENTRY_POINT_GROUP = "histcode.builders"
 _STAGING_PREFIX = ".staging-"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION_RE = re.compile(r"[1-9][0-9]*")
@@ -97,6 +100,17 @@ class CorruptCheckpointError(ValueError):
 
 class ChecksumError(CorruptCheckpointError):
     """The weights file's sha256 differs from the one recorded in its card."""
+
+
+def declared_builders(kind: str) -> Builders[Any] | None:
+    """The builders the installed package declares for cards of ``kind``, if any.
+
+    Read from the ``histcode.builders`` entry points (``pyproject.toml``), so that the
+    registry names no module: ``encoder`` → :data:`histcode.encoders.encoders`.
+    """
+    for entry in entry_points(group=BUILDERS_ENTRY_POINT_GROUP, name=kind):
+        return entry.load()
+    return None
 
 
 def default_root() -> Path:
@@ -140,103 +154,6 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
         f"invalid checkpoint ref {ref!r}: the part after '@' must be 'latest' or a version "
         f"number 1, 2, 3, … (e.g. '{name}@latest' or '{name}@1')"
     )
-
-
-def _as_triple(values: Any, what: str) -> tuple[float, float, float]:
-    triple = tuple(float(v) for v in values)
-    if len(triple) != 3:
-        raise ValueError(f"{what} needs one value per RGB channel (3 values), got {values!r}")
-    return triple  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What an encoder expects of its input tiles (after timm's ``PretrainedCfg``).
-
-    Tiles are read at ``mpp`` µm/px, ``tile_size`` × ``tile_size`` pixels, scaled to [0, 1]
-    and normalised per channel as ``(x - mean) / std``.
-
-    Attributes:
-        mpp: physical resolution of the tiles in µm per pixel (0.5 ≈ 20x).
-        tile_size: side of a square tile in pixels at ``mpp``.
-        mean: per-channel RGB mean subtracted after scaling to [0, 1].
-        std: per-channel RGB standard deviation divided by after subtracting ``mean``.
-    """
-
-    mpp: float = 0.5
-    tile_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        mpp = float(self.mpp)
-        if not math.isfinite(mpp) or mpp <= 0:
-            raise ValueError(f"mpp must be a positive number of µm/px (e.g. 0.5), got {self.mpp!r}")
-        if isinstance(self.tile_size, bool) or int(self.tile_size) != self.tile_size:
-            raise ValueError(f"tile_size must be a whole number of pixels, got {self.tile_size!r}")
-        if self.tile_size <= 0:
-            raise ValueError(f"tile_size must be positive (e.g. 224), got {self.tile_size!r}")
-        std = _as_triple(self.std, "std")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"std values must be positive, got {self.std!r}")
-        object.__setattr__(self, "mpp", mpp)
-        object.__setattr__(self, "tile_size", int(self.tile_size))
-        object.__setattr__(self, "mean", _as_triple(self.mean, "mean"))
-        object.__setattr__(self, "std", std)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples become lists)."""
-        return {
-            "mpp": self.mpp,
-            "tile_size": self.tile_size,
-            "mean": [*self.mean],
-            "std": [*self.std],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> InputSpec:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**{k: data[k] for k in ("mpp", "tile_size", "mean", "std") if k in data})
-
-    def differences(
-        self, *, mpp: float | None = None, tile_size: int | None = None, mpp_rel_tol: float = 0.01
-    ) -> list[str]:
-        """What differs between this spec and tiles at ``mpp`` / ``tile_size``.
-
-        Args:
-            mpp: µm/px of the tiles (e.g. a tile store's ``mpp`` attribute); ``None`` skips it.
-            tile_size: tile side in pixels; ``None`` skips it.
-            mpp_rel_tol: relative tolerance of the mpp comparison.
-
-        Returns:
-            One readable line per difference; empty when compatible.
-        """
-        out = []
-        if mpp is not None and not math.isclose(self.mpp, float(mpp), rel_tol=mpp_rel_tol):
-            out.append(f"mpp: the encoder expects {self.mpp:g} µm/px, the tiles are {mpp:g} µm/px")
-        if tile_size is not None and int(tile_size) != self.tile_size:
-            out.append(
-                f"tile_size: the encoder expects {self.tile_size} px, the tiles are {tile_size} px"
-            )
-        return out
-
-    def check(
-        self, *, mpp: float | None = None, tile_size: int | None = None, source: str = "tile store"
-    ) -> None:
-        """Raise a ``ValueError`` saying what differs when tiles do not fit this spec.
-
-        Args:
-            mpp: µm/px of the tiles.
-            tile_size: tile side in pixels.
-            source: what the tiles come from, for the message (e.g. ``"tiles.zarr"``).
-        """
-        diffs = self.differences(mpp=mpp, tile_size=tile_size)
-        if diffs:
-            raise ValueError(
-                f"the encoder does not fit the {source}: {'; '.join(diffs)}. Re-tile at the "
-                "encoder's mpp and tile size (histcode tile --mpp … --tile_size …), or use an "
-                "encoder trained for these tiles."
-            )
 
 
 @dataclass
@@ -604,9 +521,10 @@ class Registry:
 
         Args:
             ref: ``name``, ``name@latest`` or ``name@N``.
-            builders: where the card's ``architecture`` is registered; default the encoder zoo
-                (:data:`histcode.encoders.encoders`) for kind ``encoder``. Other kinds need the
-                builders that made them (e.g. the finetune stage's aggregators).
+            builders: where the card's ``architecture`` is registered; default: the builders
+                declared for the card's kind (:func:`declared_builders`: the encoder zoo for
+                ``encoder``). Other kinds need the builders that made them (e.g. the finetune
+                stage's ``slide_model_builders()``).
 
         Returns:
             ``(module, card)``. An encoder gets the card's ``input_spec``.
@@ -618,13 +536,13 @@ class Registry:
         """
         state, card = self.load_state(ref)
         if builders is None:
-            if card.kind != "encoder":
+            builders = declared_builders(card.kind)
+            if builders is None:
                 raise ValueError(
                     f"{card.ref} is a {card.kind!r} checkpoint (architecture "
                     f"{card.architecture!r}); pass builders= the Builders that made it, or "
                     "use Registry.load_state(ref) and build the module yourself"
                 )
-            from histcode.encoders import encoders as builders
         module = builders.create(card.architecture, **card.arguments)
         try:
             module.load_state_dict(state, strict=True)
@@ -725,9 +643,8 @@ def _checksum_message(weights: Path, expected: str, actual: str) -> str:
 
 
 __all__ = [
+    "BUILDERS_ENTRY_POINT_GROUP",
     "CARD_FILE",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "KINDS",
     "REGISTRY_ENV",
     "WEIGHTS_FILE",
@@ -740,6 +657,7 @@ __all__ = [
     "UnknownRefError",
     "VerifyReport",
     "check_name",
+    "declared_builders",
     "default_root",
     "parse_ref",
 ]

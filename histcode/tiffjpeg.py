@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histcode.slide import SlideError, SlideReader
+from histcode.slidereader import SlideError, SlideReader
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _unsupported(pages: list) -> str:
 
 
 class TiffJpegReader(SlideReader):
-    """:class:`~histcode.slide.SlideReader` that decodes JPEG-tiled TIFF levels itself.
+    """:class:`~histcode.slidereader.SlideReader` that decodes JPEG-tiled TIFF levels itself.
 
     Metadata, µm/px, thumbnails and every level that is not a JPEG-tiled page come from
     OpenSlide (the parent class); :meth:`read_region` of a JPEG-tiled level returns the same

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from histcode.finetune.barcodes import is_tcga, parse_barcode
+from histcode.finetune.h5ad import SYMBOL_COLUMNS, UNITS_KEY, require_anndata
 from histcode.finetune.tables import leading_comments, preview, read_table
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ def read_expression(path: Path | str, gene_map: Mapping[str, str] | None = None)
     """Read an expression matrix, genes × samples, in any layout of the module docstring.
 
     A ``.h5ad`` file (AnnData, samples × genes) is read by
-    :func:`histcode.finetune.h5ad.read_h5ad_expression` (extra ``histcode[anndata]``).
+    :func:`read_h5ad_expression` (extra ``histcode[anndata]``).
 
     Values are parsed as numbers; checks of NaN, sign and scale come later, on the rows and
     columns that are used (:func:`histcode.finetune.labels.expression_log2fc`).
@@ -268,8 +269,6 @@ def read_expression(path: Path | str, gene_map: Mapping[str, str] | None = None)
     """
     path = Path(path)
     if path.suffix.lower() == ".h5ad":  # AnnData, samples × genes (histcode[anndata])
-        from histcode.finetune.h5ad import read_h5ad_expression
-
         return read_h5ad_expression(path, gene_map)
     frame = read_table(path, "expression matrix")
     comments = frame.attrs["comments"]
@@ -376,6 +375,109 @@ def read_expression(path: Path | str, gene_map: Mapping[str, str] | None = None)
         if key.strip().lower() == "units" and value.strip():
             values.attrs["units"] = value.strip().split()[0]
     return values
+
+
+def read_h5ad_expression(
+    path: Path | str, gene_map: Mapping[str, str] | None = None
+) -> pd.DataFrame:
+    """Read an AnnData file of samples × genes as a genes × samples frame.
+
+    Rows that are not genes (STAR/HTSeq count summaries, ``_PAR_Y``) are dropped, Ensembl ids
+    are mapped to symbols (by a symbol column of ``var``, else ``gene_map``), repeated symbols
+    are collapsed (:data:`DUPLICATE_RULE`), as for text matrices.
+
+    Args:
+        path: the ``.h5ad`` file.
+        gene_map: Ensembl id (without version) → symbol, for ``var_names`` that are Ensembl
+            ids when ``var`` has no symbol column.
+
+    Returns:
+        Float64 symbols × samples; ``attrs``: ``layout`` (``anndata``), ``notes``, ``path``,
+        ``units`` (from ``uns['histcode_units']``, when present).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ImportError: ``anndata`` is not installed (names the extra).
+        ValueError: no ``X``, repeated sample ids, unknown recorded units, or Ensembl ids
+            without symbols; names the file and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expression matrix {path} does not exist")
+    ad = require_anndata(f"the AnnData expression matrix {path}")
+    adata = ad.read_h5ad(path)
+    if adata.X is None or adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(
+            f"AnnData {path} has no expression ({adata.n_obs} obs × {adata.n_vars} var, X "
+            f"{'missing' if adata.X is None else 'empty'}); expected X = samples × genes"
+        )
+    samples = pd.Index([str(s) for s in adata.obs_names])
+    if samples.has_duplicates:
+        raise ValueError(
+            f"AnnData {path} repeats sample ids (obs_names): "
+            f"{preview(sorted(set(samples[samples.duplicated()])))}; make them unique"
+        )
+    units = adata.uns.get(UNITS_KEY)
+    if units is not None and str(units) not in UNITS:
+        raise ValueError(
+            f"AnnData {path}: uns['{UNITS_KEY}'] is {units!r}; expected one of "
+            f"{', '.join(UNITS)} (or no such key, to detect the units)"
+        )
+    x = adata.X
+    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+    try:
+        values = np.asarray(x, dtype=np.float64).T
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"AnnData {path}: X is not numeric ({x.dtype}); expression must be numbers"
+        ) from exc
+    ids = pd.Series([str(v).strip() for v in adata.var_names])
+    column = next((c for c in SYMBOL_COLUMNS if c in adata.var.columns), None)
+    notes: list[str] = []
+    keep = ~ids.map(is_count_summary) & ~ids.str.endswith("_PAR_Y")
+    if (~keep).any():
+        notes.append(
+            f"dropped {int((~keep).sum())} row(s) that are not genes "
+            f"({preview(ids[~keep])}): count summaries, _PAR_Y"
+        )
+    if column is not None:
+        names = pd.Series(
+            ["" if pd.isna(v) else str(v).strip() for v in adata.var[column]], dtype=object
+        )
+        source = f"var column {column!r}"
+    else:
+        names = ids.astype(object)
+        source = "var_names"
+        if keep.any() and names[keep].str.match(_ENSEMBL_RE.pattern).mean() > 0.5:
+            if gene_map is None:
+                raise ValueError(
+                    f"AnnData {path} names genes by Ensembl id ({preview(ids[keep], 3)}) and var "
+                    f"has no symbol column ({', '.join(SYMBOL_COLUMNS)}); models use gene "
+                    "symbols. Add a var column gene_symbols, or map them with histcode cohort "
+                    "--gene_map FILE (a Xena probemap or any GDC STAR-Counts file)."
+                )
+            names = ids.map(lambda g: gene_map.get(ensembl_key(g), ""))
+            source = "gene map"
+    empty = keep & (names == "")
+    if empty.any():
+        notes.append(
+            f"dropped {int(empty.sum())} gene(s) without a symbol in the {source} "
+            f"({preview(ids[empty], 4)})"
+        )
+        keep &= ~empty
+    mask = keep.to_numpy()
+    frame = pd.DataFrame(
+        values[mask], index=pd.Index(names[mask].to_numpy(), name="gene"), columns=samples
+    )
+    frame, collapsed = collapse_duplicates(frame)
+    if collapsed:
+        notes.append(
+            f"{len(collapsed)} repeated symbol(s) ({preview(collapsed, 5)}): {DUPLICATE_RULE}"
+        )
+    frame.attrs = {"layout": "anndata", "notes": notes, "path": str(path)}
+    if units is not None:
+        frame.attrs["units"] = str(units)
+    return frame
 
 
 def read_gene_map(path: Path | str) -> dict[str, str]:
@@ -700,6 +802,7 @@ __all__ = [
     "read_expression",
     "read_gdc_download",
     "read_gene_map",
+    "read_h5ad_expression",
     "read_sample_sheet",
     "read_star_counts",
     "to_linear",

@@ -1,11 +1,12 @@
 """AnnData (``.h5ad``) in and out: expression as scanpy users keep it, slides for scanpy.
 
-* :func:`read_h5ad_expression` reads an AnnData file of samples × genes (``X`` dense or
-  sparse, ``obs_names`` sample ids, ``var_names`` gene symbols or Ensembl ids; a
-  ``gene_symbols`` / ``feature_name`` / ``gene_name`` column of ``var`` gives the symbols) as
-  the genes × samples frame of :func:`histcode.finetune.expression.read_expression`, which
-  sends every ``.h5ad`` path here. ``uns['histcode_units']`` (``tpm``, ``counts`` or
-  ``log2tpm``), when present, says the units; otherwise they are detected as for any matrix.
+* :func:`histcode.finetune.expression.read_h5ad_expression` (beside the other expression
+  readers, :func:`~histcode.finetune.expression.read_expression` sends every ``.h5ad`` path
+  there) reads an AnnData file of samples × genes (``X`` dense or sparse, ``obs_names``
+  sample ids, ``var_names`` gene symbols or Ensembl ids; a column of ``var`` named in
+  :data:`SYMBOL_COLUMNS` gives the symbols). ``uns['histcode_units']`` (``tpm``, ``counts``
+  or ``log2tpm``), when present, says the units; otherwise they are detected as for any
+  matrix. This module holds what reading and writing share (:func:`require_anndata`).
 * :func:`write_slides_h5ad` writes ``slides.h5ad`` after ``histcode finetune --cv.anndata
   true``: ``obs`` one row per slide (the columns of ``predictions.csv``), ``obsm['X_slide']``
   each slide's embedding from the fold model that held it out (:func:`slide_embeddings`),
@@ -59,119 +60,6 @@ def require_anndata(what: str) -> ModuleType:
             f"{INSTALL_HINT}"
         ) from exc
     return anndata
-
-
-def read_h5ad_expression(
-    path: Path | str, gene_map: Mapping[str, str] | None = None
-) -> pd.DataFrame:
-    """Read an AnnData file of samples × genes as a genes × samples frame.
-
-    Rows that are not genes (STAR/HTSeq count summaries, ``_PAR_Y``) are dropped, Ensembl ids
-    are mapped to symbols (by a symbol column of ``var``, else ``gene_map``), repeated symbols
-    are collapsed (:data:`histcode.finetune.expression.DUPLICATE_RULE`), as for text matrices.
-
-    Args:
-        path: the ``.h5ad`` file.
-        gene_map: Ensembl id (without version) → symbol, for ``var_names`` that are Ensembl
-            ids when ``var`` has no symbol column.
-
-    Returns:
-        Float64 symbols × samples; ``attrs``: ``layout`` (``anndata``), ``notes``, ``path``,
-        ``units`` (from ``uns['histcode_units']``, when present).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ImportError: ``anndata`` is not installed (names the extra).
-        ValueError: no ``X``, repeated sample ids, unknown recorded units, or Ensembl ids
-            without symbols; names the file and the fix.
-    """
-    from histcode.finetune.expression import (
-        _ENSEMBL_RE,
-        DUPLICATE_RULE,
-        UNITS,
-        collapse_duplicates,
-        ensembl_key,
-        is_count_summary,
-    )
-    from histcode.finetune.tables import preview
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"expression matrix {path} does not exist")
-    ad = require_anndata(f"the AnnData expression matrix {path}")
-    adata = ad.read_h5ad(path)
-    if adata.X is None or adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(
-            f"AnnData {path} has no expression ({adata.n_obs} obs × {adata.n_vars} var, X "
-            f"{'missing' if adata.X is None else 'empty'}); expected X = samples × genes"
-        )
-    samples = pd.Index([str(s) for s in adata.obs_names])
-    if samples.has_duplicates:
-        raise ValueError(
-            f"AnnData {path} repeats sample ids (obs_names): "
-            f"{preview(sorted(set(samples[samples.duplicated()])))}; make them unique"
-        )
-    units = adata.uns.get(UNITS_KEY)
-    if units is not None and str(units) not in UNITS:
-        raise ValueError(
-            f"AnnData {path}: uns['{UNITS_KEY}'] is {units!r}; expected one of "
-            f"{', '.join(UNITS)} (or no such key, to detect the units)"
-        )
-    x = adata.X
-    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-    try:
-        values = np.asarray(x, dtype=np.float64).T
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"AnnData {path}: X is not numeric ({x.dtype}); expression must be numbers"
-        ) from exc
-    ids = pd.Series([str(v).strip() for v in adata.var_names])
-    column = next((c for c in SYMBOL_COLUMNS if c in adata.var.columns), None)
-    notes: list[str] = []
-    keep = ~ids.map(is_count_summary) & ~ids.str.endswith("_PAR_Y")
-    if (~keep).any():
-        notes.append(
-            f"dropped {int((~keep).sum())} row(s) that are not genes "
-            f"({preview(ids[~keep])}): count summaries, _PAR_Y"
-        )
-    if column is not None:
-        names = pd.Series(
-            ["" if pd.isna(v) else str(v).strip() for v in adata.var[column]], dtype=object
-        )
-        source = f"var column {column!r}"
-    else:
-        names = ids.astype(object)
-        source = "var_names"
-        if keep.any() and names[keep].str.match(_ENSEMBL_RE.pattern).mean() > 0.5:
-            if gene_map is None:
-                raise ValueError(
-                    f"AnnData {path} names genes by Ensembl id ({preview(ids[keep], 3)}) and var "
-                    f"has no symbol column ({', '.join(SYMBOL_COLUMNS)}); models use gene "
-                    "symbols. Add a var column gene_symbols, or map them with histcode cohort "
-                    "--gene_map FILE (a Xena probemap or any GDC STAR-Counts file)."
-                )
-            names = ids.map(lambda g: gene_map.get(ensembl_key(g), ""))
-            source = "gene map"
-    empty = keep & (names == "")
-    if empty.any():
-        notes.append(
-            f"dropped {int(empty.sum())} gene(s) without a symbol in the {source} "
-            f"({preview(ids[empty], 4)})"
-        )
-        keep &= ~empty
-    mask = keep.to_numpy()
-    frame = pd.DataFrame(
-        values[mask], index=pd.Index(names[mask].to_numpy(), name="gene"), columns=samples
-    )
-    frame, collapsed = collapse_duplicates(frame)
-    if collapsed:
-        notes.append(
-            f"{len(collapsed)} repeated symbol(s) ({preview(collapsed, 5)}): {DUPLICATE_RULE}"
-        )
-    frame.attrs = {"layout": "anndata", "notes": notes, "path": str(path)}
-    if units is not None:
-        frame.attrs["units"] = str(units)
-    return frame
 
 
 def slide_embeddings(folds: Sequence[Any], bags: Any, slide_ids: Sequence[str]) -> np.ndarray:
@@ -280,7 +168,6 @@ __all__ = [
     "SYMBOL_COLUMNS",
     "UNITS_KEY",
     "anndata_available",
-    "read_h5ad_expression",
     "require_anndata",
     "slide_embeddings",
     "write_slides_h5ad",

@@ -31,4 +31,4 @@ def main(argv: Sequence[str] | None = None, prog: str = "histcode pretrain") -> 
     """
     from histcode.pretrain.runner import run
 
-    return run(list(argv or []), prog)
+    return run(list(argv or []), prog, description=(__doc__ or "").strip().split("\n\n")[0])

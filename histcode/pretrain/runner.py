@@ -189,7 +189,7 @@ def _quiet() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoTips())
 
 
-def _parse(argv: list[str], prog: str) -> PretrainCLI:
+def _parse(argv: list[str], prog: str, description: str) -> PretrainCLI:
     with warnings.catch_warnings():
         _quiet()
         return PretrainCLI(
@@ -199,17 +199,11 @@ def _parse(argv: list[str], prog: str) -> PretrainCLI:
             args=argv,
             save_config_callback=SaveConfigToOut,
             save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-            parser_kwargs={"prog": prog, "description": _description(), "default_env": False},
+            parser_kwargs={"prog": prog, "description": description, "default_env": False},
             auto_configure_optimizers=False,
             trainer_defaults={"max_epochs": -1},
             seed_everything_default=0,
         )
-
-
-def _description() -> str:
-    from histcode.pretrain import command
-
-    return (command.__doc__ or "").strip().split("\n\n")[0]
 
 
 def check_sync_batchnorm(trainer: Trainer, requested: bool) -> None:
@@ -391,11 +385,17 @@ def register(
     }
 
 
-def run(argv: list[str], prog: str) -> int:
-    """Parse, train (resuming when possible), register on process 0, print one JSON line."""
+def run(argv: list[str], prog: str, description: str = "") -> int:
+    """Parse, train (resuming when possible), register on process 0, print one JSON line.
+
+    Args:
+        argv: the command's arguments.
+        prog: program name for usage and error messages.
+        description: the first paragraph of ``--help`` (the command module's docstring's).
+    """
     start = time.perf_counter()
     try:
-        cli = _parse(argv, prog)
+        cli = _parse(argv, prog, description)
     except SystemExit as done:  # --help, --print_config, or a parse error (jsonargparse)
         return int(done.code or 0) if isinstance(done.code, int) else EXIT_USAGE
     except USAGE_ERRORS as err:
