@@ -51,6 +51,7 @@ from torch import nn
 
 from histcode.builders import Builders
 from histcode.inputspec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from histcode.lineage import Parent, as_parents
 from histcode.registry import Card
 
 #: The encoder zoo: name → builder. ``encoders.create(name, **kwargs)`` or :func:`create_encoder`.
@@ -561,18 +562,19 @@ def encoder_card(
     encoder: Encoder,
     *,
     metrics: Mapping[str, Any] | None = None,
-    parents: Sequence[str] = (),
+    parents: Sequence[Parent | str] = (),
     extra: Mapping[str, Any] | None = None,
 ) -> Card:
     """A registry card for an encoder built by the zoo (architecture, arguments, input spec).
 
-    The local weights file it was initialised from, if any, is added to ``parents`` as
-    ``"file:<path>#sha256=<hex>"``.
+    The local weights file it was initialised from, if any, is added to its lineage as
+    ``Parent("file", path, sha256)``.
 
     Args:
         encoder: an encoder made by :func:`create_encoder` or :data:`encoders`.
         metrics: metrics of the run that trained it.
-        parents: refs and store fingerprints it was trained from.
+        parents: what it was trained from (:class:`~histcode.lineage.Parent`; strings of the
+            old form are read as :func:`~histcode.lineage.parse_parent` reads them).
         extra: anything else (JSON-able).
 
     Raises:
@@ -584,17 +586,17 @@ def encoder_card(
             "a builder; build it with histcode.encoders.create_encoder(...) or write the Card "
             "yourself (architecture = a registered builder name, arguments = its kwargs)"
         )
-    lineage = list(parents)
+    lineage = as_parents(parents)
     if encoder.init_weights:
         init = encoder.init_weights
-        lineage.append(f"file:{init['path']}#sha256={init['sha256']}")
+        lineage.append(Parent("file", str(init["path"]), str(init["sha256"])))
     return Card(
         kind="encoder",
         architecture=encoder.architecture,
         arguments=dict(encoder.arguments),
         input_spec=encoder.input_spec,
         metrics=dict(metrics or {}),
-        parents=lineage,
+        lineage=lineage,
         extra=dict(extra or {}),
     )
 

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 from histcode import __version__
 from histcode.builders import UnknownNameError
 from histcode.inputspec import InputSpec
+from histcode.lineage import Parent, as_parents
 
 if TYPE_CHECKING:
     import torch
@@ -169,14 +170,17 @@ class Card:
         arguments: JSON-able keyword arguments of that builder.
         input_spec: what the model expects of its input tiles (encoders); ``None`` otherwise.
         metrics: final metrics of the run that made it (JSON-able).
-        parents: lineage — refs (best with sha256, ``"name@3#sha256=…"``) and store
-            fingerprints the model was trained from.
+        parents: the lineage as strings (``"name@3#sha256=…"``, ``"tiles:sha256:…"``), the
+            form cards had before ``lineage``; filled from ``lineage`` when not given. Given
+            alone (strings or :class:`~histcode.lineage.Parent`), it fills ``lineage``.
         extra: anything else (JSON-able).
         name: checkpoint name.
         version: version number (1, 2, 3, …).
         sha256: hex sha256 of the bytes of ``weights.safetensors``.
         created: ISO-8601 UTC time of saving.
         histcode_version: version of histcode that saved it.
+        lineage: what the model was made from, structured (:class:`~histcode.lineage.Parent`:
+            kind, ref, sha256, attrs); read from ``parents`` for cards written before it.
     """
 
     kind: str
@@ -191,6 +195,15 @@ class Card:
     sha256: str = ""
     created: str = ""
     histcode_version: str = ""
+    lineage: list[Parent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        lineage = as_parents(self.lineage or self.parents)
+        if self.parents:
+            self.parents = [str(p) for p in self.parents]
+        else:
+            self.parents = [p.legacy() for p in lineage]
+        self.lineage = lineage
 
     @property
     def ref(self) -> str:
@@ -201,8 +214,13 @@ class Card:
         """JSON-able dict, identity fields first."""
         data = asdict(self)
         data["input_spec"] = None if self.input_spec is None else self.input_spec.to_dict()
+        data["lineage"] = [p.to_dict() for p in self.lineage]
         order = ("name", "version", "kind", "architecture", "arguments", "input_spec")
-        return {**{k: data.pop(k) for k in order}, **data}
+        first = {k: data.pop(k) for k in order}
+        rest = {k: v for k, v in data.items() if k != "lineage"}
+        at = list(rest).index("parents") + 1
+        items = list(rest.items())
+        return {**first, **dict(items[:at]), "lineage": data["lineage"], **dict(items[at:])}
 
     def to_json(self) -> str:
         """The card as indented JSON text.

@@ -213,8 +213,9 @@ def test_the_registry_knows_no_zoo_and_no_stage(graph: dict[str, dict[str, int]]
         "histcode.builders",
         "histcode.errors",
         "histcode.inputspec",
+        "histcode.lineage",
     }
-    assert set(graph["histcode.inputspec"]) == set()
+    assert set(graph["histcode.inputspec"]) == set() == set(graph["histcode.lineage"])
     from histcode.encoders import encoders
     from histcode.registry import declared_builders
 

@@ -110,13 +110,17 @@ class MapSource:
 def check_lineage(card: Any, store_attrs: dict[str, Any], model_ref: str, features: Path) -> None:
     """Refuse features from another encoder than the one the model was trained on.
 
+    The card's lineage (:class:`~histcode.lineage.Parent`) names the feature store the model
+    was trained on and its encoder's sha256 (``attrs["encoder_sha256"]``); a card without one
+    (trained on features of an unknown encoder) is not refused.
+
     Raises:
         ValueError: the model's lineage names another encoder (sha256), or the feature
             sizes differ; says how to fix.
     """
     sha = store_attrs.get("encoder_sha256")
-    trained_on = [p for p in card.parents if "encoder_sha256=" in p]
-    if sha and trained_on and not any(f"encoder_sha256={sha}" in p for p in trained_on):
+    trained_on = [p for p in card.lineage if p.kind == "features" and p.attrs.get("encoder_sha256")]
+    if sha and trained_on and all(p.attrs["encoder_sha256"] != sha for p in trained_on):
         raise ValueError(
             f"{model_ref} was trained on features of another encoder than {features}'s "
             f"({store_attrs.get('encoder_ref')}); its lineage: {trained_on[0]}. Embed the "

@@ -40,6 +40,7 @@ from histcode.finetune.options import (
     ModelOptions,
     OptimOptions,
 )
+from histcode.lineage import Parent
 from histcode.registry import Card, Registry
 
 log = logging.getLogger(__name__)
@@ -198,19 +199,22 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def lineage(store: FeatureStore) -> list[str]:
-    """Registry card parents: the encoder ref and the feature store with its fingerprints."""
+def lineage(store: FeatureStore) -> list[Parent]:
+    """A model's lineage: the encoder (ref, weights sha256) and the feature store it made.
+
+    Returns:
+        ``[Parent("encoder", encoder_ref, sha256), Parent("features", path, attrs=…)]``, the
+        feature store's ``attrs`` naming its ``encoder_sha256`` and ``tiles_fingerprint``.
+    """
     attrs = store.attrs
-    encoder = str(attrs.get("encoder_ref", "unknown-encoder"))
-    sha = attrs.get("encoder_sha256")
-    parents = [f"{encoder}#sha256={sha}" if sha else encoder]
-    parts = [f"features:{store.path.resolve()}"]
-    if sha:
-        parts.append(f"encoder_sha256={sha}")
+    sha = str(attrs.get("encoder_sha256") or "")
+    facts = {"encoder_sha256": sha} if sha else {}
     if attrs.get("tiles_fingerprint"):
-        parts.append(f"tiles_fingerprint={attrs['tiles_fingerprint']}")
-    parents.append("#".join(parts))
-    return parents
+        facts["tiles_fingerprint"] = str(attrs["tiles_fingerprint"])
+    return [
+        Parent("encoder", str(attrs.get("encoder_ref", "unknown-encoder")), sha),
+        Parent("features", str(store.path.resolve()), "", facts),
+    ]
 
 
 @dataclass
@@ -430,7 +434,7 @@ def _write_anndata(
         "encoder_ref": str(store.attrs.get("encoder_ref", "unknown-encoder")),
         "encoder_sha256": str(store.attrs.get("encoder_sha256", "")),
         "features": str(store.path.resolve()),
-        "lineage": " | ".join(lineage(store)),
+        "lineage": " | ".join(p.legacy() for p in lineage(store)),
         "run": str(out.resolve()),
     }
     text = json.dumps(jsonable(metrics))
@@ -467,7 +471,7 @@ def _register(
             architecture=arguments.pop("architecture"),
             arguments=arguments,
             metrics=jsonable(_card_metrics(metrics)),
-            parents=lineage(store),
+            lineage=lineage(store),
             extra=jsonable(
                 {
                     "genes": list(fold_result.module.genes),

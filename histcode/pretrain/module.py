@@ -38,6 +38,7 @@ from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
 from torch import nn
 
 from histcode.encoders import Encoder, create_encoder
+from histcode.lineage import Parent, parse_parent
 from histcode.registry import Registry
 
 from .augment import AugmentConfig, TileAugmentation
@@ -173,7 +174,7 @@ class ContrastiveModule(pl.LightningModule):
         s = self.encoder.input_spec
         self.augment = TileAugmentation(augmentation, s.mean, s.std, crop_size=s.tile_size)
         self.augmentation = augmentation
-        self.parent_ref: str | None = None  # "name@v#sha256=…" of init_from, once loaded
+        self.parent: Parent | None = None  # the encoder of init_from, once loaded
         # the learning-rate schedules in force (one entry per change, resumes included) and the
         # rates the optimiser actually used; kept in checkpoints, written to the card
         self.lr_schedule: list[dict[str, float | int]] = []
@@ -262,7 +263,7 @@ class ContrastiveModule(pl.LightningModule):
         data = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if data is not None and hasattr(data, "tile_size"):
             self.encoder.input_spec.check(mpp=data.mpp, tile_size=data.tile_size, source=data.tiles)
-        if self.hparams.init_from and self.parent_ref is None:
+        if self.hparams.init_from and self.parent is None:
             state, card = Registry(self.hparams.registry).load_state(self.hparams.init_from)
             if card.kind != "encoder" or card.architecture != self.encoder.architecture:
                 raise ValueError(
@@ -277,7 +278,7 @@ class ContrastiveModule(pl.LightningModule):
                     f"the weights of {card.ref} do not fit --model.encoder "
                     f"{self.encoder.architecture} with {self.hparams.encoder_kwargs}: {err}"
                 ) from None
-            self.parent_ref = f"{card.ref}#sha256={card.sha256}"
+            self.parent = Parent("encoder", card.ref, card.sha256)
             if self.key_encoder is not None:  # MoCo's keys start from the same weights
                 self.key_encoder.load_state_dict(self.encoder.state_dict())
 
@@ -355,6 +356,11 @@ class ContrastiveModule(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> None:
         self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
+
+    @property
+    def parent_ref(self) -> str | None:
+        """``name@v#sha256=…`` of the ``init_from`` encoder once loaded (:attr:`parent`)."""
+        return None if self.parent is None else self.parent.legacy()
 
     def final_loss(self, last: int = LOSS_WINDOW) -> float:
         """Mean training loss over the last ``last`` (at most ``LOSS_WINDOW``) steps (this
@@ -493,7 +499,7 @@ class ContrastiveModule(pl.LightningModule):
         """Lineage, the learning-rate record and MoCo's memory bank (which lightly keeps out
         of the state dict) go into the checkpoint; the key encoder is in the state dict."""
         checkpoint["histcode"] = {
-            "parent_ref": self.parent_ref,
+            "parent": None if self.parent is None else self.parent.to_dict(),
             "lr_schedule": [dict(s) for s in self.lr_schedule],
             "lr_used": dict(self.lr_used),
         }
@@ -515,7 +521,10 @@ class ContrastiveModule(pl.LightningModule):
         the views still differ. Also restores the learning-rate record.
         """
         saved = checkpoint.get("histcode", {})
-        self.parent_ref = saved.get("parent_ref", self.parent_ref)
+        if saved.get("parent"):
+            self.parent = Parent.from_dict(saved["parent"])
+        elif saved.get("parent_ref"):  # a checkpoint written before lineage was structured
+            self.parent = parse_parent(saved["parent_ref"])
         self.lr_schedule = [dict(s) for s in saved.get("lr_schedule", [])]
         self.lr_used = {**self.lr_used, **saved.get("lr_used", {})}
         self._load_memory_bank(saved.get("memory_bank"))

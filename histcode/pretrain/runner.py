@@ -45,6 +45,7 @@ from histcode.commandkit import (
     with_option_hints,
 )
 from histcode.encoders import encoder_card
+from histcode.lineage import tiles_parent
 from histcode.registry import Registry, check_name, default_root
 
 from .collapse import CollapseMonitor
@@ -345,7 +346,8 @@ def register(
     }
     if "val_loss" in trainer.callback_metrics:
         metrics["val_loss"] = round(float(trainer.callback_metrics["val_loss"]), 6)
-    parents = [data.fingerprint, *([model.parent_ref] if model.parent_ref else [])]
+    tiles = tiles_parent(str(Path(data.tiles).resolve()), data.fingerprint)
+    lineage = [tiles, *([model.parent] if model.parent is not None else [])]
     hp = model.hparams
     extra = {
         "method": hp.method,
@@ -374,7 +376,7 @@ def register(
         "run": str(Path(trainer.default_root_dir).resolve()),
         "collapse": collapse,
     }
-    card = encoder_card(model.encoder, metrics=metrics, parents=parents, extra=extra)
+    card = encoder_card(model.encoder, metrics=metrics, parents=lineage, extra=extra)
     ref = registry.save(name, model.encoder.cpu(), card)
     return {
         "ref": ref,
