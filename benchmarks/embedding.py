@@ -1,10 +1,10 @@
 """Embedding throughput against the encoder's pure forward and a naive loop; one JSON line.
 
 Goals: tiles/s of ``histcode embed`` ≥ 0.9 × the encoder's pure forward on in-memory
-tensors on CPU (≥ 0.8 on a GPU; issue 5), and ≥ 2 × a naive loop that calls OpenSlide's
-``read_region`` per tile (plus the 2 × 2 reduce a 40x slide needs) and then runs the same
-forward, with the ``tiny`` encoder so that reading, not the encoder, sets the pace (issue
-19). Both slides (a 40x and a 20x synthetic SVS, 224 px tiles at 0.5 µm/px) go through one
+tensors on CPU (≥ 0.8 on a GPU), and ≥ 2 × a naive loop that calls OpenSlide's ``read_region``
+per tile (plus the 2 × 2 reduce a 40x slide needs) and then runs the same forward, with the
+``tiny`` encoder so that reading, not the encoder, sets the pace. Both slides (a 40x and a
+20x synthetic SVS, 224 px tiles at 0.5 µm/px) go through one
 ``embed`` run with its default loader (workers from the cores); the naive loop reads them in
 one process. Measured ``--repeats`` times, interleaved; the median and range are reported.
 

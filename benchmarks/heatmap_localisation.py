@@ -5,7 +5,7 @@ heatmaps), which scores each tumour slide's maps with the model of the fold in w
 slide was a *test* slide (the model never saw it): tile attention and tumour contribution vs
 the true tumour mask, and each lymphocyte gene's log2FC map vs the true lymphocyte mask; the
 same for the naive baseline (random encoder, mean pooling, linear model). Prints one JSON line
-with the means over tumour slides. Goal (issue 7): ≥ 0.85 each.
+with the means over tumour slides. Goal: ≥ 0.85 each.
 
     python -m benchmarks.heatmap_localisation [--patients 30] [--steps 1000] [--epochs 100]
 """

@@ -15,7 +15,7 @@ a 40x slide (0.25 µm/px: each tile is a 448 px window of level 0, brought to 22
   the least work that gives these pixels on one core. ``decode_limit_full_scale`` decodes
   them at full scale (what a reader without scaled decoding must at least do).
 
-Goals (issue 19): ``histcode / openslide`` ≥ 2 and ``histcode / decode_limit`` ≥ 0.7 on both
+Goals: ``histcode / openslide`` ≥ 2 and ``histcode / decode_limit`` ≥ 0.7 on both
 slides. The multi-process loader is measured by ``benchmarks.embedding``.
 
     python -m benchmarks.tile_reading [--tiles 2000] [--repeats 5]

@@ -4,10 +4,11 @@ With ``--clam DIR`` (a checkout of mahmoodlab/CLAM, run with ``--clam_python``, 
 interpreter with its PyPI dependencies: opencv-python-headless, h5py, pandas, matplotlib,
 openslide-python, openslide-bin), also the whole ``histcode tile`` CLI process side by side
 with CLAM's ``create_patches_fp.py --seg --patch`` on the same slide, interleaved,
-``--repeats`` times: wall time and peak RSS of each process (``os.wait4``). Goal (issue 19):
-histcode ≤ 0.5 × CLAM's wall time and ≤ 1 GiB. Nothing of CLAM is committed.
+``--repeats`` times: wall time and peak RSS of each process (``os.wait4``). Goal: histcode
+≤ 0.5 × CLAM's wall time and ≤ 1 GiB. Nothing of CLAM is committed.
 
-Goal (issue 2): ≤ 2 s per slide and ≤ 1 GiB peak RSS on a 100,000 × 80,000 px 40x slide.
+Goal of the tiling alone: ≤ 2 s per slide and ≤ 1 GiB peak RSS on a 100,000 × 80,000 px 40x
+slide.
 The slide is generated once into ``--workdir`` (kept for reruns; generated data is never
 committed). Tiling runs in a fresh child process so that its peak RSS is its own. The floor
 it is compared with is reading the segmentation thumbnail alone (JPEG decoding of that

@@ -1,6 +1,7 @@
 """The feature store (``features.zarr``): tile embeddings per slide.
 
-Contract (``DESIGN.md``): a zarr v3 group whose root attrs hold the encoder ref and its
+The on-disk contract, which ``histcode finetune`` and ``histcode heatmap`` rely on
+(``ARCHITECTURE.md``): a zarr v3 group whose root attrs hold the encoder ref and its
 sha256, ``embed_dim``, the tile store it came from (path and fingerprint), ``mpp`` and
 ``tile_size``; one group per slide with ``features`` (N, D) float16 or float32 and ``coords``
 int64 (N, 2) (level-0 top-left corners, as in the tile store), and attrs ``status``

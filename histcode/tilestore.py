@@ -1,10 +1,11 @@
 """The tile store (``tiles.zarr``): tile coordinates per slide, never pixel copies.
 
-Contract (``DESIGN.md``): a zarr v3 group whose root attrs hold the target ``mpp``,
-``tile_size``, the parameters used and the histcode version; one group per slide id with
-attrs ``path``, ``status`` (``ok`` | ``empty`` | ``failed``), ``error``, ``mpp_level0``,
-``tile_size_level0``, ``level``, ``fingerprint``; arrays ``coords`` int64 (N, 2) (level-0
-x, y of each tile's top-left corner) and ``tissue`` float32 (N,).
+The on-disk contract, which every reader of a tile store relies on (``ARCHITECTURE.md``): a
+zarr v3 group whose root attrs hold the target ``mpp``, ``tile_size``, the parameters used
+and the histcode version; one group per slide id with attrs ``path``, ``status`` (``ok`` |
+``empty`` | ``failed``), ``error``, ``mpp_level0``, ``tile_size_level0``, ``level``,
+``fingerprint``; arrays ``coords`` int64 (N, 2) (level-0 x, y of each tile's top-left
+corner) and ``tissue`` float32 (N,).
 
 Stain normalisation (``histcode tile --stain_norm macenko``): root attrs ``stain_norm``
 (``none`` | ``macenko``; a store without it is ``none``) and ``stain_target`` (the reference

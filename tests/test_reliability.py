@@ -1,4 +1,4 @@
-"""Reliability (issue 10), part 1: bad input gives a clear error, the right exit, no damage.
+"""Reliability, part 1: bad input gives a clear error, the right exit, no damage.
 
 Every row of :data:`CASES` runs the real CLI (``histcode.cli.main``, the console script's
 function; rows with ``process=True`` run it in a child process) against copies of outputs
@@ -13,8 +13,8 @@ MIL model, a finished finetune run — and checks three things:
   run, except that the one output a row ``writes`` may gain slides and a new ``summary.json``.
 
 Interruption (``kill -9``) and concurrency are in ``test_reliability_interrupt.py``.
-:func:`test_every_fault_of_the_issue_has_a_case` maps each fault the issue names to the cases
-that try it, so a fault without a case fails the suite.
+:func:`test_every_fault_of_the_issue_has_a_case` maps each fault of :data:`FAULTS` (bad input,
+interruption, concurrency) to the cases that try it, so a fault without a case fails the suite.
 """
 
 from __future__ import annotations
@@ -362,7 +362,7 @@ class Case:
 
     Attributes:
         name: the case id (``command/what``).
-        fault: the fault of the issue it tries (a key of :data:`FAULTS`).
+        fault: the fault it tries (a key of :data:`FAULTS`).
         argv: builds the arguments (and any bad file) in the case's workspace.
         exit: the exit status the CLI contract asks for.
         says: substrings of the output and log: what is wrong (the file, row or key) and how
@@ -667,7 +667,7 @@ CASES: list[Case] = [
 ]
 # fmt: on
 
-#: every fault that the issue names → it must have at least one case (here or in the
+#: every fault histcode must handle → it must have at least one case (here or in the
 #: interruption and concurrency file)
 FAULTS = {
     "corrupt slide": "bad input",
@@ -687,11 +687,11 @@ FAULTS = {
     "config with a wrong value": "bad input",
     "slide id escaping the output folder": "bad input",
     "tampered registry checkpoint": "bad input",
-    "unreadable input file": "bad input, beyond the issue's list",
-    "registry folder that is a file": "bad input, beyond the issue's list",
-    "heatmap slide missing or not the scan tiled": "bad input, beyond the issue's list",
-    "fluorescence or mis-decoded slide": "bad input (issue 17: slide quality at tiling)",
-    "malformed µm/px CSV": "bad input (issue 17: per-slide µm/px)",
+    "unreadable input file": "bad input",
+    "registry folder that is a file": "bad input",
+    "heatmap slide missing or not the scan tiled": "bad input",
+    "fluorescence or mis-decoded slide": "bad input",
+    "malformed µm/px CSV": "bad input",
     "kill -9 during tile": "interruption",
     "kill -9 during embed": "interruption",
     "kill -9 during pretrain": "interruption",
@@ -786,10 +786,10 @@ def test_stores_refuse_slide_ids_that_would_escape(world: World, tmp_path: Path)
 
 
 def test_every_fault_of_the_issue_has_a_case() -> None:
-    """The table covers every fault the issue lists (counting only cases that run)."""
+    """The table covers every fault of :data:`FAULTS` (counting only cases that run)."""
     from tests.test_reliability_interrupt import SCENARIOS
 
     tried = {c.fault for c in CASES} | {fault for fault, _ in SCENARIOS.values()}
-    assert set(FAULTS) - tried == set(), "faults of the issue without a case"
+    assert set(FAULTS) - tried == set(), "faults without a case"
     assert tried - set(FAULTS) == set(), "cases naming a fault the table does not know"
     assert len({c.name for c in CASES}) == len(CASES), "case names must be unique"

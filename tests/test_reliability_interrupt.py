@@ -1,4 +1,4 @@
-"""Reliability (issue 10), part 2: ``kill -9`` and concurrent runs lose no work.
+"""Reliability, part 2: ``kill -9`` and concurrent runs lose no work.
 
 Each row of :data:`SCENARIOS` is one test below (``test_`` + the row's name, ``/`` and ``-``
 as ``_``), except the registry row, which is the test it names (it already runs in the
@@ -37,7 +37,7 @@ from histcode.tilestore import TileStore
 
 PRETRAIN_CONFIGS = Path(__file__).resolve().parents[1] / "histcode" / "configs" / "pretrain"
 
-#: name → (the fault of the issue it tries, what must happen)
+#: name → (the fault it tries, a key of test_reliability.FAULTS; what must happen)
 SCENARIOS: dict[str, tuple[str, str]] = {
     "tile/kill-9-then-rerun": (
         "kill -9 during tile",

@@ -522,11 +522,12 @@ def predict(module: MILModule, loader: Any, trainer: pl.Trainer | None = None) -
 def predictions_frame(labels: Labels, results: list[FoldResult], tumour: bool) -> pd.DataFrame:
     """One row per test slide: ids, fold, then predictions and truth of each task.
 
-    Columns (``DESIGN.md``): ``slide_id``, ``patient_id``, ``sample_id``, ``site`` (tissue
-    source site, ``""`` when unknown), ``fold``, ``tumour_prob``, ``tumour_true``, and per
-    gene ``<GENE>_log2fc_pred``, ``<GENE>_log2fc_true``, ``<GENE>_up_prob``,
-    ``<GENE>_class_true`` (up / down / unchanged, empty without target), and per categorical
-    task ``<task>_prob_<class>`` for each class and ``<task>_true`` (the class, empty without).
+    Columns (what ``predictions.csv`` holds): ``slide_id``, ``patient_id``, ``sample_id``,
+    ``site`` (tissue source site, ``""`` when unknown), ``fold``, ``tumour_prob``,
+    ``tumour_true``, and per gene ``<GENE>_log2fc_pred``, ``<GENE>_log2fc_true``,
+    ``<GENE>_up_prob``, ``<GENE>_class_true`` (up / down / unchanged, empty without target),
+    and per categorical task ``<task>_prob_<class>`` for each class and ``<task>_true`` (the
+    class, empty without).
     """
     names = labels.class_names()
     category_names = {task: labels.category_names(task) for task in labels.categories}

@@ -201,7 +201,7 @@ def patient_level(frame: pd.DataFrame, gene: str) -> pd.DataFrame:
     if "patient_id" not in frame:
         raise ValueError(
             "predictions have no patient_id column; the per-patient tests need it. Write "
-            "predictions.csv with slide_id, patient_id, fold, … (DESIGN.md)"
+            "predictions.csv with slide_id, patient_id, fold, … as histcode finetune writes it"
         )
     cols = [f"{gene}_log2fc_pred", f"{gene}_log2fc_true", f"{gene}_up_prob"]
     sub = frame[np.isfinite(frame[f"{gene}_log2fc_true"].to_numpy(np.float64))]

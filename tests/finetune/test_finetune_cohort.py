@@ -1,8 +1,10 @@
-"""Real TCGA downloads in, correct labels out (issue 17, items 1-5).
+"""Real TCGA downloads in, correct labels out.
 
 Every layout (GDC folder with both sample-sheet forms, cBioPortal, both Xena flavours, our
 own TSV) is written by the tests exactly as shipped, from one known TPM matrix, and must give
-the same targets as that clean matrix; every silent-wrong case of the issue is checked.
+the same targets as that clean matrix; every way a download could silently give wrong
+targets (slides matched to the wrong sample, units taken for others, other normal types in
+the reference) is checked.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def run_cohort(*args: str) -> tuple[int, dict | None]:
     return run_captured(["cohort", *args])
 
 
-# -- item 2: matching ---------------------------------------------------------------------------
+# -- matching slides to expression samples ------------------------------------------------------
 
 
 def test_dx_slide_matches_the_only_rna_sample_of_its_type() -> None:
@@ -103,7 +105,7 @@ def test_all_dx_cohort_gets_gene_targets(download) -> None:
     assert len(a04p) == 2 and labels.sample_ids[a04p[0]] == labels.sample_ids[a04p[1]]
 
 
-# -- item 4: normal reference -------------------------------------------------------------------
+# -- the normal reference -----------------------------------------------------------------------
 
 
 def test_other_normal_types_stay_out_of_the_reference(download) -> None:
@@ -137,7 +139,7 @@ def test_other_normal_types_stay_out_of_the_reference(download) -> None:
         )
 
 
-# -- item 3: units ------------------------------------------------------------------------------
+# -- units --------------------------------------------------------------------------------------
 
 
 def test_xena_log_matrix_is_refused_as_tpm_and_unlogged_on_request(download) -> None:
@@ -201,7 +203,7 @@ def test_negative_matrix_names_the_cell_and_fix(tmp_path: Path, download) -> Non
         load_labels(None, path, download.slide_ids, genes=["MYC"], strict=False)
 
 
-# -- item 1: histcode cohort on every download layout -------------------------------------------
+# -- histcode cohort on every download layout ---------------------------------------------------
 
 
 def _check_tables(out: Path, d) -> dict:

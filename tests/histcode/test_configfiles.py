@@ -60,8 +60,9 @@ def test_names_resolve_and_files_win(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_readme_config_paths_work_from_the_repository_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``configs/<stage>/<name>.yaml`` (README, DESIGN.md) is not a file in a clone's root since
-    the configs live in ``histcode/configs/``: it names the shipped file; a file on disk wins."""
+    """``configs/<stage>/<name>.yaml`` (as the README writes it) is not a file in a clone's root
+    since the configs live in ``histcode/configs/``: it names the shipped file; a file on disk
+    wins."""
     monkeypatch.chdir(REPO_ROOT)
     assert not Path("configs/pretrain/simclr.yaml").exists()
     argv = ["--config", "configs/pretrain/simclr.yaml", "--config=configs/pretrain/cpu_smoke.yaml"]
