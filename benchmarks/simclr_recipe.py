@@ -1,12 +1,12 @@
 """SimCLR recipes A/B'd by the tile probe: which recipe gives features that find tumour tiles.
 
-Issue 16, item 2: a recipe change only counts when the hard cohort's tile probe shows it. The
-ceiling benchmark (:mod:`benchmarks.ceiling`) measures a recipe through ``histcode pretrain``,
-which reads every batch's tiles from the slides (minutes per 1,000 steps on a loaded CPU, plus
-a registry round trip); this one loads every tile of a tile store into memory once (cached as
-an ``.npz`` under ``--work``) and trains there, so a recipe costs ~40 s of an idle core per
-1,000 steps of 32 tiles at 64 px (50–75 s on 2 cores at load 6–8), and a dozen variants × 3
-seeds fit in an hour.
+A recipe change only counts when the hard cohort's tile probe shows it. The ceiling benchmark
+(:mod:`benchmarks.ceiling`) measures a recipe through ``histcode pretrain``, which reads every
+batch's tiles from the slides (minutes per 1,000 steps on a loaded CPU, plus a registry round
+trip); this one loads every tile of a tile store into memory once (cached as an ``.npz`` under
+``--work``) and trains there, so a recipe costs ~40 s of an idle core per 1,000 steps of 32
+tiles at 64 px (50–75 s on 2 cores at load 6–8), and a dozen variants × 3 seeds fit in an
+hour.
 
 What it trains is ``histcode pretrain``'s own model: :class:`histcode.pretrain.module.
 ContrastiveModule` (the encoder from the zoo, lightly's SimCLR projection head and NT-Xent
@@ -989,7 +989,7 @@ SPEC = Benchmark(
         "same seeds on the hard cohort by more than the seed spread",
     ),
     section=Section(
-        "SimCLR recipes: what pretraining adds to the tile features (issue 16, item 2)",
+        "SimCLR recipes: what pretraining adds to the tile features",
         recipe_section,
         order=25,
     ),
