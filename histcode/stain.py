@@ -38,10 +38,12 @@ image, so that they do not depend on how much background the tiles hold.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: tiling estimates stains without it
+    import torch
 
 #: Light through bare glass in the OD transform (Macenko et al., torchstain).
 IO = 240.0
@@ -141,6 +143,8 @@ REFERENCE = StainParams(
 
 def _as_uint8_tiles(tiles: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
     """``(N, 3, H, W)`` (or one ``(3, H, W)`` tile) uint8 as a torch tensor, checked."""
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(tiles)) if isinstance(tiles, np.ndarray) else tiles
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}: expected a numpy array or torch tensor, got {type(tiles)}")
@@ -154,8 +158,19 @@ def _as_uint8_tiles(tiles: np.ndarray | torch.Tensor, what: str) -> torch.Tensor
 
 
 def optical_density(tiles: np.ndarray | torch.Tensor) -> np.ndarray:
-    """``(3, N·H·W)`` float64 OD of uint8 tiles ``(N, 3, H, W)``: ``-ln((I + 1) / Io)``."""
-    x = _as_uint8_tiles(tiles, "optical_density").cpu().numpy()
+    """``(3, N·H·W)`` float64 OD of uint8 tiles ``(N, 3, H, W)``: ``-ln((I + 1) / Io)``.
+
+    Numpy tiles are converted without importing torch (``histcode tile --stain_norm``)."""
+    if isinstance(tiles, np.ndarray):
+        x = tiles[None] if tiles.ndim == 3 else tiles
+        if x.dtype != np.uint8:
+            raise ValueError(f"optical_density: expected uint8 RGB tiles, got {x.dtype}")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(
+                f"optical_density: expected tiles of shape (N, 3, H, W), got {tiles.shape}"
+            )
+    else:
+        x = _as_uint8_tiles(tiles, "optical_density").cpu().numpy()
     pixels = x.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
     return -np.log((pixels + 1.0) / IO)
 
@@ -242,7 +257,7 @@ _OD_TABLE = -np.log((np.arange(256, dtype=np.float64) + 1.0) / IO)
 class TileNormaliser:
     """One slide's normalisation, precomputed, applied to one channels-last tile at a time.
 
-    The tile reader's per-tile path (:class:`histcode.tilereader.TileDataset`); built once per
+    The tile reader's per-tile path (:class:`histcode.tilereader.TileDataset`); made once per
     slide from its OD map (:func:`od_map`). Since ``I_out = Io·exp(-M · OD(I)) − 1`` and each
     ``OD`` depends on one channel's uint8 value, ``exp(-M·OD)`` is a product of three factors
     each looked up in a 256-entry table: a tile costs 9 table look-ups and 6 multiplications
@@ -251,31 +266,51 @@ class TileNormaliser:
     :func:`normalise` within 1 grey level (float32 rounding). A map so extreme that a product
     could leave float32's range falls back to the direct ``exp`` (slower, same result).
 
+    The tables (9 KB) are built on first use in each process and not pickled, so that a tile
+    index of many slides travels to loader workers as one ``3 × 3`` matrix a slide.
+
     Args:
         od_matrix: ``(3, 3)`` the slide's map, ``od_map(source, target)``.
+        use_tables: False: always the direct ``exp``.
     """
 
-    def __init__(self, od_matrix: np.ndarray) -> None:
+    def __init__(self, od_matrix: np.ndarray, use_tables: bool = True) -> None:
         m = np.asarray(od_matrix, dtype=np.float64)
         if m.shape != (3, 3) or not np.isfinite(m).all():
             raise ValueError(f"od_matrix must be a finite 3 × 3 matrix, got {m.shape}")
-        self.od_matrix = m.astype(np.float32)
-        # log of factor (c, k, v): -M[c, k]·OD[v]; the products' logs must stay within float32
-        logs = -m[:, :, None] * _OD_TABLE[None, None, :]
-        logs[:, 0] += np.log(IO)
-        safe = logs.max(axis=2).sum(axis=1).max() < 80 and logs.min(axis=2).sum(axis=1).min() > -80
-        self.tables = np.exp(logs).astype(np.float32) if safe else None
+        self.od_matrix = m
+        self.use_tables = use_tables
+        self._tables: np.ndarray | None = None
+
+    @property
+    def tables(self) -> np.ndarray | None:
+        """``(3, 3, 256)`` float32 factors ``Io^[k=0]·exp(-M[c, k]·OD[v])``, or None where the
+        direct ``exp`` is used (``use_tables`` false, or a map that could leave float32)."""
+        if self._tables is None and self.use_tables:
+            logs = -self.od_matrix[:, :, None] * _OD_TABLE[None, None, :]
+            logs[:, 0] += np.log(IO)
+            high = logs.max(axis=2).sum(axis=1).max()
+            low = logs.min(axis=2).sum(axis=1).min()
+            if high < 80 and low > -80:  # every product within float32 (e^±88)
+                self._tables = np.exp(logs).astype(np.float32)
+            else:
+                self.use_tables = False
+        return self._tables
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tables": None}
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` uint8 RGB → the normalised tile, a new ``(H, W, 3)`` uint8 array."""
         if tile.dtype != np.uint8 or tile.ndim != 3 or tile.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) uint8 tile, got {tile.dtype} {tile.shape}")
         out = np.empty(tile.shape, np.uint8)
-        if self.tables is None:
+        t = self.tables
+        if t is None:
             od = _OD_TABLE.astype(np.float32)[tile].reshape(-1, 3)
-            channels = np.exp(-(od @ self.od_matrix.T)).T.reshape(3, *tile.shape[:2]) * IO
+            mapped = od @ self.od_matrix.T.astype(np.float32)
+            channels = np.exp(-mapped).T.reshape(3, *tile.shape[:2]) * IO
         else:
-            t = self.tables
             rgb = [tile[..., k] for k in range(3)]
             channels = []
             for c in range(3):
@@ -315,6 +350,8 @@ def normalise(
         uint8 tiles of the same shape and kind (a numpy array for a numpy input; a tensor on
         the input's device for a tensor).
     """
+    import torch
+
     x = _as_uint8_tiles(tiles, "normalise")
     m = torch.as_tensor(od_map(source, target), dtype=torch.float32, device=x.device)
     out = torch.empty_like(x)

@@ -55,7 +55,6 @@ from histcode.slide import (
     slide_id,
 )
 from histcode.slideqc import QC_MODES, QCMode, measure_brightfield
-from histcode.tilereader import SlideGeometry, read_tile
 from histcode.tilestore import TileStore
 
 log = logging.getLogger(__name__)
@@ -65,6 +64,9 @@ log = logging.getLogger(__name__)
 STAIN_MIN_PIXELS = 10_000
 #: Seed of the draw of the tiles (and pixels) a slide's stains are estimated from.
 STAIN_SEED = 0
+#: Most pixels (tissue and glass) of a slide's sampled tiles that enter its stain estimate,
+#: drawn evenly from the tiles (bounds its memory: 128 tiles of 512 px hold 33 M pixels).
+STAIN_MAX_PIXELS = 2_000_000
 #: Parameters an existing store must share with a run that adds slides to it.
 MUST_MATCH = ("mpp", "tile_size", "min_tissue", "seg_mpp", "seg_coarsen", "stain_norm")
 #: The value of a parameter in a store made before the parameter existed.
@@ -221,7 +223,7 @@ def _verify(reader: SlideReader, coords: np.ndarray, side: float, level: int, n:
 
 def estimate_slide_stains(
     reader: SlideReader,
-    geometry: SlideGeometry,
+    slide_attrs: dict[str, Any],
     coords: np.ndarray,
     tile_size: int,
     n_tiles: int,
@@ -230,11 +232,14 @@ def estimate_slide_stains(
     """A slide's Macenko stains from a seeded random sample of its tiles.
 
     The tiles are read as the tile reader reads them (:func:`read_tile`: the store's pyramid
-    level and resolution), so the stains are those of the pixels they will normalise.
+    level and resolution), so the stains are those of the pixels they will normalise. At most
+    :data:`STAIN_MAX_PIXELS` of their pixels, the same number from each tile, enter the
+    estimate (of which at most a million tissue pixels, :func:`~histcode.stain.estimate_macenko`).
 
     Args:
         reader: the open slide.
-        geometry: where and at which level its tiles are read.
+        slide_attrs: the slide's tile-store attrs so far (where and at which level its tiles
+            are read: ``path``, ``level``, ``tile_size_level0``, …).
         coords: (N, 2) the slide's tiles (its tissue tiles).
         tile_size: tile side at the store's µm/px.
         n_tiles: tiles drawn (all of them when there are fewer).
@@ -247,13 +252,22 @@ def estimate_slide_stains(
     Raises:
         SlideError: too little tissue in the sample, or one stain only; says what to do.
     """
+    # tilereader (with torch) only here: tiling without --stain_norm stays free of torch
+    from histcode.tilereader import SlideGeometry, read_tile
+
+    geometry = SlideGeometry.from_attrs(slide_id(slide_attrs["path"]), slide_attrs)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(coords), min(n_tiles, len(coords)), replace=False))
-    tiles = np.stack([read_tile(reader, geometry, coords[i], tile_size) for i in chosen])
+    per_tile = min(tile_size * tile_size, max(1, STAIN_MAX_PIXELS // len(chosen)))
+    pixels = []
+    for i in chosen:
+        rgb = read_tile(reader, geometry, coords[i], tile_size).reshape(-1, 3)
+        if per_tile < len(rgb):
+            rgb = rgb[rng.choice(len(rgb), per_tile, replace=False)]
+        pixels.append(rgb)
+    as_tiles = np.concatenate(pixels)[:, :, None, None]  # (P, 3, 1, 1): pixels as 1-px tiles
     try:
-        params = stain.estimate_macenko(
-            tiles.transpose(0, 3, 1, 2), min_pixels=STAIN_MIN_PIXELS, seed=seed
-        )
+        params = stain.estimate_macenko(as_tiles, min_pixels=STAIN_MIN_PIXELS, seed=seed)
     except ValueError as err:
         raise SlideError(
             f"{geometry.path}: cannot estimate its stains for --stain_norm macenko from "
@@ -356,11 +370,7 @@ def tile_slide(
             _verify(reader, coords, side, level, params.verify_tiles)
             if params.stain_norm == "macenko" and len(coords):
                 attrs["stain"] = estimate_slide_stains(
-                    reader,
-                    SlideGeometry.from_attrs(sid, attrs),
-                    coords,
-                    params.tile_size,
-                    params.stain_tiles,
+                    reader, attrs, coords, params.tile_size, params.stain_tiles
                 )
         attrs["status"] = "ok" if len(coords) else "empty"
         if not len(coords):
@@ -668,7 +678,8 @@ def _check_no_mixed_stains(store: TileStore, stain_norm: str, redone: set[str]) 
         raise ValueError(
             f"{store.path} holds {len(kept)} slide(s) tiled with stain_norm "
             f"{store.stain_norm!r} that --slides does not include ({shown}); --overwrite "
-            f"with --stain_norm {stain_norm} would leave them mixed with normalised ones. "
+            f"with --stain_norm {stain_norm} would leave them mixed with slides tiled with "
+            f"stain_norm {stain_norm!r}. "
             "Include them in --slides, or tile into a new --out."
         )
 

@@ -8,11 +8,14 @@ Each is a synthetic slide re-encoded pixel by pixel, level by level, into a new 
 * ``inverted``: 255 − RGB (dark glass, light tissue);
 * ``ycbcr``: the pixels' YCbCr (JPEG, BT.601 full range) stored as RGB, as a DICOM read
   without its YCbCr→RGB conversion looks (teal tissue on salmon glass);
-* ``grb``, ``gbr``, ``brg``, ``rbg``, ``bgr``: the RGB channels in another order.
+* ``grb``, ``gbr``, ``brg``, ``rbg``, ``bgr``: the RGB channels in another order;
+
+or by any function of the pixels (:func:`write_recoloured` takes one, e.g. a stain cast).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +56,11 @@ def recolour(rgb: np.ndarray, kind: str) -> np.ndarray:
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def write_recoloured(src: Path, dst: Path, kind: str) -> Path:
+def write_recoloured(src: Path, dst: Path, kind: str | Callable[[np.ndarray], np.ndarray]) -> Path:
     """Write ``src`` (a small slide with µm/px) recoloured as ``kind`` to ``dst``.
+
+    ``kind`` names a recolouring of :func:`recolour`, or is a function of ``(h, w, 3)`` uint8
+    pixels returning the new ones.
 
     Each level of the new pyramid is recoloured from the same level of the source (or from
     level 0 averaged, where the source has no such level, as a single-level real slide);
@@ -79,6 +85,7 @@ def write_recoloured(src: Path, dst: Path, kind: str) -> Path:
             ).convert("RGB")
             if reduce > 1:
                 region = region.reduce(reduce)
-            return recolour(np.asarray(region)[:height, :width], kind)
+            pixels = np.asarray(region)[:height, :width]
+            return kind(pixels) if callable(kind) else recolour(pixels, kind)
 
         return write_pyramid(dst, spec, render)

@@ -78,6 +78,7 @@ def test_run_registers_the_encoder_with_its_card(smoke_run: dict) -> None:
     assert card.extra["trainer"]["max_steps"] == 50 and card.extra["tiles"] == str(
         smoke_run["tiles"].resolve()
     )
+    assert card.extra["stain_norm"] == "none"  # the tiles' stain normalisation (embed checks it)
     assert encoder(torch.randn(2, 3, 64, 64)).shape == (2, 64)
 
 
