@@ -19,7 +19,9 @@ Whatever parses its options, it ends the same way, through this kit:
 - :func:`run_function` turns a typed function returning a :class:`CommandResult` into a whole
   command (``tile``, ``embed``, ``synth``, ``cohort``, ``heatmap``, ``demo``): its parameters
   and Google docstring become the options and ``--help``, with ``--config`` and
-  ``--print_config``.
+  ``--print_config``. :func:`adapter` makes that function from a library function (its
+  parameters and their docs defined once, on the library function) and a function that turns
+  the library's return value into the :class:`CommandResult`.
 
 ``finetune`` builds its own parser (typed option groups and every ``pytorch_lightning.Trainer``
 argument) and ``pretrain`` keeps ``LightningCLI`` as its parser (Lightning's ``--trainer.*``,
@@ -33,8 +35,10 @@ This module imports only the standard library at import time (``histcode --help`
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import json
+import operator
 import re
 import sys
 import time
@@ -272,3 +276,45 @@ def run_function(
     except USAGE_ERRORS as err:
         return usage_error(prog, err)
     return finish(outcome, command, config, time.perf_counter() - start)
+
+
+def adapter(
+    library: Callable[..., Any], outcome: Callable[..., CommandResult]
+) -> Callable[..., CommandResult]:
+    """A command function for :func:`run_function` made from a library function.
+
+    The command takes the library function's parameters, defaults and docstring (its first
+    paragraph is the command's description, its ``Args`` the options' help), calls it, and
+    returns ``outcome(returned, **arguments)``. On a command line every value is text, so a
+    parameter typed ``Path | str`` (a library accepting either) is parsed as a ``Path``.
+
+    Args:
+        library: the library function; every parameter typed, documented in ``Args``.
+        outcome: ``(returned, **arguments) -> CommandResult``: the result line, the details
+            for ``summary.json`` and the exit status.
+
+    Returns:
+        The command function.
+    """
+    hints = typing.get_type_hints(library)
+    params = [
+        p.replace(annotation=_command_line_type(hints[p.name]))
+        for p in inspect.signature(library).parameters.values()
+    ]
+
+    @functools.wraps(library)
+    def command(**arguments: Any) -> CommandResult:
+        return outcome(library(**arguments), **arguments)
+
+    command.__signature__ = inspect.Signature(params, return_annotation=CommandResult)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params} | {"return": CommandResult}
+    return command
+
+
+def _command_line_type(hint: Any) -> Any:
+    """``Path | str`` (or ``str | Path``, with or without ``None``) -> ``Path`` (``| None``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if Path in options and str in options:
+            return functools.reduce(operator.or_, [o for o in options if o is not str])
+    return hint

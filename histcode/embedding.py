@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from histcode.builders import UnknownNameError
-from histcode.commandkit import EXIT_OK, EXIT_PARTIAL, CommandResult, run_function
+from histcode.commandkit import EXIT_OK, EXIT_PARTIAL, CommandResult, adapter, run_function
 from histcode.encoders import Encoder, create_encoder, encoders
 from histcode.featurestore import FeatureStore
 from histcode.registry import Registry
@@ -271,10 +271,46 @@ def embed_store(
     shard: str = "0/1",
     seed: int = 0,
     overwrite: bool = False,
-    progress: bool = True,
     allow_stain_mismatch: bool = False,
+    progress: bool = True,
 ) -> EmbedReport:
-    """Embed every tile of a tile store into a feature store (see :func:`embed`)."""
+    """Run a frozen encoder over every tile of a tile store and write features.zarr.
+
+    Tiles are read straight from the slides at the tile store's pyramid level (stain-
+    normalised when the store was tiled with --stain_norm); features are streamed to zarr per
+    slide. Rerunning skips finished slides and redoes partial ones; slides that failed tiling
+    are carried over as failed (exit status 1). An encoder whose card says it was pretrained
+    on tiles with another --stain_norm than the store's is refused (see
+    --allow_stain_mismatch).
+
+    Args:
+        tiles: the tile store (from ``histcode tile``).
+        out: the feature store to write (zarr v3 folder, e.g. features.zarr).
+        encoder: a registry ref (``name``, ``name@3``, ``name@latest``), or for baselines a
+            zoo name (``resnet18``, ``resnet50_trunc``, ``tiny``, ``timm:…``) with random
+            weights or the local ``--weights`` file. Registry names win over zoo names.
+        weights: local weights file for a zoo encoder (ImageNet or foundation-model weights).
+        registry: registry folder (default: $HISTCODE_REGISTRY, else ./registry).
+        batch_size: tiles per forward pass.
+        workers: DataLoader worker processes decoding tiles (0 reads in the main process;
+            default: every core but one on a GPU, half the cores on CPU).
+        dtype: storage type of the features.
+        device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda[:N]``.
+        precision: ``auto`` (bf16 autocast on a GPU, float32 on CPU), ``32`` or ``bf16``.
+        shard: ``i/n`` embeds every n-th slide starting at i; shards may run at once, on
+            several hosts, into one store; their union equals an unsharded run.
+        seed: seed of the random weights of a zoo encoder without ``--weights``.
+        overwrite: replace an existing store's slides (and its encoder).
+        allow_stain_mismatch: embed with an encoder pretrained on tiles of another stain
+            normalisation than the store's (its card's stain_norm vs the store's): refused
+            otherwise, since its features would describe colours it never saw. The mismatch
+            is logged, listed under 'warnings' in the result line and recorded in the feature
+            store's attrs (stain_mismatch).
+        progress: show a progress bar.
+
+    Returns:
+        Each slide's status and error, the tiles embedded and the stain settings.
+    """
     import time
 
     if batch_size < 1 or (workers is not None and workers < 0):
@@ -540,74 +576,8 @@ def _run_batches(
     bar.close()
 
 
-def embed(
-    tiles: Path,
-    out: Path,
-    encoder: str,
-    weights: str | None = None,
-    registry: str | None = None,
-    batch_size: int = 64,
-    workers: int | None = None,
-    dtype: Literal["float32", "float16"] = "float32",
-    device: str = "auto",
-    precision: Literal["auto", "32", "bf16"] = "auto",
-    shard: str = "0/1",
-    seed: int = 0,
-    overwrite: bool = False,
-    allow_stain_mismatch: bool = False,
-    progress: bool = True,
-) -> CommandResult:
-    """Run a frozen encoder over every tile of a tile store and write features.zarr.
-
-    Tiles are read straight from the slides at the tile store's pyramid level (stain-
-    normalised when the store was tiled with --stain_norm); features are streamed to zarr per
-    slide. Rerunning skips finished slides and redoes partial ones; slides that failed tiling
-    are carried over as failed (exit status 1). An encoder whose card says it was pretrained
-    on tiles with another --stain_norm than the store's is refused (see
-    --allow_stain_mismatch).
-
-    Args:
-        tiles: the tile store (from ``histcode tile``).
-        out: the feature store to write (zarr v3 folder, e.g. features.zarr).
-        encoder: a registry ref (``name``, ``name@3``, ``name@latest``), or for baselines a
-            zoo name (``resnet18``, ``resnet50_trunc``, ``tiny``, ``timm:…``) with random
-            weights or the local ``--weights`` file. Registry names win over zoo names.
-        weights: local weights file for a zoo encoder (ImageNet or foundation-model weights).
-        registry: registry folder (default: $HISTCODE_REGISTRY, else ./registry).
-        batch_size: tiles per forward pass.
-        workers: DataLoader worker processes decoding tiles (0 reads in the main process;
-            default: every core but one on a GPU, half the cores on CPU).
-        dtype: storage type of the features.
-        device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda[:N]``.
-        precision: ``auto`` (bf16 autocast on a GPU, float32 on CPU), ``32`` or ``bf16``.
-        shard: ``i/n`` embeds every n-th slide starting at i; shards may run at once, on
-            several hosts, into one store; their union equals an unsharded run.
-        seed: seed of the random weights of a zoo encoder without ``--weights``.
-        overwrite: replace an existing store's slides (and its encoder).
-        allow_stain_mismatch: embed with an encoder pretrained on tiles of another stain
-            normalisation than the store's (its card's stain_norm vs the store's): refused
-            otherwise, since its features would describe colours it never saw. The mismatch
-            is logged, listed under 'warnings' in the result line and recorded in the feature
-            store's attrs (stain_mismatch).
-        progress: show a progress bar.
-    """
-    report = embed_store(
-        tiles,
-        out,
-        encoder,
-        weights,
-        registry,
-        batch_size,
-        workers,
-        dtype,
-        device,
-        precision,
-        shard,
-        seed,
-        overwrite,
-        progress,
-        allow_stain_mismatch,
-    )
+def _embed_outcome(report: EmbedReport, shard: str, **_: Any) -> CommandResult:
+    """``histcode embed``'s result line, summary details and exit status."""
     counts = Counter(s["status"] for s in report.slides)
     failed = [s["slide_id"] for s in report.slides if s["status"] == "failed"]
     result = {
@@ -633,6 +603,10 @@ def embed(
         EXIT_PARTIAL if failed else EXIT_OK,
         summary_name="summary.json" if n == 1 else f"summary-shard{i}of{n}.json",
     )
+
+
+#: ``histcode embed``: :func:`embed_store` as a command.
+embed = adapter(embed_store, _embed_outcome)
 
 
 def main(argv: Sequence[str], prog: str = "histcode embed") -> int:
