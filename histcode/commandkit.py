@@ -34,6 +34,7 @@ This module imports only the standard library at import time (``histcode --help`
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -279,7 +280,12 @@ def run_function(
 
 
 def adapter(
-    library: Callable[..., Any], outcome: Callable[..., CommandResult]
+    library: Callable[..., Any],
+    outcome: Callable[..., CommandResult],
+    *,
+    expand: Sequence[str] = (),
+    command_types: dict[str, Any] | None = None,
+    skip: Sequence[str] = (),
 ) -> Callable[..., CommandResult]:
     """A command function for :func:`run_function` made from a library function.
 
@@ -292,23 +298,68 @@ def adapter(
         library: the library function; every parameter typed, documented in ``Args``.
         outcome: ``(returned, **arguments) -> CommandResult``: the result line, the details
             for ``summary.json`` and the exit status.
+        expand: parameters of the library typed with a dataclass whose fields become options
+            of their own, in their place (``--mpp`` rather than ``--params.mpp``), documented
+            by the dataclass's ``Attributes``; the command builds the dataclass from them.
+        command_types: the command-line type of a parameter where it is narrower than the library's
+            (``{"slides": list[str]}``).
+        skip: parameters that are not options (callbacks); the library's defaults apply.
 
     Returns:
         The command function.
     """
     hints = typing.get_type_hints(library)
-    params = [
-        p.replace(annotation=_command_line_type(hints[p.name]))
-        for p in inspect.signature(library).parameters.values()
-    ]
+    docs = _doc_entries(library, "Args")
+    params: list[inspect.Parameter] = []
+    groups: dict[str, tuple[Any, list[str]]] = {}
+    for p in inspect.signature(library).parameters.values():
+        if p.name in skip:
+            continue
+        if p.name not in expand:
+            params.append(p.replace(annotation=_command_line_type(hints[p.name])))
+            continue
+        cls = hints[p.name]
+        field_hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        groups[p.name] = (cls, [f.name for f in fields])
+        docs |= _doc_entries(cls, "Attributes")
+        params += [
+            inspect.Parameter(f.name, p.kind, default=f.default, annotation=field_hints[f.name])
+            for f in fields
+        ]
+    params = [p.replace(annotation=(command_types or {}).get(p.name, p.annotation)) for p in params]
 
     @functools.wraps(library)
     def command(**arguments: Any) -> CommandResult:
-        return outcome(library(**arguments), **arguments)
+        called = {k: v for k, v in arguments.items() if not any(k in g[1] for g in groups.values())}
+        for name, (cls, names) in groups.items():
+            called[name] = cls(**{k: arguments[k] for k in names})
+        # looked up at each call: replacing it in its module (a test's monkeypatch) reaches here
+        current = getattr(sys.modules[library.__module__], library.__name__, library)
+        return outcome(current(**called), **arguments)
 
     command.__signature__ = inspect.Signature(params, return_annotation=CommandResult)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params} | {"return": CommandResult}
+    if groups:
+        description = (inspect.getdoc(library) or "").split("\n\n")[0]
+        entries = "".join(f"\n    {p.name}: {docs[p.name]}" for p in params if p.name in docs)
+        command.__doc__ = f"{description}\n\nArgs:{entries}\n"
     return command
+
+
+def _doc_entries(obj: Any, section: str) -> dict[str, str]:
+    """The entries of a Google docstring section (``Args``, ``Attributes``): name -> text."""
+    entries: dict[str, str] = {}
+    inside, name = False, None
+    for line in (inspect.getdoc(obj) or "").splitlines():
+        if line and not line.startswith(" "):
+            inside, name = line.strip() == f"{section}:", None
+        elif inside and (entry := re.match(r" {4}(\w+)(?: \(.*?\))?: (.*)", line)):
+            name = entry[1]
+            entries[name] = entry[2]
+        elif inside and name and line.strip():
+            entries[name] += " " + line.strip()
+    return entries
 
 
 def _command_line_type(hint: Any) -> Any:

@@ -44,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from histcode import stain
-from histcode.commandkit import EXIT_OK, EXIT_PARTIAL, CommandResult, run_function
+from histcode.commandkit import EXIT_OK, EXIT_PARTIAL, CommandResult, adapter, run_function
 from histcode.segmentation import SegmentationParams, segment_tissue
 from histcode.slide import (
     SLIDE_EXTENSIONS,
@@ -77,19 +77,28 @@ PARAM_DEFAULTS = {"stain_norm": "none"}
 class TilingParams:
     """What decides a slide's tiles (stored in the tile store's root attrs).
 
+    Each attribute is also an option of ``histcode tile`` (:func:`tile_slides`); its help is
+    the text below.
+
     Attributes:
-        mpp: target µm/px of the tiles.
+        mpp: target µm/px of the tiles (0.5 ≈ 20x, 0.25 ≈ 40x).
         tile_size: tile side in pixels at the target µm/px.
-        min_tissue: tiles with a smaller tissue fraction (0–1) are dropped.
-        seg_mpp: µm/px of the thumbnail that tissue is segmented on.
-        seg_coarsen: a pyramid level up to this many times coarser than ``seg_mpp`` may be
-            segmented instead, when the next finer one would cost many times more decoding
-            (40x Aperio pyramids have 4 and 16 µm/px levels: 16 is used, not 4).
-        verify_tiles: tiles per slide read back at the read level to detect damaged data.
-        stain_norm: ``none`` or ``macenko``: estimate each slide's stains and have the tile
-            reader normalise its tiles to the reference stains.
-        stain_tiles: tissue tiles per slide (drawn at random, seeded) the stains are
-            estimated from.
+        min_tissue: drop tiles whose tissue fraction is below this (0–1).
+        seg_mpp: µm/px of the thumbnail used for tissue segmentation.
+        seg_coarsen: segment a pyramid level up to this many times coarser than seg_mpp
+            when that spares decoding a much larger level (1 = never coarser; 40x Aperio
+            pyramids have 4 and 16 µm/px levels: 16 is used, not 4).
+        verify_tiles: tiles per slide read back (at the read level) to detect damaged tile
+            data (0 to skip).
+        stain_norm: 'macenko' normalises the stains of every slide: its stain matrix is
+            estimated from --stain_tiles of its tissue tiles and stored in the store, and
+            pretraining and embedding read its tiles mapped to Macenko's reference H&E
+            stains. A slide with too little tissue to estimate is failed, naming why.
+            'none' (default) reads the tiles as scanned. A store is normalised or not as a
+            whole: rerunning with another value is refused (use another --out, or
+            --overwrite to redo every slide).
+        stain_tiles: tissue tiles per slide (a seeded random draw) the stains are estimated
+            from.
     """
 
     mpp: float = 0.5
@@ -98,7 +107,7 @@ class TilingParams:
     seg_mpp: float = 8.0
     seg_coarsen: float = 2.0
     verify_tiles: int = 8
-    stain_norm: str = "none"
+    stain_norm: Literal["none", "macenko"] = "none"
     stain_tiles: int = 128
 
     def check(self) -> None:
@@ -551,21 +560,34 @@ def tile_slides(
     mpp_csv: Path | str | None = None,
     brightfield_qc: QCMode = "fail",
 ) -> TilingReport:
-    """Tile many slides into a tile store; resumable, one slide's failure stops nothing.
+    """Segment tissue and lay a grid of tiles at a target µm/px on each slide; write tiles.zarr.
+
+    Only tile coordinates are stored (never pixels). Rerunning skips finished slides and
+    retries failed ones. A slide that cannot be read, or that is not a brightfield H&E scan
+    (see --brightfield_qc), is recorded as failed with its error and the others still
+    complete (exit status 1). ``histcode tile`` is this function (:func:`tile`), with
+    ``params``'s attributes as options of their own.
 
     Args:
-        slides: slide files, folders or glob patterns.
-        out: the tile store (created if missing).
+        slides: slide files, folders (searched recursively) or glob patterns, e.g.
+            ``--slides cohort/slides`` or ``--slides a.svs b.ndpi``.
+        out: the tile store to write (a zarr v3 folder, e.g. tiles.zarr).
         params: tile geometry and thresholds (must match an existing store's).
         workers: slides tiled in parallel (processes).
         overwrite: redo slides already in the store.
-        mpp_override: level-0 µm/px for slides whose metadata has none (slides with it keep
-            theirs).
+        mpp_override: level-0 µm/px of the slides whose metadata has none (no OpenSlide mpp,
+            no TIFF resolution); it replaces the objective-power guess. Slides whose metadata
+            has a µm/px keep it: to change one, use --mpp_csv.
         progress: show a progress bar on stderr.
-        mpp_csv: a CSV of ``slide, mpp`` rows (:func:`read_mpp_csv`): those slides' level-0
-            µm/px, replacing their metadata (logged as a warning where the metadata has one).
-        brightfield_qc: ``fail`` | ``warn`` | ``off``: what a slide that does not look like
-            brightfield H&E gets (see :func:`tile_slide`).
+        mpp_csv: CSV of 'slide,mpp' rows (slide id or path, level-0 µm/px; a header row is
+            allowed): those slides' µm/px, replacing their metadata, with a warning naming
+            the slide and both values. A row naming a slide not in --slides is an error.
+        brightfield_qc: what happens to a slide whose thumbnail does not look like
+            brightfield H&E (dark or coloured glass, tissue brighter than glass, tissue
+            colours outside haematoxylin and eosin: fluorescence, inverted or mis-decoded
+            colours): 'fail' records it as failed naming the check and values; 'warn' tiles
+            it with a warning; 'off' tiles it silently. The measurements are stored in each
+            slide's 'qc' attrs either way.
 
     Returns:
         A report listing each slide's status, tiles and error.
@@ -735,81 +757,8 @@ def _warn_if_not_applied(attrs: dict[str, Any], row: SlideMpp | None, sid: str) 
     )
 
 
-def tile(
-    slides: list[str],
-    out: Path,
-    mpp: float = 0.5,
-    tile_size: int = 256,
-    min_tissue: float = 0.5,
-    seg_mpp: float = 8.0,
-    seg_coarsen: float = 2.0,
-    verify_tiles: int = 8,
-    workers: int = 1,
-    overwrite: bool = False,
-    mpp_override: float | None = None,
-    mpp_csv: Path | None = None,
-    brightfield_qc: Literal["fail", "warn", "off"] = "fail",
-    stain_norm: Literal["none", "macenko"] = "none",
-    stain_tiles: int = 128,
-    progress: bool = True,
-) -> CommandResult:
-    """Segment tissue and lay a grid of tiles at a target µm/px on each slide; write tiles.zarr.
-
-    Only tile coordinates are stored (never pixels). Rerunning skips finished slides and
-    retries failed ones. A slide that cannot be read, or that is not a brightfield H&E scan
-    (see --brightfield_qc), is recorded as failed with its error and the others still
-    complete (exit status 1).
-
-    Args:
-        slides: slide files, folders (searched recursively) or glob patterns, e.g.
-            ``--slides cohort/slides`` or ``--slides a.svs b.ndpi``.
-        out: the tile store to write (a zarr v3 folder, e.g. tiles.zarr).
-        mpp: target µm/px of the tiles (0.5 ≈ 20x, 0.25 ≈ 40x).
-        tile_size: tile side in pixels at the target µm/px.
-        min_tissue: drop tiles whose tissue fraction is below this (0–1).
-        seg_mpp: µm/px of the thumbnail used for tissue segmentation.
-        seg_coarsen: segment a pyramid level up to this many times coarser than seg_mpp
-            when that spares decoding a much larger level (1 = never coarser).
-        verify_tiles: tiles per slide read back to detect damaged tile data (0 to skip).
-        workers: slides tiled in parallel.
-        overwrite: redo slides already in the store.
-        mpp_override: level-0 µm/px of the slides whose metadata has none (no OpenSlide mpp,
-            no TIFF resolution); it replaces the objective-power guess. Slides whose metadata
-            has a µm/px keep it: to change one, use --mpp_csv.
-        mpp_csv: CSV of 'slide,mpp' rows (slide id or path, level-0 µm/px; a header row is
-            allowed): those slides' µm/px, replacing their metadata, with a warning naming
-            the slide and both values. A row naming a slide not in --slides is an error.
-        brightfield_qc: what happens to a slide whose thumbnail does not look like
-            brightfield H&E (dark or coloured glass, tissue brighter than glass, tissue
-            colours outside haematoxylin and eosin: fluorescence, inverted or mis-decoded
-            colours): 'fail' records it as failed naming the check and values; 'warn' tiles
-            it with a warning; 'off' tiles it silently. The measurements are stored in each
-            slide's 'qc' attrs either way.
-        stain_norm: 'macenko' normalises the stains of every slide: its stain matrix is
-            estimated from --stain_tiles of its tissue tiles and stored in the store, and
-            pretraining and embedding read its tiles mapped to Macenko's reference H&E
-            stains. A slide with too little tissue to estimate is failed, naming why.
-            'none' (default) reads the tiles as scanned. A store is normalised or not as a
-            whole: rerunning with another value is refused (use another --out, or
-            --overwrite to redo every slide).
-        stain_tiles: tissue tiles per slide (a seeded random draw) the stains are estimated
-            from.
-        progress: show a progress bar.
-    """
-    params = TilingParams(
-        mpp, tile_size, min_tissue, seg_mpp, seg_coarsen, verify_tiles, stain_norm, stain_tiles
-    )
-    report = tile_slides(
-        slides,
-        out,
-        params,
-        workers,
-        overwrite,
-        mpp_override,
-        progress,
-        mpp_csv=mpp_csv,
-        brightfield_qc=brightfield_qc,
-    )
+def _tile_outcome(report: TilingReport, stain_norm: str, **_: Any) -> CommandResult:
+    """``histcode tile``'s result line, summary details and exit status."""
     counts = report.counts
     result = {
         "out": str(report.store),
@@ -829,6 +778,10 @@ def tile(
         details={"slides": report.slides},
         exit_code=EXIT_PARTIAL if report.failed else EXIT_OK,
     )
+
+
+#: ``histcode tile``: :func:`tile_slides` as a command, :class:`TilingParams` as options.
+tile = adapter(tile_slides, _tile_outcome, expand=["params"], command_types={"slides": list[str]})
 
 
 def main(argv: Sequence[str], prog: str = "histcode tile") -> int:

@@ -420,29 +420,33 @@ def make_cohort(
     workers: int = 0,
     on_slide: Callable[[str, str], None] | None = None,
 ) -> Cohort:
-    """Write a synthetic cohort (slides, truth, expression, gene roles, slide table).
+    """Write a synthetic TCGA-style cohort: H&E-like pyramidal slides (Aperio SVS at 40x and
+    20x, some generic TIFF), an expression matrix of driver genes, and ground-truth masks.
 
     Rerunning with the same parameters on the same folder skips the slides already written;
-    a folder made with other parameters is refused.
+    a folder made with other parameters is refused. ``histcode synth`` is this function
+    (:mod:`histcode.synth.command`).
 
     Args:
-        out: output folder (created).
-        patients: number of patients; each has a tumour slide.
-        seed: random seed of everything.
-        difficulty: ``easy`` (large tumour regions, obvious morphology, mild stain
-            variation) or ``hard`` (small foci of ~2–6 % of tissue, subtle morphology, strong
+        out: Output folder (slides/, truth/, expression.tsv, genes.json, cohort.csv).
+        patients: Number of patients; each has a tumour slide.
+        seed: Random seed of everything.
+        difficulty: 'easy' (large tumour regions, obvious morphology, mild stain variation)
+            or 'hard' (small tumour foci of 2-6 % of the tissue, subtle morphology, strong
             per-site colour casts).
-        slide_mm: (width, height) of each slide in mm.
-        normal_fraction: fraction of patients that also have a normal slide (at least 2).
-        sites: number of tissue source sites (each with its own stain).
-        normal_sites: normal slides only from the first ``normal_sites`` sites (site
-            confounding: a site's stain then tells normal from tumour); as many normals as
-            without it (``normal_fraction``), at most the patients of those sites. ``None``
-            (default): normals from every site. Recorded in ``cohort.json`` only when set, so
-            cohorts made without it keep their parameters.
-        progress: show a progress bar on stderr.
-        workers: processes writing slides in parallel; 0 = one per CPU core (at most 8).
-        on_slide: called with (slide_id, ``written`` | ``skipped``) after each slide.
+        slide_mm: Width and height of each slide in mm, e.g. [4.0, 3.0].
+        normal_fraction: Fraction of patients that also have a normal slide (at least 2).
+        sites: Number of tissue source sites, each with its own stain.
+        normal_sites: Normal slides only from the first N sites (site confounding, as in
+            TCGA: a site's stain then tells normal from tumour, a shortcut that
+            'histcode finetune' exposes with its within-site tumour AUC); as many normals as
+            without it (normal_fraction), at most the patients of those sites; unset: every
+            site. Recorded in cohort.json only when set, so cohorts made without it keep
+            their parameters.
+        progress: Show a progress bar on stderr.
+        workers: Processes writing slides in parallel; 0 = one per CPU core (at most 8).
+        on_slide: called with (slide_id, ``written`` | ``skipped``) after each slide (not an
+            option of ``histcode synth``).
 
     Returns:
         The cohort.

@@ -1,61 +1,21 @@
-"""``histcode synth``: write a synthetic cohort."""
+"""``histcode synth``: write a synthetic cohort (:func:`histcode.synth.cohort.make_cohort`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any
 
-from histcode.commandkit import CommandResult, run_function
+from histcode.commandkit import CommandResult, adapter, run_function
+
+if TYPE_CHECKING:
+    from histcode.synth.cohort import Cohort
 
 
-def synth(
-    out: Path,
-    patients: int = 12,
-    seed: int = 0,
-    difficulty: Literal["easy", "hard"] = "hard",
-    slide_mm: tuple[float, float] = (4.0, 3.0),
-    normal_fraction: float = 0.5,
-    sites: int = 3,
-    normal_sites: int | None = None,
-    progress: bool = True,
-    workers: int = 0,
-) -> CommandResult:
-    """Write a synthetic TCGA-style cohort: H&E-like pyramidal slides (Aperio SVS at 40x and
-    20x, some generic TIFF), an expression matrix of driver genes, and ground-truth masks.
+def _synth_outcome(cohort: Cohort, out: Path, **_: Any) -> CommandResult:
+    """``histcode synth``'s result line, summary details and exit status."""
+    from histcode.synth.cohort import describe
 
-    Rerunning with the same options on the same folder skips the slides already written.
-
-    Args:
-        out: Output folder (slides/, truth/, expression.tsv, genes.json, cohort.csv).
-        patients: Number of patients; each has a tumour slide.
-        seed: Random seed of everything.
-        difficulty: 'easy' (large tumour regions, obvious morphology, mild stain variation)
-            or 'hard' (small tumour foci of 2-6 % of the tissue, subtle morphology, strong
-            per-site colour casts).
-        slide_mm: Width and height of each slide in mm, e.g. [4.0, 3.0].
-        normal_fraction: Fraction of patients that also have a normal slide (at least 2).
-        sites: Number of tissue source sites, each with its own stain.
-        normal_sites: Normal slides only from the first N sites (site confounding, as in
-            TCGA: a site's stain then tells normal from tumour, a shortcut that
-            'histcode finetune' exposes with its within-site tumour AUC); unset: every site.
-        progress: Show a progress bar on stderr.
-        workers: Processes writing slides in parallel; 0 = one per CPU core (at most 8).
-    """
-    from histcode.synth.cohort import describe, make_cohort
-
-    cohort = make_cohort(
-        out,
-        patients=patients,
-        seed=seed,
-        difficulty=difficulty,
-        slide_mm=slide_mm,
-        normal_fraction=normal_fraction,
-        sites=sites,
-        normal_sites=normal_sites,
-        progress=progress,
-        workers=workers,
-    )
     written = set(cohort.written)
     details = {
         "slides": [
@@ -68,5 +28,9 @@ def synth(
 
 
 def main(argv: Sequence[str], prog: str = "histcode synth") -> int:
-    """Entry point of ``histcode synth``."""
+    """Entry point of ``histcode synth``: :func:`~histcode.synth.cohort.make_cohort` as a
+    command (imported here, so that ``histcode --help`` stays light)."""
+    from histcode.synth.cohort import make_cohort
+
+    synth = adapter(make_cohort, _synth_outcome, skip=["on_slide"])
     return run_function(synth, argv, prog, "synth")
