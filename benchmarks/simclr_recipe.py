@@ -12,10 +12,12 @@ What it trains is ``histcode pretrain``'s own model: :class:`histcode.pretrain.m
 ContrastiveModule` (the encoder from the zoo, lightly's SimCLR projection head and NT-Xent
 loss, the batched :class:`~histcode.pretrain.augment.TileAugmentation`, AdamW with weight
 decay on weights only and lightly's warm-up + cosine schedule, from the module's own
-``configure_optimizers``), built from the demo's recipe (``histcode.demo._pretrain_config``:
-the tiny CNN, 64-d, width 16, projection 32, lr 2e-3, weight decay 1e-4, 10 warm-up steps,
-batch 32, temperature 0.1, the default augmentations) with a variant's overrides
-(:data:`VARIANTS`). The only difference from the pipeline is the data path: each step draws
+``configure_optimizers``), built from a base recipe (the demo's encoder and optimiser from
+``histcode.demo._pretrain_config``: the tiny CNN, 64-d, width 16, projection 32, lr 2e-3,
+weight decay 1e-4, 10 warm-up steps, batch 32; with SimCLR's temperature 0.1 and default
+augmentations, which the demo used until 2026-11-30) with a variant's overrides
+(:data:`VARIANTS`; ``demo`` is what the demo uses now: temperature 0.5, no colour jitter or
+grayscale). The only difference from the pipeline is the data path: each step draws
 its batch uniformly from all tiles of the store (with replacement) instead of an epoch's
 shuffle.
 
@@ -42,16 +44,16 @@ summary; its ``SPEC`` renders the report section. ``--merge`` adds earlier outpu
 (e.g. another cohort) to the summary.
 
     python -m benchmarks.simclr_recipe [--quick] [--difficulty hard] [--tiles STORE --cohort DIR]
-        [--variants demo temp05 …] [--define NAME='{"temperature": 0.3}'] [--seeds 0 1 2]
+        [--variants base demo temp05 …] [--define NAME='{"temperature": 0.3}'] [--seeds 0 1 2]
         [--steps 1000] [--merge OUT.json …]
 
 Measured on 2 shared CPU cores (hard cohort, 20 patients, 1 µm/px, 1,000 steps, seeds 0–2;
 see RESULTS.md): random init tumour tile AUC 0.789 ± 0.004, slide ceiling 0.53 ± 0.08; the
-demo's recipe 0.821 ± 0.033 / 0.67 ± 0.09 (as ``histcode pretrain`` gives it in the ceiling
+base recipe (the demo's until 11/2026) 0.821 ± 0.033 / 0.67 ± 0.09 (as ``histcode pretrain`` gives it in the ceiling
 benchmark); without colour jitter and grayscale 0.884 ± 0.017 / 0.80 ± 0.06, and with
 temperature 0.5 as well 0.896 ± 0.021 / 0.82 ± 0.05 — the only changes that beat random init
-by more than twice the seed spread; temperature alone, a lower learning rate and Macenko
-normalisation do not.
+by more than twice the seed spread (the demo now trains with the latter); temperature alone, a
+lower learning rate and Macenko normalisation do not.
 """
 
 from __future__ import annotations
@@ -72,13 +74,15 @@ import numpy as np
 
 from benchmarks.spec import Benchmark, Section, tail
 
-#: Named recipes: overrides of the demo's recipe. Keys: ``temperature``, ``lr``,
+#: Named recipes: overrides of the base recipe (:func:`demo_recipe`). Keys: ``temperature``, ``lr``,
 #: ``weight_decay``, ``warmup_steps``, ``min_lr_ratio``, ``projection_dim``, ``optimizer``
 #: (any :class:`ContrastiveModule` argument), ``batch_size``, ``augmentation`` (a dict of
 #: :class:`AugmentConfig` fields) and ``stain`` (``"macenko"``). The encoder is the demo's in
 #: every recipe (the random-init rows are its initial weights).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "demo": {},
+    "base": {},
+    # what histcode demo trains with (a test holds this to histcode.demo._pretrain_config)
+    "demo": {"temperature": 0.5, "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0}},
     "temp05": {"temperature": 0.5},
     "temp1": {"temperature": 1.0},
     "lr2e-4": {"lr": 2e-4},
@@ -88,9 +92,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "temp05_nocolour": {"temperature": 0.5, "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0}},
     "temp05_macenko": {"temperature": 0.5, "stain": "macenko"},
 }
-#: The variants of a full run (the runner's): the demo's recipe and the one-change A/Bs.
+#: The variants of a full run (the runner's): the base and the one-change A/Bs (``demo`` is
+#: ``temp05_nocolour``).
 FULL_VARIANTS = (
-    "demo", "temp05", "temp1", "lr2e-4", "nocolour", "temp05_nocolour", "temp05_macenko",
+    "base", "temp05", "temp1", "lr2e-4", "nocolour", "temp05_nocolour", "temp05_macenko",
 )  # fmt: skip
 #: Override keys that are not :class:`ContrastiveModule` arguments.
 RECIPE_KEYS = ("batch_size", "augmentation", "stain")
@@ -134,9 +139,25 @@ def demo_recipe() -> dict[str, Any]:
     config = _pretrain_config(options)
     defaults = inspect.signature(ContrastiveModule).parameters
     model = dict(config["model"])
-    model.setdefault("temperature", defaults["temperature"].default)
+    # the base recipe: the demo's encoder, optimiser and batch with SimCLR's own temperature
+    # and augmentations; the demo's choices of these two are the "demo" variant
+    model.pop("augmentation", None)
+    model["temperature"] = defaults["temperature"].default
     model.setdefault("method", defaults["method"].default)
     return {"model": model, "batch_size": int(config["data"]["batch_size"])}
+
+
+def demo_choices() -> dict[str, Any]:
+    """What the demo's recipe changes from the base: its temperature and augmentations."""
+    from histcode.demo import DemoOptions, _pretrain_config
+
+    options = DemoOptions(
+        patients=0, difficulty="", slide_mm=(0, 0), mpp=1.0, tile_size=64, pretrain_steps=1000,
+        batch_size=32, epochs=1, folds=3, baseline_encoder="resnet18", aggregator="abmil",
+        seed=0,
+    )  # fmt: skip
+    model = _pretrain_config(options)["model"]
+    return {"temperature": model["temperature"], "augmentation": model["augmentation"]}
 
 
 def recipe_for(overrides: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -186,7 +207,7 @@ def _augment_kwargs(augmentation: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe(overrides: dict[str, Any]) -> str:
-    """A variant's changes in words (``"the demo's recipe"`` for none)."""
+    """A variant's changes in words (the base recipe's description for none)."""
     parts = []
     for key, value in overrides.items():
         if key == "augmentation":
@@ -195,7 +216,7 @@ def describe(overrides: dict[str, Any]) -> str:
             parts.append(f"{value.capitalize()}-normalised tiles")
         else:
             parts.append(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}")
-    return ", ".join(parts) or "the demo's recipe"
+    return ", ".join(parts) or "SimCLR's temperature 0.1 and augmentations: the demo until 11/2026"
 
 
 # -- tiles --------------------------------------------------------------------------------------
@@ -774,7 +795,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--label", default=None, help="the cohort's name in the table")
     parser.add_argument(
         "--variants", nargs="*", default=None, choices=sorted(VARIANTS),
-        help="named recipes (default: demo temp05 …, quick: demo temp05)",
+        help="named recipes (default: base temp05 …, quick: base demo)",
     )  # fmt: skip
     parser.add_argument(
         "--define", type=_define, action="append", default=[], metavar="NAME=JSON",
@@ -801,7 +822,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.patients = args.patients or (8 if q else 20)
     args.slide_mm = tuple(args.slide_mm)
     if args.variants is None:
-        args.variants = [] if args.define else (["demo", "temp05"] if q else list(FULL_VARIANTS))
+        args.variants = [] if args.define else (["base", "demo"] if q else list(FULL_VARIANTS))
     args.defined = dict(args.define)
     if clash := set(args.defined) & set(VARIANTS):
         parser.error(f"--define {sorted(clash)}: a named variant already; choose another name")
@@ -954,7 +975,7 @@ def recipe_section(entry: dict[str, Any]) -> list[str]:
     lines += [
         f"Synthetic cohorts ({cohorts}). Each recipe trains `histcode pretrain`'s SimCLR module "
         f"in memory on every tile of the store for {', '.join(map(str, r.get('steps', [])))} "
-        f"steps (batches drawn uniformly); the base is the demo's recipe ({model.get('encoder')} "
+        f"steps (batches drawn uniformly); the base is the demo's recipe until 11/2026 ({model.get('encoder')} "
         f"{model.get('encoder_kwargs')}, projection {model.get('projection_dim')}, "
         f"{model.get('optimizer')} lr {model.get('lr')}, weight decay "
         f"{model.get('weight_decay')}, {model.get('warmup_steps')} warm-up steps then cosine, "

@@ -34,7 +34,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tiles = ceiling.make_tiles(work, cohort, "easy", 4, 1.0)
     argv = [
         "--tiles", str(tiles), "--cohort", str(cohort), "--work", str(work / "bench"),
-        "--variants", "demo", "temp05_macenko", "--seeds", "0", "--steps", str(STEPS),
+        "--variants", "base", "temp05_macenko", "--seeds", "0", "--steps", str(STEPS),
         "--tiles-per-slide", "60", "--label", "tiny",
     ]  # fmt: skip
     return {"work": work, "cohort": cohort, "tiles": tiles, "argv": argv}
@@ -48,7 +48,7 @@ def result(tiny: dict[str, Any]) -> dict[str, Any]:
 def test_a_run_gives_every_run_its_random_init_and_a_summary(result: dict[str, Any]) -> None:
     assert result["benchmark"] == "simclr_recipe" and result["seeds"] == [0]
     runs = {r["variant"]: r for r in result["runs"]}
-    assert set(runs) == {"demo", "temp05_macenko"}
+    assert set(runs) == {"base", "temp05_macenko"}
     for r in runs.values():
         assert r["status"] == "ok", r.get("error")
         assert r["steps"] == STEPS and r["pretrain"]["steps"] == STEPS
@@ -61,13 +61,13 @@ def test_a_run_gives_every_run_its_random_init_and_a_summary(result: dict[str, A
     assert {(r["stain"], r["seed"]) for r in result["random_init"]} == {(None, 0), ("macenko", 0)}
     rows = {(row["variant"], row["stain"]): row for row in result["summary"]}
     assert set(rows) == {
-        ("random init", None), ("random init", "macenko"), ("demo", None),
+        ("random init", None), ("random init", "macenko"), ("base", None),
         ("temp05_macenko", "macenko"),
     }  # fmt: skip
-    demo, init = rows[("demo", None)], rows[("random init", None)]
-    assert demo["tumour_tile_auc"]["mean"] == runs["demo"]["probe"]["tumour_tile_auc"]
+    demo, init = rows[("base", None)], rows[("random init", None)]
+    assert demo["tumour_tile_auc"]["mean"] == runs["base"]["probe"]["tumour_tile_auc"]
     # the paired difference is against the random init of the same seed and tiles
-    expected = runs["demo"]["probe"]["tumour_tile_auc"] - init["tumour_tile_auc"]["mean"]
+    expected = runs["base"]["probe"]["tumour_tile_auc"] - init["tumour_tile_auc"]["mean"]
     assert demo["tumour_tile_auc_vs_random"]["mean"] == pytest.approx(expected, abs=1e-4)
     assert "tumour_tile_auc_vs_random" not in init
     cohort = result["cohorts"]["tiny"]
@@ -102,11 +102,11 @@ def test_random_init_probe_is_a_probe_of_a_freshly_built_encoder(
 
 def test_a_variants_overrides_reach_the_module_it_trains(result: dict[str, Any]) -> None:
     runs = {r["variant"]: r for r in result["runs"]}
-    assert runs["demo"]["effective"]["temperature"] == pytest.approx(0.1)  # the demo's
+    assert runs["base"]["effective"]["temperature"] == pytest.approx(0.1)  # SimCLR's
     assert runs["temp05_macenko"]["effective"]["temperature"] == pytest.approx(0.5)
-    assert runs["demo"]["effective"]["lr"] == pytest.approx(0.002)
+    assert runs["base"]["effective"]["lr"] == pytest.approx(0.002)
     assert (
-        runs["demo"]["pretrain"]["aligned_loss"]
+        runs["base"]["pretrain"]["aligned_loss"]
         < runs["temp05_macenko"]["pretrain"]["aligned_loss"]
     )
 
@@ -180,7 +180,7 @@ def test_the_section_renders_the_table_next_to_random_init(result: dict[str, Any
     md = "\n".join(recipe.recipe_section(entry))
     lines = md.splitlines()
     init = next(i for i, x in enumerate(lines) if x.startswith("| tiny | random init (step 0) |"))
-    demo = next(i for i, x in enumerate(lines) if "| demo (the demo's recipe), 3 steps | 1 |" in x)
+    demo = next(i for i, x in enumerate(lines) if "| base (SimCLR's temperature 0.1 and augmentations: the demo until 11/2026), 3 steps | 1 |" in x)
     assert init < demo
     assert "temp05_macenko (temperature 0.5, Macenko-normalised tiles), 3 steps" in md
     assert "| tiny | temp1, seed 1 | failed: X |" in md
@@ -202,3 +202,13 @@ def test_a_stain_variant_on_a_normalised_store_is_refused(
     argv = ["--tiles", str(store), "--cohort", str(tiny["cohort"]), "--work", str(tmp_path)]
     with pytest.raises(ValueError, match="normalise its tiles twice"):
         recipe.main([*argv, "--variants", "temp05_macenko", "--seeds", "0", "--steps", "1"])
+
+
+def test_the_demo_variant_is_what_the_demo_trains_with() -> None:
+    """``demo`` must follow histcode demo's pretraining config, and ``base`` differ from it
+    only in the temperature and augmentations."""
+    assert recipe.VARIANTS["demo"] == recipe.demo_choices()
+    base, demo = recipe.recipe_for({}), recipe.recipe_for(recipe.VARIANTS["demo"])
+    assert base["augmentation"] == {} and base["model"]["temperature"] == pytest.approx(0.1)
+    assert demo["model"]["temperature"] == pytest.approx(0.5)
+    assert {k for k in base["model"] if base["model"][k] != demo["model"][k]} == {"temperature"}
