@@ -49,8 +49,9 @@ summary; its ``SPEC`` renders the report section. ``--merge`` adds earlier outpu
 
 Measured on 2 shared CPU cores (hard cohort, 20 patients, 1 µm/px, 1,000 steps, seeds 0–2;
 see RESULTS.md): random init tumour tile AUC 0.789 ± 0.004, slide ceiling 0.53 ± 0.08; the
-base recipe (the demo's until 11/2026) 0.821 ± 0.033 / 0.67 ± 0.09 (as ``histcode pretrain`` gives it in the ceiling
-benchmark); without colour jitter and grayscale 0.884 ± 0.017 / 0.80 ± 0.06, and with
+base recipe (the demo's until 11/2026) 0.821 ± 0.033 / 0.67 ± 0.09 (as ``histcode
+pretrain`` gives it in the ceiling benchmark); without colour jitter and grayscale 0.884 ±
+0.017 / 0.80 ± 0.06, and with
 temperature 0.5 as well 0.896 ± 0.021 / 0.82 ± 0.05 — the only changes that beat random init
 by more than twice the seed spread (the demo now trains with the latter); temperature alone, a
 lower learning rate and Macenko normalisation do not.
@@ -975,7 +976,8 @@ def recipe_section(entry: dict[str, Any]) -> list[str]:
     lines += [
         f"Synthetic cohorts ({cohorts}). Each recipe trains `histcode pretrain`'s SimCLR module "
         f"in memory on every tile of the store for {', '.join(map(str, r.get('steps', [])))} "
-        f"steps (batches drawn uniformly); the base is the demo's recipe until 11/2026 ({model.get('encoder')} "
+        "steps (batches drawn uniformly); the base is the demo's recipe until 11/2026 "
+        f"({model.get('encoder')} "
         f"{model.get('encoder_kwargs')}, projection {model.get('projection_dim')}, "
         f"{model.get('optimizer')} lr {model.get('lr')}, weight decay "
         f"{model.get('weight_decay')}, {model.get('warmup_steps')} warm-up steps then cosine, "

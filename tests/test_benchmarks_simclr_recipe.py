@@ -173,6 +173,11 @@ def test_aligned_loss_is_nt_xent_of_identical_views_of_orthogonal_tiles() -> Non
     assert recipe.aligned_loss(32, 1.0) < math.log(63)
 
 
+BASE_ROW = (
+    "| base (SimCLR's temperature 0.1 and augmentations: the demo until 11/2026), 3 steps | 1 |"
+)
+
+
 def test_the_section_renders_the_table_next_to_random_init(result: dict[str, Any]) -> None:
     failed = {"cohort": "tiny", "variant": "temp1", "seed": 1, "status": "failed", "error": "X"}
     r = {**result, "runs": [*result["runs"], failed]}
@@ -180,7 +185,7 @@ def test_the_section_renders_the_table_next_to_random_init(result: dict[str, Any
     md = "\n".join(recipe.recipe_section(entry))
     lines = md.splitlines()
     init = next(i for i, x in enumerate(lines) if x.startswith("| tiny | random init (step 0) |"))
-    demo = next(i for i, x in enumerate(lines) if "| base (SimCLR's temperature 0.1 and augmentations: the demo until 11/2026), 3 steps | 1 |" in x)
+    demo = next(i for i, x in enumerate(lines) if BASE_ROW in x)
     assert init < demo
     assert "temp05_macenko (temperature 0.5, Macenko-normalised tiles), 3 steps" in md
     assert "| tiny | temp1, seed 1 | failed: X |" in md
