@@ -65,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.spec import Benchmark, Section, fmt, tail
+from benchmarks.spec import Benchmark, Section, fmt, last_json, tail
 
 #: Field of view of a tile in µm at every resolution (the demo's 64 px at 1 µm/px).
 CONTEXT_UM = 64.0
@@ -824,15 +824,10 @@ def load_result(path: Path) -> dict[str, Any]:
     Raises:
         ValueError: the file holds no result of this benchmark.
     """
-    for line in reversed(path.read_text().strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if value.get("benchmark") == "ceiling":
-                return value
-    raise ValueError(f"--merge {path}: no JSON line of benchmarks.ceiling in it")
+    try:
+        return last_json(path.read_text(), "ceiling")
+    except ValueError:
+        raise ValueError(f"--merge {path}: no JSON line of benchmarks.ceiling in it") from None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.spec import PURE_LIMIT_SHARE, Benchmark, Row, Section, fmt, tail
+from benchmarks.spec import PURE_LIMIT_SHARE, Benchmark, Row, Section, fmt, last_json, tail
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The package whose modules are the benchmarks.
@@ -122,24 +122,6 @@ def command(bench: Benchmark, quick: bool, gpu: bool, extra: dict[str, list[str]
         args += bench.cpu
     args += extra.get(bench.name, [])
     return [sys.executable, "-m", f"{PACKAGE}.{bench.name}", *args]
-
-
-def last_json(stdout: str) -> dict[str, Any]:
-    """The last line of ``stdout`` that is a JSON object.
-
-    Raises:
-        ValueError: there is none.
-    """
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                return value
-    raise ValueError("printed no JSON line")
 
 
 def run_one(

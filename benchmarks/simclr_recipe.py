@@ -73,7 +73,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.spec import Benchmark, Section, tail
+from benchmarks.spec import Benchmark, Section, last_json, tail
 
 #: Named recipes: overrides of the base recipe (:func:`demo_recipe`). Keys: ``temperature``, ``lr``,
 #: ``weight_decay``, ``warmup_steps``, ``min_lr_ratio``, ``projection_dim``, ``optimizer``
@@ -577,15 +577,12 @@ def load_result(path: Path) -> dict[str, Any]:
     Raises:
         ValueError: the file holds none.
     """
-    for line in reversed(path.read_text().strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if value.get("benchmark") == "simclr_recipe":
-                return value
-    raise ValueError(f"--merge {path}: no JSON line of benchmarks.simclr_recipe in it")
+    try:
+        return last_json(path.read_text(), "simclr_recipe")
+    except ValueError:
+        raise ValueError(
+            f"--merge {path}: no JSON line of benchmarks.simclr_recipe in it"
+        ) from None
 
 
 # -- run ----------------------------------------------------------------------------------------

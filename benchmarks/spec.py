@@ -21,6 +21,7 @@ tested) without running it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,3 +141,22 @@ def tail(text: str, chars: int = 1500) -> str:
     """The end of ``text`` (an error message, a log), at most ``chars`` characters."""
     text = text.strip()
     return text if len(text) <= chars else "…" + text[-chars:]
+
+
+def last_json(text: str, benchmark: str | None = None) -> dict[str, Any]:
+    """The last line of ``text`` (a benchmark's stdout) that is a JSON object; with
+    ``benchmark``, the last whose ``"benchmark"`` field names it.
+
+    Raises:
+        ValueError: there is none.
+    """
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict) and benchmark in (None, value.get("benchmark")):
+                return value
+    raise ValueError("printed no JSON line")
