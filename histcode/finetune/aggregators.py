@@ -362,7 +362,28 @@ class CLAMSB(AttentionMIL):
         return F.binary_cross_entropy_with_logits(torch.cat(logits), target)
 
 
-class MeanMIL(nn.Module):
+class _PooledTileMLP(nn.Module):
+    """Scaled tile features through a tile MLP, for the pooling baselines (mean, max).
+
+    Args:
+        in_dim: tile feature size ``D``.
+        hidden: embedding size ``H``.
+        dropout: dropout after the tile MLP.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, hidden
+        self.scale = FeatureScaler(in_dim)
+        self.tile = _tile_mlp(in_dim, hidden, dropout)
+
+    def _tiles(self, features: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The mask (B, N) (all tiles when None) and tile embeddings (B, N, H)."""
+        mask = full_mask(features) if mask is None else mask
+        return mask, self.tile(self.scale(features, mask))
+
+
+class MeanMIL(_PooledTileMLP):
     """Mean pooling baseline: the average of tile embeddings (a tile MLP first).
 
     ``attention`` holds the uniform pooling weights ``1 / n_tiles`` (``uniform_pooling``: they
@@ -376,16 +397,9 @@ class MeanMIL(nn.Module):
 
     uniform_pooling = True
 
-    def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.25) -> None:
-        super().__init__()
-        self.in_dim, self.out_dim = in_dim, hidden
-        self.scale = FeatureScaler(in_dim)
-        self.tile = _tile_mlp(in_dim, hidden, dropout)
-
     def forward(self, features: Tensor, mask: Tensor | None = None) -> MILOutput:
         """Pool bags (B, N, D) with mask (B, N) → :class:`MILOutput`."""
-        mask = full_mask(features) if mask is None else mask
-        tiles = self.tile(self.scale(features, mask))
+        mask, tiles = self._tiles(features, mask)
         weights = uniform_weights(mask, tiles.dtype)
         embedding = torch.einsum("bn,bnh->bh", weights, tiles)
         return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
@@ -432,7 +446,7 @@ class LinearMIL(nn.Module):
         return MILOutput(embedding=embedding, attention=weights, tiles=tiles)
 
 
-class MaxMIL(nn.Module):
+class MaxMIL(_PooledTileMLP):
     """Max pooling baseline: the per-feature maximum of tile embeddings (no attention).
 
     Args:
@@ -441,16 +455,9 @@ class MaxMIL(nn.Module):
         dropout: dropout after the tile MLP.
     """
 
-    def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.25) -> None:
-        super().__init__()
-        self.in_dim, self.out_dim = in_dim, hidden
-        self.scale = FeatureScaler(in_dim)
-        self.tile = _tile_mlp(in_dim, hidden, dropout)
-
     def forward(self, features: Tensor, mask: Tensor | None = None) -> MILOutput:
         """Pool bags (B, N, D) with mask (B, N) → :class:`MILOutput` (``attention`` None)."""
-        mask = full_mask(features) if mask is None else mask
-        tiles = self.tile(self.scale(features, mask))
+        mask, tiles = self._tiles(features, mask)
         filled = tiles.masked_fill(~mask[..., None], torch.finfo(tiles.dtype).min)
         embedding = filled.amax(dim=1) * mask.any(-1, keepdim=True)
         return MILOutput(embedding=embedding, attention=None, tiles=tiles)
