@@ -330,18 +330,17 @@ def feature_stats(x: np.ndarray, max_tiles: int = 4000, seed: int = 0) -> dict[s
         max_tiles: at most this many tiles (drawn at random) are used.
         seed: seed of that draw.
     """
+    import torch
+
+    from histcode.pretrain.collapse import effective_rank
+
     rng = np.random.default_rng(seed)
     if len(x) > max_tiles:
         x = x[rng.choice(len(x), max_tiles, replace=False)]
     x = x.astype(np.float64)
     sd = x.std(axis=0)
-    centred = x - x.mean(axis=0)
-    s = np.linalg.svd(centred, compute_uv=False)
-    erank = 0.0
-    if s.sum() > 0:
-        p = s / s.sum()
-        p = p[p > 0]
-        erank = float(np.exp(-(p * np.log(p)).sum()))
+    # pretraining's collapse check measures the uncentred features; here they are centred
+    erank = effective_rank(torch.from_numpy(x - x.mean(axis=0)))
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     unit = x / np.where(norms > 0, norms, 1)
     cos = unit @ unit.T
