@@ -126,6 +126,53 @@ def test_read_tile_decodes_at_half_scale_and_reuses_stored_tiles(slides: dict[st
         assert np.abs(full.astype(int) - tiles[1].astype(int)).mean() <= SCALED_MEAN_TOLERANCE
 
 
+def test_windows_of_one_stored_tile_are_decoded_into_the_output(slides: dict[str, Path]) -> None:
+    """256 px tiles on 256 px stored tiles: each decoded straight into the array returned
+    (no LRU entry, no copy), with the pixels of the cached path and of OpenSlide."""
+    path = slides["svs20"]
+    with SlideReader(path) as ref, open_slide(path) as fast, open_slide(path) as cached:
+        assert isinstance(fast, TiffJpegReader) and isinstance(cached, TiffJpegReader)
+        lv = fast._levels[0]
+        assert lv is not None and (lv.tile_width, lv.tile_height) == (256, 256)
+        corners = [(256 * i, 256 * j) for i in range(3) for j in range(2)]
+        for x, y in corners:
+            a = fast.read_region((x, y), 0, (256, 256))
+            # one pixel wider: the general path, through the LRU of decoded tiles
+            b = cached.read_region((x, y), 0, (257, 256))[:, :256]
+            assert a.flags.c_contiguous and a.flags.writeable and a.base is None
+            assert np.array_equal(a, b)
+            diff = np.abs(a.astype(np.int16) - ref.read_region((x, y), 0, (256, 256)))
+            assert diff.max() <= FULL_TOLERANCE
+        assert fast.decoded_tiles == len(corners) and not fast._cache
+        # the 257 px windows covered columns 0-3 of rows 0-1; one of those, asked again as an
+        # aligned window, is copied from the LRU, not decoded again
+        assert cached.decoded_tiles == 8
+        a = cached.read_region((256, 0), 0, (256, 256))
+        assert cached.decoded_tiles == 8
+        assert np.array_equal(a, fast.read_region((256, 0), 0, (256, 256)))
+        # at half scale (a 256 px window of one stored tile → 128 px)
+        half = fast.read_region_scaled((512, 256), 0, (256, 256), 2)
+        via_cache = cached.read_region_scaled((512, 256), 0, (258, 256), 2)
+        assert half is not None and via_cache is not None
+        assert np.array_equal(half, via_cache[:, :128])
+
+
+def test_a_missing_stored_tile_reads_as_glass(slides: dict[str, Path]) -> None:
+    """A stored tile with byte count 0 (TIFF's missing tile) is the slide's background, in
+    an aligned window (decoded into the output) and in a window across it (copied)."""
+    with open_slide(slides["svs20"]) as reader:
+        assert isinstance(reader, TiffJpegReader)
+        lv = reader._levels[0]
+        assert lv is not None
+        lv.bytecounts[lv.tiles_across + 1] = 0  # stored tile (1, 1): x, y 256-511
+        glass = np.broadcast_to(np.asarray(reader.background, np.uint8), (256, 256, 3))
+        assert np.array_equal(reader.read_region((256, 256), 0, (256, 256)), glass)
+        window = reader.read_region((128, 128), 0, (256, 256))
+        assert np.array_equal(window[128:, 128:], glass[:128, :128])
+        assert not np.array_equal(window[:128, :128], glass[:128, :128])
+        assert reader.decoded_tiles == 3  # (0, 0), (0, 1), (1, 0)
+
+
 def test_auto_reader_falls_back_to_openslide_with_a_reason(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
