@@ -7,6 +7,19 @@ the slide size. Finished slides are skipped on rerun, a partial slide is redone,
 that failed tiling are carried over as failed. ``--shard i/n`` splits the slides between
 processes or hosts, which may write one store at once.
 
+Where the stored JPEG tiles are decoded (``--decode``): with ``auto`` (the default), on the
+GPU when the encoder runs on CUDA and nvImageCodec is installed (``pip install
+'histcode[gpu]'``), else in the workers on the CPU, as always, with the reason logged once
+and written in the result line (``decode``, ``decode_reason``). On the device path the
+workers only read the stored tiles' bytes (:func:`~histcode.tilereader.read_tile_streams`);
+each batch carries them once per stored tile in pinned memory
+(:class:`~histcode.tilereader.StreamBatch`), and the main process decodes them in one
+nvImageCodec call, pastes the tiles into the batch on the device and box-averages those
+read from a finer level. Tiles the device path cannot take (slides OpenSlide reads, windows
+over a level's edge, stain-normalised stores) are decoded on the CPU as before. The device
+path has not been measured on a GPU yet; on CPU its plumbing is tested with a stand-in
+decoder (``tests/histcode/test_device_decode.py``).
+
 Stain normalisation (``histcode tile --stain_norm``) is applied by the tile reader, so the
 tiles embedded are those of the store; what matters is that they are like the tiles the
 encoder was pretrained on. A registry encoder's card records its tiles' ``stain_norm``
@@ -49,7 +62,14 @@ from histcode.encoders import Encoder, create_encoder, encoders
 from histcode.featurestore import FeatureStore
 from histcode.registry import Registry
 from histcode.slide import SlideError
-from histcode.tilereader import TileDataset, TileIndex, collate_tiles, default_workers
+from histcode.tilereader import (
+    StreamBatch,
+    TileDataset,
+    TileIndex,
+    collate_tiles,
+    default_workers,
+    read_tile_streams,
+)
 from histcode.tilestore import TileStore
 
 log = logging.getLogger(__name__)
@@ -207,21 +227,76 @@ def check_stain(
     )
 
 
-def _collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list]:
-    tiles, idx, errors = zip(*items, strict=True)
-    return collate_tiles(tiles), torch.tensor(idx), list(errors)
+def _collate(
+    items: list[tuple[torch.Tensor, int, str, Any]],
+) -> tuple[torch.Tensor, torch.Tensor, list, StreamBatch | None]:
+    tiles, idx, errors, streams = zip(*items, strict=True)
+    on_device = [(k, s) for k, s in enumerate(streams) if s is not None]
+    batch = StreamBatch.from_tiles(on_device) if on_device else None
+    return collate_tiles(tiles), torch.tensor(idx), list(errors), batch
 
 
 class _SafeTiles(TileDataset):
-    """Tiles plus their flat index and read error ("" when fine): a damaged tile fails its
-    slide, not the run."""
+    """Tiles plus their flat index, read error ("" when fine) and, with ``device_decode``,
+    their stored JPEG tiles to decode on the device (:func:`read_tile_streams`; then the
+    tile itself is left zero) or None (decoded here). A damaged tile fails its slide, not
+    the run."""
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:  # type: ignore[override]
+    def __init__(self, index: TileIndex, device_decode: bool = False) -> None:
+        super().__init__(index)
+        self.device_decode = device_decode
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str, Any]:  # type: ignore[override]
+        size = self.index.tile_size
         try:
-            return super().__getitem__(i), i, ""
+            if self.device_decode:
+                s, geometry, reader = self.reader_of(i)
+                if self.index.normalisers[s] is None:
+                    streams = read_tile_streams(reader, geometry, self.index.coords[i], size)
+                    if streams is not None:
+                        return torch.zeros(3, size, size, dtype=torch.uint8), i, "", streams
+            return super().__getitem__(i), i, "", None
         except SlideError as err:
-            size = self.index.tile_size
-            return torch.zeros(3, size, size, dtype=torch.uint8), i, str(err)
+            return torch.zeros(3, size, size, dtype=torch.uint8), i, str(err), None
+
+
+def choose_decode(decode: str, dev: torch.device, stain_norm: str = "none") -> tuple[bool, str]:
+    """Whether ``histcode embed`` decodes stored JPEG tiles on the device, and why not.
+
+    Args:
+        decode: ``auto`` (on the device where it can), ``cpu`` or ``device`` (refuse
+            otherwise).
+        dev: the device the encoder runs on.
+        stain_norm: the tile store's stain normalisation (it runs on the CPU, on decoded
+            tiles, so a normalised store is decoded there).
+
+    Returns:
+        (on the device, the reason when not).
+
+    Raises:
+        ValueError: ``decode`` is none of the three, or ``device`` where it cannot be; the
+            message says what to install or change.
+    """
+    if decode not in ("auto", "cpu", "device"):
+        raise ValueError(f"--decode {decode!r}: expected auto, cpu or device")
+    if decode == "cpu":
+        return False, "--decode cpu"
+    if stain_norm != "none":
+        why = (
+            f"the tile store is stain-normalised ({stain_norm}), which runs on the CPU on "
+            "decoded tiles"
+        )
+    else:
+        from histcode.tiffjpeg import device_decoder_available
+
+        why = device_decoder_available(dev)[1]
+    if why and decode == "device":
+        raise ValueError(
+            f"--decode device: {why}. Install the gpu extra (pip install 'histcode[gpu]') and "
+            "run on a CUDA device (--device cuda), or pass --decode auto to decode on the "
+            "device only where it can."
+        )
+    return not why, why
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
@@ -255,6 +330,9 @@ class EmbedReport:
     stain_norm: str = "none"
     encoder_stain_norm: str | None = None
     warnings: list[str] = field(default_factory=list)
+    decode: str = "cpu"
+    decode_reason: str = ""
+    tiles_decoded_on_device: int = 0
 
 
 def embed_store(
@@ -272,6 +350,7 @@ def embed_store(
     seed: int = 0,
     overwrite: bool = False,
     allow_stain_mismatch: bool = False,
+    decode: Literal["auto", "cpu", "device"] = "auto",
     progress: bool = True,
 ) -> EmbedReport:
     """Run a frozen encoder over every tile of a tile store and write features.zarr.
@@ -306,6 +385,12 @@ def embed_store(
             otherwise, since its features would describe colours it never saw. The mismatch
             is logged, listed under 'warnings' in the result line and recorded in the feature
             store's attrs (stain_mismatch).
+        decode: where the stored JPEG tiles of Aperio SVS and generic TIFF slides are
+            decoded: ``auto`` on the GPU when the encoder runs on CUDA and nvImageCodec is
+            installed (``pip install 'histcode[gpu]'``), else on the CPU with the reason
+            logged; ``cpu`` always in the loader's workers; ``device`` on the GPU or refuse.
+            Tiles of other slides, and of stain-normalised stores, are decoded on the CPU.
+            Decoding on the device has not been measured on a GPU yet.
         progress: show a progress bar.
 
     Returns:
@@ -328,6 +413,10 @@ def embed_store(
             "embed again"
         )
     dev = pick_device(device)
+    on_device, why = choose_decode(decode, dev, tile_store.stain_norm)
+    if not on_device:  # once a run; a warning where a GPU waits for the CPU's decoding
+        say = log.warning if dev.type == "cuda" and decode == "auto" else log.info
+        say("stored JPEG tiles are decoded on the CPU: %s", why)
     if workers is None:
         workers = default_workers(dev.type == "cuda")
     loaded = load_encoder(
@@ -364,6 +453,8 @@ def embed_store(
         stain_norm=stain_norm,
         encoder_stain_norm=loaded.stain_norm,
         warnings=[stain_warning] if stain_warning else [],
+        decode="device" if on_device else "cpu",
+        decode_reason=why,
     )
     # the run's lock first (a refused run changes nothing), then shards starting together take
     # turns to create or check the root attrs
@@ -425,6 +516,7 @@ def embed_store(
                 dev,
                 precision,
                 progress,
+                on_device,
             )
             report.seconds_embedding = time.perf_counter() - start
     report.slides.sort(key=lambda s: s["slide_id"])
@@ -443,6 +535,7 @@ def _embed_slides(
     dev: torch.device,
     precision: str,
     progress: bool,
+    on_device: bool = False,
 ) -> None:
     index = TileIndex(tile_store, slide_ids)
     module = loaded.module.to(dev)
@@ -453,8 +546,13 @@ def _embed_slides(
     spec = module.input_spec
     mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1) * 255
     std = torch.tensor(spec.std, device=dev).view(1, 3, 1, 1) * 255
+    decoder = None
+    if on_device:
+        from histcode.tiffjpeg import DeviceDecoder
+
+        decoder = DeviceDecoder(dev)
     loader = DataLoader(
-        _SafeTiles(index),
+        _SafeTiles(index, device_decode=decoder is not None),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -483,6 +581,7 @@ def _embed_slides(
             mean,
             std,
             progress,
+            decoder,
         )
     finally:
         torch.set_num_threads(threads_before)
@@ -502,8 +601,11 @@ def _run_batches(
     mean: torch.Tensor,
     std: torch.Tensor,
     progress: bool,
+    decoder: Any = None,
 ) -> None:
-    """Forward every batch and stream each slide's features to its writer."""
+    """Forward every batch and stream each slide's features to its writer; with a
+    ``decoder`` (:class:`histcode.tiffjpeg.DeviceDecoder`), first decode the batch's stored
+    JPEG tiles on the device into it."""
     writers: dict[int, Any] = {}
     errors: dict[int, str] = {}
     bar = tqdm(
@@ -544,8 +646,14 @@ def _run_batches(
 
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autocast.*")
-        for batch, idx, errs in loader:
-            x = batch.to(dev, non_blocking=True).float().sub_(mean).div_(std)
+        for batch, idx, errs, streams in loader:
+            x = batch.to(dev, non_blocking=True)
+            if streams is not None:
+                failed = streams.paste(x, decoder)
+                for position, error in failed.items():
+                    errs[position] = errs[position] or error
+                report.tiles_decoded_on_device += len(streams) - len(failed)
+            x = x.float().sub_(mean).div_(std)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -574,6 +682,13 @@ def _run_batches(
             report.tiles_embedded += len(idx)
             bar.update(len(idx))
     bar.close()
+    if decoder is not None and report.tiles_decoded_on_device < report.tiles_embedded:
+        log.info(
+            "%d of %d tiles were decoded on the CPU (slides or levels OpenSlide reads, "
+            "windows over a level's edge, missing stored tiles)",
+            report.tiles_embedded - report.tiles_decoded_on_device,
+            report.tiles_embedded,
+        )
 
 
 def _embed_outcome(report: EmbedReport, shard: str, **_: Any) -> CommandResult:
@@ -594,6 +709,9 @@ def _embed_outcome(report: EmbedReport, shard: str, **_: Any) -> CommandResult:
         "stain_norm": report.stain_norm,
         "encoder_stain_norm": report.encoder_stain_norm,
         "warnings": report.warnings,
+        "decode": report.decode,
+        "decode_reason": report.decode_reason or None,
+        "tiles_decoded_on_device": report.tiles_decoded_on_device,
     }
     i, n = parse_shard(shard)
     return CommandResult(

@@ -58,10 +58,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from histcode.slidereader import SlideError, SlideReader
+
+if TYPE_CHECKING:  # torch only where tiles go to a device: `histcode tile` never imports it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -399,6 +403,48 @@ class TiffJpegReader(SlideReader):
         count, offset = int(lv.bytecounts[index]), int(lv.offsets[index])
         return jpeg_stream(os.pread(self._file(), count, offset), lv.tables, lv.rgb)
 
+    def window_parts(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> list[tuple[int, int, int, int, int, int, int]] | None:
+        """Which stored tiles make up a window, and where each goes (for decoding elsewhere).
+
+        Args:
+            location: (x, y) of the top-left corner in level-0 pixels.
+            level: pyramid level.
+            size: (width, height) in pixels of that level.
+
+        Returns:
+            One ``(index, dy, dx, sy, sx, h, w)`` per stored tile the window covers, row-major:
+            the window's ``[dy:dy+h, dx:dx+w]`` is the decoded stored tile's
+            ``[sy:sy+h, sx:sx+w]``, all at full scale. None when the window is not all
+            stored pixels of a directly read level (a level OpenSlide reads, a corner between
+            pixels, a window over the level's edge, a missing stored tile): read it with
+            :meth:`read_region`.
+        """
+        geometry = self._geometry[level]
+        if geometry is None:
+            return None
+        lv, ds, tw, th, lw, lh = geometry
+        fx, fy = location[0] / ds, location[1] / ds
+        x0, y0 = round(fx), round(fy)
+        w, h = int(size[0]), int(size[1])
+        if abs(fx - x0) > 1e-6 or abs(fy - y0) > 1e-6:
+            return None
+        if x0 < 0 or y0 < 0 or x0 + w > lw or y0 + h > lh or w < 1 or h < 1:
+            return None
+        parts = []
+        for ty in range(y0 // th, (y0 + h - 1) // th + 1):
+            ay, by = max(y0, ty * th), min(y0 + h, (ty + 1) * th)
+            for tx in range(x0 // tw, (x0 + w - 1) // tw + 1):
+                index = ty * lv.tiles_across + tx
+                if not lv.bytecounts[index]:
+                    return None
+                ax, bx = max(x0, tx * tw), min(x0 + w, (tx + 1) * tw)
+                parts.append(
+                    (index, ay - y0, ax - x0, ay - ty * th, ax - tx * tw, by - ay, bx - ax)
+                )
+        return parts
+
     def _file(self) -> int:
         if self._fd is None or self._fd_pid != os.getpid():
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -440,23 +486,85 @@ def jpeg_stream(data: bytes, tables: bytes, rgb: bool) -> bytes:
     return head + marker + body
 
 
-def device_decoder_available() -> tuple[bool, str]:
+def device_decoder_available(device: torch.device | None = None) -> tuple[bool, str]:
     """Whether stored JPEG tiles can be decoded on a CUDA device here, and if not why.
 
-    The device path needs the ``gpu`` extra (``pip install histcode[gpu]``: NVIDIA's
+    The device path needs the ``gpu`` extra (``pip install 'histcode[gpu]'``: NVIDIA's
     nvImageCodec) and a CUDA device.
+
+    Args:
+        device: the device the tiles are wanted on (None: any CUDA device).
+
+    Returns:
+        (True, "") or (False, a sentence saying what is missing and what to install).
     """
     try:
         import torch
     except ImportError:
         return False, "torch is not installed"
+    if device is not None and torch.device(device).type != "cuda":
+        return False, (
+            f"the encoder runs on {torch.device(device).type}, and nvImageCodec decodes on a "
+            "CUDA device"
+        )
     if not torch.cuda.is_available():
         return False, "no CUDA device (nvImageCodec decodes on an NVIDIA GPU)"
     try:
         from nvidia import nvimgcodec  # noqa: F401
     except ImportError:
-        return False, "nvImageCodec is not installed: pip install 'histcode[gpu]'"
+        return False, (
+            "nvImageCodec is not installed: pip install 'histcode[gpu]' (the "
+            "nvidia-nvimgcodec-cu12[nvjpeg] package; with a CUDA 13 build of torch, pip "
+            "install 'nvidia-nvimgcodec-cu13[nvjpeg]' instead)"
+        )
     return True, ""
+
+
+class DeviceDecoder:
+    """nvImageCodec's batched JPEG decoder on one device, made once and reused.
+
+    Not measured on a GPU yet (the machines this was written on had none): its pixels are
+    checked against libjpeg-turbo's by ``tests/histcode/test_tiffjpeg.py`` (marked ``gpu``),
+    and the plumbing around it on CPU with a stand-in decoder.
+
+    Args:
+        device: the CUDA device the decoded tiles are wanted on.
+
+    Raises:
+        ImportError: nvImageCodec is not installed (check :func:`device_decoder_available`
+            first).
+    """
+
+    def __init__(self, device: torch.device | str | int) -> None:
+        import torch
+        from nvidia import nvimgcodec
+
+        if isinstance(device, int):
+            device = f"cuda:{device}"
+        self.device = torch.device(device)
+        index = self.device.index if self.device.index is not None else 0
+        if self.device.type == "cuda" and self.device.index is None:
+            index = torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
+        self._decoder = nvimgcodec.Decoder(device_id=index)
+
+    def decode(self, streams: list) -> list[torch.Tensor | None]:
+        """Decode complete JPEG streams (bytes or 1-D uint8 arrays, e.g. views of pinned
+        memory) in one batch.
+
+        Returns:
+            One (H, W, 3) uint8 tensor on :attr:`device` per stream; None for a stream that
+            cannot be decoded.
+        """
+        import torch
+
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
+        images = self._decoder.decode(streams, cuda_stream=stream)
+        return [
+            None if image is None else torch.as_tensor(image, device=self.device)
+            for image in images
+        ]
 
 
 def decode_on_device(streams: list[bytes], device: int = 0) -> list:
@@ -471,14 +579,12 @@ def decode_on_device(streams: list[bytes], device: int = 0) -> list:
 
     Raises:
         RuntimeError: the device path is not available (the message says why and what to
-            install).
+            install), or a stream cannot be decoded.
     """
     ok, why = device_decoder_available()
     if not ok:
         raise RuntimeError(f"decoding on the device is not available: {why}")
-    import torch
-    from nvidia import nvimgcodec
-
-    decoder = nvimgcodec.Decoder(device_id=device)
-    images = decoder.decode([nvimgcodec.CodeStream(s) for s in streams])
-    return [torch.as_tensor(image, device=f"cuda:{device}") for image in images]
+    images = DeviceDecoder(device).decode(streams)
+    if any(image is None for image in images):
+        raise RuntimeError("nvImageCodec could not decode some of the streams")
+    return images

@@ -17,7 +17,10 @@ backgrounds show the slide as it is).
 Slides are opened with :func:`~histcode.slide.open_slide`'s ``auto`` reader: JPEG-tiled
 Aperio SVS and generic TIFF levels are decoded directly (:mod:`histcode.tiffjpeg`), and a
 tile read from a level ``f`` = 2, 4 or 8 times finer than the store's µm/px is decoded at
-1/f scale in the DCT domain instead of decoded in full and resized.
+1/f scale in the DCT domain instead of decoded in full and resized. For decoding on a GPU
+(``histcode embed --decode``), :func:`read_tile_streams` returns a tile's stored JPEG tiles
+instead of its pixels, and :class:`StreamBatch` carries a batch's, decodes them on the
+device and pastes the tiles into the batch there.
 """
 
 from __future__ import annotations
@@ -241,6 +244,165 @@ def read_tile(
     return region
 
 
+@dataclass(frozen=True)
+class TileStreams:
+    """One tile as the stored JPEG tiles it covers, to be decoded elsewhere (on a GPU).
+
+    Attributes:
+        path: the slide file (with ``level``, what makes a stored tile's index unique).
+        level: the pyramid level.
+        size: side of the window at that level, in pixels.
+        factor: the window is brought to the tile size by a ``factor`` × ``factor`` box
+            average (1, 2, 4 or 8).
+        parts: per stored tile, ``(index, dy, dx, sy, sx, h, w)``
+            (:meth:`histcode.tiffjpeg.TiffJpegReader.window_parts`).
+        streams: complete JPEG stream of each stored tile in ``parts``, by index.
+    """
+
+    path: str
+    level: int
+    size: int
+    factor: int
+    parts: tuple[tuple[int, int, int, int, int, int, int], ...]
+    streams: dict[int, bytes]
+
+
+def read_tile_streams(
+    reader: SlideReader, geometry: SlideGeometry, xy: Sequence[int], tile_size: int
+) -> TileStreams | None:
+    """The stored JPEG tiles of one tile, for decoding on the device (see :class:`StreamBatch`).
+
+    Decoded and pasted, then box-averaged by ``factor``, they give the pixels of
+    ``read_tile(..., scaled_decode=False)`` (within the two decoders' rounding).
+
+    Returns:
+        The tile's streams, or None when the tile must be read on the CPU: a slide OpenSlide
+        reads, a level read at a ratio other than 1, 2, 4 or 8, a window over the level's edge
+        or a missing stored tile.
+    """
+    s = geometry.size_at_level
+    factor = s // tile_size
+    window_parts = getattr(reader, "window_parts", None)
+    if window_parts is None or factor * tile_size != s or factor not in (1, 2, 4, 8):
+        return None
+    parts = window_parts((int(xy[0]), int(xy[1])), geometry.level, (s, s))
+    if parts is None:
+        return None
+    streams = {p[0]: reader.stored_stream(geometry.level, p[0]) for p in parts}  # type: ignore[attr-defined]
+    return TileStreams(geometry.path, geometry.level, s, factor, tuple(parts), streams)
+
+
+def box_reduce(windows: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average ``factor`` × ``factor`` blocks of uint8 pixels, rounding halves up as PIL's
+    ``Image.reduce`` does (so the result equals :func:`read_tile`'s box average).
+
+    Args:
+        windows: (N, H, W, 3) uint8, H and W multiples of ``factor``.
+
+    Returns:
+        (N, H // factor, W // factor, 3) uint8.
+    """
+    n, h, w, c = windows.shape
+    blocks = windows.view(n, h // factor, factor, w // factor, factor, c)
+    total = blocks.sum(dim=(2, 4), dtype=torch.int32)
+    area = factor * factor
+    return torch.div(total + area // 2, area, rounding_mode="floor").to(torch.uint8)
+
+
+class StreamBatch:
+    """The stored JPEG tiles of a batch's device-decoded tiles, each stored tile once.
+
+    Made by the loader's workers (:meth:`from_tiles`); the streams travel in one uint8
+    tensor, which the loader pins (:meth:`pin_memory`) when it pins the batch, so that the
+    decoder reads them from pinned memory. In the main process :meth:`paste` decodes them
+    on the device in one batch and writes the tiles into the batch already there.
+
+    Attributes:
+        positions: each tile's position in the batch.
+        tiles: each tile's (size, factor, parts with indices into the unique streams).
+        data: the unique streams, concatenated (uint8).
+        offsets: (U + 1,) where each stream starts in ``data``.
+    """
+
+    def __init__(
+        self,
+        positions: list[int],
+        tiles: list[tuple[int, int, list[tuple[int, ...]]]],
+        data: torch.Tensor,
+        offsets: list[int],
+    ) -> None:
+        self.positions = positions
+        self.tiles = tiles
+        self.data = data
+        self.offsets = offsets
+
+    @classmethod
+    def from_tiles(cls, items: Sequence[tuple[int, TileStreams]]) -> StreamBatch:
+        """From (position in the batch, streams) of the tiles to decode on the device."""
+        unique: dict[tuple[str, int, int], int] = {}
+        chunks: list[bytes] = []
+        positions, tiles = [], []
+        for position, t in items:
+            parts = []
+            for index, *where in t.parts:
+                key = (t.path, t.level, index)
+                u = unique.get(key)
+                if u is None:
+                    u = unique[key] = len(chunks)
+                    chunks.append(t.streams[index])
+                parts.append((u, *where))
+            positions.append(position)
+            tiles.append((t.size, t.factor, parts))
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).tolist()
+        data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+        return cls(positions, tiles, data, offsets)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def pin_memory(self) -> StreamBatch:
+        """Pin the streams (the loader calls this when it pins the batch)."""
+        self.data = self.data.pin_memory()
+        return self
+
+    def paste(self, batch: torch.Tensor, decoder: Any) -> dict[int, str]:
+        """Decode the streams on ``decoder``'s device and write the tiles into ``batch``.
+
+        Args:
+            batch: (B, 3, T, T) uint8 on the decoder's device (any memory format).
+            decoder: a :class:`histcode.tiffjpeg.DeviceDecoder`.
+
+        Returns:
+            Position → error for tiles whose stored tiles could not be decoded (left as
+            they were in ``batch``).
+        """
+        host = self.data.numpy()
+        o = self.offsets
+        images = decoder.decode([host[o[u] : o[u + 1]] for u in range(len(o) - 1)])
+        errors: dict[int, str] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, (size, factor, parts) in enumerate(self.tiles):
+            if any(images[p[0]] is None for p in parts):
+                errors[self.positions[j]] = (
+                    "a stored JPEG tile of it cannot be decoded on the device; the file is "
+                    "damaged, or decode it on the CPU (--decode cpu) to see why"
+                )
+            else:
+                groups.setdefault((size, factor), []).append(j)
+        for (size, factor), members in groups.items():
+            windows = torch.empty(
+                (len(members), size, size, 3), dtype=torch.uint8, device=batch.device
+            )
+            for k, j in enumerate(members):
+                for u, dy, dx, sy, sx, h, w in self.tiles[j][2]:
+                    windows[k, dy : dy + h, dx : dx + w] = images[u][sy : sy + h, sx : sx + w]
+            if factor > 1:
+                windows = box_reduce(windows, factor)
+            at = torch.tensor([self.positions[j] for j in members], device=batch.device)
+            batch[at] = windows.permute(0, 3, 1, 2)
+        return errors
+
+
 class TileIndex:
     """All tiles of the ``ok`` slides of a tile store, as one flat index.
 
@@ -349,16 +511,7 @@ class TileDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        s = int(self.index.slide_of[i])
-        geometry = self.index.slides[s]
-        cache = self.cache
-        reader = cache.get(geometry)
-        if (
-            self.prefetch
-            and s + 1 < len(self.index.slides)
-            and self.index.offsets[s + 1] - i <= self.prefetch
-        ):
-            cache.prefetch(self.index.slides[s + 1])
+        s, geometry, reader = self.reader_of(i)
         tile = read_tile(
             reader, geometry, self.index.coords[i], self.index.tile_size, self.scaled_decode
         )
@@ -366,6 +519,20 @@ class TileDataset(Dataset):
         if normaliser is not None:
             tile = normaliser(tile)
         return torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)
+
+    def reader_of(self, i: int) -> tuple[int, SlideGeometry, SlideReader]:
+        """Tile ``i``'s slide (its position in the index), geometry and open reader; opens
+        the next slide on a thread when ``i`` is within :attr:`prefetch` tiles of the end."""
+        s = int(self.index.slide_of[i])
+        cache = self.cache
+        reader = cache.get(self.index.slides[s])
+        if (
+            self.prefetch
+            and s + 1 < len(self.index.slides)
+            and self.index.offsets[s + 1] - i <= self.prefetch
+        ):
+            cache.prefetch(self.index.slides[s + 1])
+        return s, self.index.slides[s], reader
 
     @property
     def cache(self) -> SlideCache:
