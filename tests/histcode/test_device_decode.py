@@ -194,3 +194,23 @@ def test_embed_logs_and_reports_where_it_decodes(
     code = cli_main([*argv, "--out", str(tmp_path / "g.zarr"), "--decode", "device"])
     assert code == 2
     assert "histcode[gpu]" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_device_path_on_a_gpu_matches_the_cpu_path(small_cohort: dict, tmp_path: Path) -> None:
+    """On real hardware: nvImageCodec's tiles give the CPU path's features within the two
+    decoders' rounding (and, on 40x slides, scaled decoding against the box average)."""
+    from histcode.tiffjpeg import device_decoder_available
+
+    ok, why = device_decoder_available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    common = {"encoder": "tiny", "device": "cuda", "precision": "32", "progress": False}
+    gpu = embed_store(small_cohort["tiles"], tmp_path / "g.zarr", decode="device", **common)
+    cpu = embed_store(small_cohort["tiles"], tmp_path / "c.zarr", decode="cpu", **common)
+    assert gpu.tiles_decoded_on_device == gpu.tiles_embedded > 0
+    assert cpu.tiles_decoded_on_device == 0
+    a, b = FeatureStore(tmp_path / "g.zarr"), FeatureStore(tmp_path / "c.zarr")
+    for sid in OK_SLIDES:
+        fa, fb = a.read(sid).features, b.read(sid).features
+        assert np.abs(fa - fb).mean() <= 0.02 * np.abs(fb).mean(), sid
