@@ -16,9 +16,15 @@ each batch carries them once per stored tile in pinned memory
 (:class:`~histcode.tilereader.StreamBatch`), and the main process decodes them in one
 nvImageCodec call, pastes the tiles into the batch on the device and box-averages those
 read from a finer level. Tiles the device path cannot take (slides OpenSlide reads, windows
-over a level's edge, stain-normalised stores) are decoded on the CPU as before. The device
-path has not been measured on a GPU yet; on CPU its plumbing is tested with a stand-in
-decoder (``tests/histcode/test_device_decode.py``).
+over a level's edge, stain-normalised stores) are decoded on the CPU as before. Before
+embedding, the main process checks the device's decoder on each slide: a few of its stored
+tiles (4) are decoded on the device and on the CPU and compared
+(:func:`~histcode.tiffjpeg.check_device_decode`); a slide whose pixels differ by more than
+two JPEG decoders' rounding is decoded on the CPU with a warning naming it and the
+difference (``auto``; counted in the result line's ``decode_fallbacks``), or stops the run
+before any slide is embedded (``device``). The device path has not been measured on a GPU
+yet; on CPU its plumbing and the check are tested with a stand-in decoder
+(``tests/histcode/test_device_decode.py``).
 
 Stain normalisation (``histcode tile --stain_norm``) is applied by the tile reader, so the
 tiles embedded are those of the store; what matters is that they are like the tiles the
@@ -43,6 +49,7 @@ import hashlib
 import logging
 import os
 import sys
+import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -61,7 +68,7 @@ from histcode.commandkit import EXIT_OK, EXIT_PARTIAL, CommandResult, adapter, r
 from histcode.encoders import Encoder, create_encoder, encoders
 from histcode.featurestore import FeatureStore
 from histcode.registry import Registry
-from histcode.slide import SlideError
+from histcode.slide import SlideError, open_slide
 from histcode.tilereader import (
     StreamBatch,
     TileDataset,
@@ -69,6 +76,7 @@ from histcode.tilereader import (
     collate_tiles,
     default_workers,
     read_tile_streams,
+    sample_stored_tiles,
 )
 from histcode.tilestore import TileStore
 
@@ -237,21 +245,21 @@ def _collate(
 
 
 class _SafeTiles(TileDataset):
-    """Tiles plus their flat index, read error ("" when fine) and, with ``device_decode``,
-    their stored JPEG tiles to decode on the device (:func:`read_tile_streams`; then the
-    tile itself is left zero) or None (decoded here). A damaged tile fails its slide, not
-    the run."""
+    """Tiles plus their flat index, read error ("" when fine) and, for the slides marked in
+    ``device_slides``, their stored JPEG tiles to decode on the device
+    (:func:`read_tile_streams`; then the tile itself is left zero) or None (decoded here). A
+    damaged tile fails its slide, not the run."""
 
-    def __init__(self, index: TileIndex, device_decode: bool = False) -> None:
+    def __init__(self, index: TileIndex, device_slides: np.ndarray | None = None) -> None:
         super().__init__(index)
-        self.device_decode = device_decode
+        self.device_slides = device_slides
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str, Any]:  # type: ignore[override]
         size = self.index.tile_size
         try:
-            if self.device_decode:
+            if self.device_slides is not None:
                 s, geometry, reader = self.reader_of(i)
-                if self.index.normalisers[s] is None:
+                if self.device_slides[s] and self.index.normalisers[s] is None:
                     streams = read_tile_streams(reader, geometry, self.index.coords[i], size)
                     if streams is not None:
                         return torch.zeros(3, size, size, dtype=torch.uint8), i, "", streams
@@ -299,6 +307,119 @@ def choose_decode(decode: str, dev: torch.device, stain_norm: str = "none") -> t
     return not why, why
 
 
+class DecodeMismatchError(ValueError):
+    """``--decode device``, and the device's decoder gives a slide's stored tiles other pixels
+    than the CPU's (the message names the slide and the difference)."""
+
+
+#: Stored tiles of each slide decoded on the device and on the CPU before the slide is
+#: decoded on the device (:func:`_check_device_decoding`).
+DECODE_CHECK_TILES = 4
+
+
+def _check_device_decoding(
+    index: TileIndex, decoder: Any, strict: bool, report: EmbedReport
+) -> np.ndarray:
+    """Which slides the device decodes: those whose sampled stored tiles it decodes to the
+    CPU's pixels within decoder rounding (:func:`histcode.tiffjpeg.check_device_decode`).
+
+    The others are decoded on the CPU, each with a warning naming it and the difference,
+    recorded in ``report.decode_fallbacks`` (and, counted, in ``report.warnings``); with
+    ``strict`` (``--decode device``) the first of them stops the run instead. Slides none of
+    whose tiles the device path would take (read by OpenSlide, stain-normalised) are
+    decoded on the CPU without a check, and so are slides that cannot be opened or whose
+    sampled stored tiles the CPU cannot decode either (the workers then fail them with the
+    reason). Costs opening each slide once more and decoding :data:`DECODE_CHECK_TILES`
+    stored tiles on each side (the slides are opened and read on 4 threads).
+
+    Raises:
+        DecodeMismatchError: ``strict`` and a slide fails the check.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from histcode.tiffjpeg import check_device_decode
+
+    on_device = np.zeros(len(index.slides), bool)
+
+    def sample(s: int) -> list[tuple[bytes, np.ndarray]]:
+        geometry = index.slides[s]
+        if index.normalisers[s] is not None:
+            return []
+        try:
+            with open_slide(geometry.path, mpp_override=geometry.mpp_override) as reader:
+                coords = index.coords[index.slide_range(s)]
+                picked = sample_stored_tiles(
+                    reader, geometry, coords, index.tile_size, DECODE_CHECK_TILES
+                )
+                return [
+                    (
+                        reader.stored_stream(geometry.level, k),  # type: ignore[attr-defined]
+                        reader.decode_stored(geometry.level, k),  # type: ignore[attr-defined]
+                    )
+                    for k in picked
+                ]
+        except (SlideError, OSError, ValueError):
+            return []  # the workers read it on the CPU and report what is wrong
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="histcode-decode-check") as pool:
+        chunk = 32  # slides sampled ahead of the device's checks (bounds the memory held)
+        for first in range(0, len(index.slides), chunk):
+            todo = range(first, min(first + chunk, len(index.slides)))
+            for s, tiles in zip(todo, pool.map(sample, todo), strict=True):
+                if not tiles:
+                    continue
+                streams, reference = zip(*tiles, strict=True)
+                check = check_device_decode(decoder, streams, reference)
+                if check.ok:
+                    on_device[s] = True
+                    continue
+                sid = index.slides[s].slide_id
+                if strict:
+                    raise DecodeMismatchError(
+                        f"--decode device: nvImageCodec does not decode the stored JPEG tiles "
+                        f"of slide {sid} as libjpeg-turbo (the CPU path's decoder) does: "
+                        f"{check.describe()}; its features would not be the CPU path's. Embed "
+                        "with --decode cpu, or with --decode auto, which decodes such slides "
+                        "on the CPU with a warning. Nothing was embedded."
+                    )
+                log.warning(
+                    "%s: decoded on the CPU, since nvImageCodec's pixels of its stored JPEG "
+                    "tiles are not libjpeg-turbo's: %s",
+                    sid,
+                    check.describe(),
+                )
+                report.decode_fallbacks.append(
+                    {
+                        "slide_id": sid,
+                        "mean_abs": round(check.mean_abs, 3),
+                        "max_abs": check.max_abs,
+                        "reason": check.describe(),
+                    }
+                )
+    log.info(
+        "checked the device's JPEG decoding on %d slides in %.1f s: %d decoded on the "
+        "device, %d fell back to the CPU",
+        len(index.slides),
+        time.perf_counter() - start,
+        int(on_device.sum()),
+        len(report.decode_fallbacks),
+    )
+    if report.decode_fallbacks:
+        first = report.decode_fallbacks[0]
+        report.warnings.append(
+            f"{len(report.decode_fallbacks)} slide(s) decoded on the CPU: nvImageCodec's "
+            f"pixels of their stored JPEG tiles were not libjpeg-turbo's (first, "
+            f"{first['slide_id']}: {first['reason']}); see decode_fallbacks in summary.json"
+        )
+        if not on_device.any():
+            report.decode = "cpu"
+            report.decode_reason = (
+                "nvImageCodec's pixels were not libjpeg-turbo's on every slide checked"
+            )
+    return on_device
+
+
 def parse_shard(shard: str) -> tuple[int, int]:
     """``"i/n"`` → (i, n) with 0 ≤ i < n."""
     try:
@@ -333,6 +454,7 @@ class EmbedReport:
     decode: str = "cpu"
     decode_reason: str = ""
     tiles_decoded_on_device: int = 0
+    decode_fallbacks: list[dict] = field(default_factory=list)
 
 
 def embed_store(
@@ -390,14 +512,18 @@ def embed_store(
             installed (``pip install 'histcode[gpu]'``), else on the CPU with the reason
             logged; ``cpu`` always in the loader's workers; ``device`` on the GPU or refuse.
             Tiles of other slides, and of stain-normalised stores, are decoded on the CPU.
-            Decoding on the device has not been measured on a GPU yet.
+            On the GPU, each slide is checked first: 4 of its stored tiles are decoded there
+            and on the CPU, and a slide whose pixels differ by more than decoder rounding
+            (mean |Δ| > 3 or max |Δ| > 64 of 255) is decoded on the CPU with a warning
+            naming it and the difference (``auto``; counted in the result line's
+            decode_fallbacks, listed in summary.json), or stops the run before anything is
+            embedded (``device``; exit 2: use --decode cpu or auto). Decoding on the device
+            has not been measured on a GPU yet.
         progress: show a progress bar.
 
     Returns:
         Each slide's status and error, the tiles embedded and the stain settings.
     """
-    import time
-
     if batch_size < 1 or (workers is not None and workers < 0):
         raise ValueError(
             f"--batch_size {batch_size} / --workers {workers}: expected batch_size ≥ 1 and "
@@ -517,6 +643,7 @@ def embed_store(
                 precision,
                 progress,
                 on_device,
+                strict=decode == "device",
             )
             report.seconds_embedding = time.perf_counter() - start
     report.slides.sort(key=lambda s: s["slide_id"])
@@ -536,6 +663,7 @@ def _embed_slides(
     precision: str,
     progress: bool,
     on_device: bool = False,
+    strict: bool = False,
 ) -> None:
     index = TileIndex(tile_store, slide_ids)
     module = loaded.module.to(dev)
@@ -546,13 +674,14 @@ def _embed_slides(
     spec = module.input_spec
     mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1) * 255
     std = torch.tensor(spec.std, device=dev).view(1, 3, 1, 1) * 255
-    decoder = None
+    decoder, device_slides = None, None
     if on_device:
         from histcode.tiffjpeg import DeviceDecoder
 
         decoder = DeviceDecoder(dev)
+        device_slides = _check_device_decoding(index, decoder, strict, report)
     loader = DataLoader(
-        _SafeTiles(index, device_decode=decoder is not None),
+        _SafeTiles(index, device_slides),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -685,7 +814,8 @@ def _run_batches(
     if decoder is not None and report.tiles_decoded_on_device < report.tiles_embedded:
         log.info(
             "%d of %d tiles were decoded on the CPU (slides or levels OpenSlide reads, "
-            "windows over a level's edge, missing stored tiles)",
+            "slides that failed the decoder check, windows over a level's edge, missing "
+            "stored tiles)",
             report.tiles_embedded - report.tiles_decoded_on_device,
             report.tiles_embedded,
         )
@@ -712,12 +842,13 @@ def _embed_outcome(report: EmbedReport, shard: str, **_: Any) -> CommandResult:
         "decode": report.decode,
         "decode_reason": report.decode_reason or None,
         "tiles_decoded_on_device": report.tiles_decoded_on_device,
+        "decode_fallbacks": len(report.decode_fallbacks),
     }
     i, n = parse_shard(shard)
     return CommandResult(
         report.store,
         result,
-        {"slides": report.slides},
+        {"slides": report.slides, "decode_fallbacks": report.decode_fallbacks},
         EXIT_PARTIAL if failed else EXIT_OK,
         summary_name="summary.json" if n == 1 else f"summary-shard{i}of{n}.json",
     )

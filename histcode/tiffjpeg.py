@@ -56,6 +56,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -403,6 +404,19 @@ class TiffJpegReader(SlideReader):
         count, offset = int(lv.bytecounts[index]), int(lv.offsets[index])
         return jpeg_stream(os.pread(self._file(), count, offset), lv.tables, lv.rgb)
 
+    def decode_stored(self, level: int, index: int) -> np.ndarray:
+        """Stored tile ``index`` of a directly read level decoded at full scale here, on the
+        CPU, as :meth:`read_region` decodes it (libjpeg-turbo): the reference
+        :func:`check_device_decode` holds the device's decoding to.
+
+        Raises:
+            ValueError: the level is read by OpenSlide.
+            SlideError: the stored tile cannot be decoded (the file is damaged).
+        """
+        return self._decode_stream(
+            self.stored_stream(level, index), self._levels[level], 1, level, index
+        )
+
     def window_parts(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> list[tuple[int, int, int, int, int, int, int]] | None:
@@ -525,7 +539,12 @@ class DeviceDecoder:
 
     Not measured on a GPU yet (the machines this was written on had none): its pixels are
     checked against libjpeg-turbo's by ``tests/histcode/test_tiffjpeg.py`` (marked ``gpu``),
-    and the plumbing around it on CPU with a stand-in decoder.
+    and the plumbing around it on CPU with a stand-in decoder. ``histcode embed`` checks it
+    at run time too, on a few stored tiles of each slide (:func:`check_device_decode`).
+
+    It asks nvImageCodec for libjpeg-turbo's "fancy" (triangular) chroma upsampling
+    (``:fancy_upsampling=1``; decoders that do not know the option ignore it), which brings
+    its pixels of 4:2:0 tiles closer to the CPU path's at colour edges.
 
     Args:
         device: the CUDA device the decoded tiles are wanted on.
@@ -546,7 +565,10 @@ class DeviceDecoder:
         if self.device.type == "cuda" and self.device.index is None:
             index = torch.cuda.current_device()
             self.device = torch.device("cuda", index)
-        self._decoder = nvimgcodec.Decoder(device_id=index)
+        try:
+            self._decoder = nvimgcodec.Decoder(device_id=index, options=":fancy_upsampling=1")
+        except TypeError:  # a version without decoder options
+            self._decoder = nvimgcodec.Decoder(device_id=index)
 
     def decode(self, streams: list) -> list[torch.Tensor | None]:
         """Decode complete JPEG streams (bytes or 1-D uint8 arrays, e.g. views of pinned
@@ -565,6 +587,105 @@ class DeviceDecoder:
             None if image is None else torch.as_tensor(image, device=self.device)
             for image in images
         ]
+
+
+#: How far the device decoder's pixels may be from libjpeg-turbo's (the CPU path's decoder) on
+#: the stored tiles :func:`check_device_decode` samples, per stored tile, 0–255 scale: the
+#: worst tile's mean |Δ| over its pixels and channels, and the largest |Δ| of any pixel.
+#:
+#: JPEG leaves the IDCT's rounding and the chroma upsampling to the decoder, so two correct
+#: decoders differ a little. Published bounds for nvJPEG against libjpeg-turbo: torchvision's
+#: test of ``decode_jpeg(device="cuda")`` asserts mean |Δ| < 2; DALI's tests of its nvJPEG
+#: decoder against its libjpeg-turbo one allow mean |Δ| ≤ 4 by default and ≤ 1 with fancy
+#: upsampling (which :class:`DeviceDecoder` asks for; a hardware decoder may not honour it),
+#: and name the chroma upsampling as the main difference. Measured here with libjpeg-turbo
+#: itself as "another decoder" (its fast integer IDCT and plain upsampling against the
+#: default accurate IDCT and fancy upsampling; 40 stored tiles each of CMU-1, RGB 4:4:4, and
+#: of the synthetic 40x SVS and generic TIFF, YCbCr 4:2:0): per tile mean |Δ| ≤ 0.96 on
+#: CMU-1 and ≤ 1.81 on the (noisy) synthetic tiles; max |Δ| ≤ 2 on CMU-1 and ≤ 27 at the
+#: synthetic tiles' colour edges, where the chroma upsampling differs. The bounds leave
+#: 1.5× (mean) and 2.4× (max) room above that. What they catch, measured the same way: the
+#: RGB components of Aperio's tiles taken for YCbCr (a lost Adobe marker: mean |Δ| 45–63,
+#: max 254), every value 20 too high (mean 8.5–20, clipped on glass), channels swapped on
+#: stained tissue (mean up to 24–30, max 81–206; on glass a swap changes nothing), and a
+#: wrongly decoded block (|Δ| of ~100 where it is). A slide that fails is decoded on the
+#: CPU, so a false alarm costs speed, never features.
+DEVICE_MEAN_TOLERANCE = 3.0
+DEVICE_MAX_TOLERANCE = 64
+
+
+@dataclass(frozen=True)
+class DecodeCheck:
+    """The device decoder's pixels against libjpeg-turbo's on a few stored tiles.
+
+    Attributes:
+        tiles: stored tiles compared.
+        mean_abs: the worst tile's mean |Δ| (0–255).
+        max_abs: the largest |Δ| of any pixel and channel.
+        problem: why the tiles could not be compared ("" when they were): the device could
+            not decode one, or decoded it to another shape.
+    """
+
+    tiles: int
+    mean_abs: float = 0.0
+    max_abs: int = 0
+    problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the device's pixels are libjpeg-turbo's within decoder rounding."""
+        return (
+            not self.problem
+            and self.mean_abs <= DEVICE_MEAN_TOLERANCE
+            and self.max_abs <= DEVICE_MAX_TOLERANCE
+        )
+
+    def describe(self) -> str:
+        """The measured difference, or the problem, in words."""
+        if self.problem:
+            return self.problem
+        return (
+            f"mean |Δ| {self.mean_abs:.2f}, max |Δ| {self.max_abs} of 255 against "
+            f"libjpeg-turbo over {self.tiles} stored tiles (allowed: mean "
+            f"{DEVICE_MEAN_TOLERANCE:g}, max {DEVICE_MAX_TOLERANCE})"
+        )
+
+
+def check_device_decode(
+    decoder: DeviceDecoder, streams: Sequence[bytes], reference: Sequence[np.ndarray]
+) -> DecodeCheck:
+    """Decode a few stored tiles on the device and compare them with the CPU's pixels.
+
+    Args:
+        decoder: the device decoder.
+        streams: complete JPEG streams (:meth:`TiffJpegReader.stored_stream`).
+        reference: the same tiles decoded on the CPU (:meth:`TiffJpegReader.decode_stored`).
+
+    Returns:
+        The worst tile's mean |Δ|, the largest |Δ|, or the problem; :attr:`DecodeCheck.ok`
+        says whether it is within :data:`DEVICE_MEAN_TOLERANCE` and
+        :data:`DEVICE_MAX_TOLERANCE`.
+    """
+    n = len(streams)
+    # as the batches hand them over: 1-D uint8 arrays
+    images = decoder.decode([np.frombuffer(s, np.uint8) for s in streams])
+    worst_mean, worst_max = 0.0, 0
+    for k, (image, want) in enumerate(zip(images, reference, strict=True)):
+        if image is None:
+            return DecodeCheck(
+                n, problem=f"nvImageCodec cannot decode sampled stored tile {k + 1} of {n}, "
+                "which libjpeg-turbo decodes"
+            )  # fmt: skip
+        got = image.cpu().numpy() if hasattr(image, "cpu") else np.asarray(image)
+        if got.shape != want.shape:
+            return DecodeCheck(
+                n, problem=f"nvImageCodec decodes sampled stored tile {k + 1} of {n} to shape "
+                f"{tuple(got.shape)}, libjpeg-turbo to {tuple(want.shape)}"
+            )  # fmt: skip
+        diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+        worst_mean = max(worst_mean, float(diff.mean()))
+        worst_max = max(worst_max, int(diff.max()))
+    return DecodeCheck(n, worst_mean, worst_max)
 
 
 def decode_on_device(streams: list[bytes], device: int = 0) -> list:

@@ -280,16 +280,77 @@ def read_tile_streams(
         reads, a level read at a ratio other than 1, 2, 4 or 8, a window over the level's edge
         or a missing stored tile.
     """
-    s = geometry.size_at_level
-    factor = s // tile_size
-    window_parts = getattr(reader, "window_parts", None)
-    if window_parts is None or factor * tile_size != s or factor not in (1, 2, 4, 8):
+    factor = _device_factor(reader, geometry, tile_size)
+    if factor is None:
         return None
-    parts = window_parts((int(xy[0]), int(xy[1])), geometry.level, (s, s))
+    s = geometry.size_at_level
+    parts = reader.window_parts((int(xy[0]), int(xy[1])), geometry.level, (s, s))  # type: ignore[attr-defined]
     if parts is None:
         return None
     streams = {p[0]: reader.stored_stream(geometry.level, p[0]) for p in parts}  # type: ignore[attr-defined]
     return TileStreams(geometry.path, geometry.level, s, factor, tuple(parts), streams)
+
+
+#: Ratios of a level's pixels to the tiles' that the device path box-averages.
+_FACTORS = (1, 2, 4, 8)
+
+
+def _device_factor(reader: SlideReader, geometry: SlideGeometry, tile_size: int) -> int | None:
+    """The box-average factor of a slide whose tiles can be decoded on the device, or None."""
+    s = geometry.size_at_level
+    factor = s // tile_size
+    if not hasattr(reader, "window_parts") or factor * tile_size != s or factor not in _FACTORS:
+        return None
+    return factor
+
+
+def sample_stored_tiles(
+    reader: SlideReader,
+    geometry: SlideGeometry,
+    coords: np.ndarray,
+    tile_size: int,
+    n: int = 4,
+) -> list[int]:
+    """A few stored JPEG tiles that the device path would decode for one slide, to check the
+    device's decoder against the CPU's on them
+    (:func:`histcode.tiffjpeg.check_device_decode`).
+
+    The stored tile under the most of each of ``n`` tiles spread evenly over the slide's tile
+    list (tissue, since tiles are), then of tiles between them where some lie over the
+    level's edge or a missing stored tile.
+
+    Args:
+        reader: the open slide.
+        geometry: where and at which level its tiles are read.
+        coords: (T, 2) level-0 corners of its tiles.
+        tile_size: the store's tile size.
+        n: most stored tiles to return.
+
+    Returns:
+        Up to ``n`` distinct stored-tile indices of level ``geometry.level``; empty when none
+        of the slide's tiles would be decoded on the device (:func:`read_tile_streams`).
+    """
+    if _device_factor(reader, geometry, tile_size) is None or not len(coords):
+        return []
+    s = geometry.size_at_level
+    last = len(coords) - 1
+
+    def spread(m: int) -> list[int]:
+        return np.linspace(0, last, min(m, last + 1)).round().astype(int).tolist()
+
+    picked: list[int] = []
+    # n tiles evenly spread, then the others of an evenly spread 4n
+    for k in dict.fromkeys(spread(n) + spread(4 * n)):
+        x, y = (int(v) for v in coords[k])
+        parts = reader.window_parts((x, y), geometry.level, (s, s))  # type: ignore[attr-defined]
+        if not parts:
+            continue
+        index = max(parts, key=lambda p: p[5] * p[6])[0]
+        if index not in picked:
+            picked.append(index)
+            if len(picked) == n:
+                break
+    return picked
 
 
 def box_reduce(windows: torch.Tensor, factor: int) -> torch.Tensor:
