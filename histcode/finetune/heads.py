@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from histcode.builders import Builders
@@ -57,12 +58,15 @@ class SlideOutput(HeadOutput):
         instance_logits: (B, N) tile logits of an instance classifier (CLAM), or None.
         embedding: (B, H) slide embeddings.
         branch_attention: (B, T, N) each task's attention (per-task abmil), else None.
+        tumour_tile_logits: (B, N) each tile's own tumour logit with top-share tumour
+            pooling (:class:`TopShareTumourPath`), else None.
     """
 
     attention: Tensor | None = None
     instance_logits: Tensor | None = None
     embedding: Tensor | None = None
     branch_attention: Tensor | None = None
+    tumour_tile_logits: Tensor | None = None
 
     @property
     def tumour_prob(self) -> Tensor | None:
@@ -210,12 +214,89 @@ class CompositionPath(nn.Module):
         return self.tiles(features, mask).sum(1)
 
 
+class TopShareTumourPath(nn.Module):
+    """Tumour from the tiles that look most like tumour: a linear tile scorer, top-share pooling.
+
+    Each tile gets its own tumour logit ``t_i = w · x̂_i + b`` (``x̂`` the features
+    standardised with the training tiles' statistics); a slide's tumour logit is the mean of
+    its highest ``share`` of tile logits (at least one tile). Trained with the slide label
+    *and* with every tile of a normal slide as a known negative
+    (:func:`known_negative_loss`), this is multiple-instance learning in its original form
+    (a bag is positive when some of its instances are): a normal slide says that none of
+    its tiles is tumour, a tumour slide only that its top tiles are. Attention pooling,
+    trained on slide labels alone, has to find 2–10 % foci among tissue that differs from
+    slide to slide in stain and composition; here every normal tile in the training folds
+    teaches the scorer what tumour is not.
+
+    Args:
+        in_dim: tile feature size ``D``.
+        share: share of a slide's tiles its tumour logit averages (0 < share ≤ 1).
+    """
+
+    def __init__(self, in_dim: int, share: float = 0.05) -> None:
+        super().__init__()
+        if not 0 < share <= 1:
+            raise ValueError(f"tumour top share must be in (0, 1], got {share}")
+        self.share = share
+        self.scale = FeatureScaler(in_dim)
+        self.linear = nn.Linear(in_dim, 1)
+
+    def tiles(self, features: Tensor, mask: Tensor) -> Tensor:
+        """Features (B, N, D), mask (B, N) → each tile's tumour logit (B, N)."""
+        return self.linear(self.scale(features, mask)).squeeze(-1)
+
+    def weights(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """Pooling weights (B, N): ``1 / k`` on a slide's ``k`` highest-scoring valid tiles
+        (``k = max(1, round(share · n))``), 0 elsewhere."""
+        n = mask.sum(1)
+        k = torch.clamp(torch.round(n.to(logits.dtype) * self.share), min=1).to(n.dtype)
+        k = torch.minimum(k, n.clamp(min=1))
+        ranked = logits.detach().masked_fill(~mask, float("-inf"))
+        order = ranked.argsort(1, descending=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        chosen = (rank < k[:, None]) & mask
+        return chosen.to(logits.dtype) / k[:, None].to(logits.dtype)
+
+    def forward(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Features (B, N, D), mask (B, N) → slide logit (B,), tile logits (B, N) and the
+        pooling weights (B, N)."""
+        logits = self.tiles(features, mask)
+        weights = self.weights(logits, mask)
+        return (weights * logits.masked_fill(~mask, 0.0)).sum(1), logits, weights
+
+
+def known_negative_loss(tile_logits: Tensor, mask: Tensor, tumour: Tensor) -> Tensor | None:
+    """Binary cross-entropy of every tile of a normal slide against "not tumour".
+
+    Args:
+        tile_logits: (B, N) tile tumour logits (:class:`TopShareTumourPath`).
+        mask: (B, N) bool, valid tiles.
+        tumour: (B,) slide labels: 1 tumour, 0 normal, NaN unknown.
+
+    Returns:
+        Mean over the normal slides of each one's mean tile loss, or None when the batch
+        holds no normal slide.
+    """
+    normal = (tumour == 0) & mask.any(1)
+    if not normal.any():
+        return None
+    per_tile = F.binary_cross_entropy_with_logits(
+        tile_logits[normal], torch.zeros_like(tile_logits[normal]), reduction="none"
+    )
+    m = mask[normal].to(per_tile.dtype)
+    return ((per_tile * m).sum(1) / m.sum(1)).mean()
+
+
 class SlideModel(nn.Module):
     """An aggregator and a multi-task head.
 
     Args:
         aggregator: a module from :data:`~histcode.finetune.aggregators.aggregators`.
         head: the :class:`MultiTaskHead` on its embedding.
+        composition: the :class:`CompositionPath` added to the gene outputs, or None.
+        tumour_path: a :class:`TopShareTumourPath` that gives the tumour logit (and, with
+            attention pooling, the tumour task's pooling weights) instead of the head, or None.
     """
 
     def __init__(
@@ -223,11 +304,13 @@ class SlideModel(nn.Module):
         aggregator: nn.Module,
         head: MultiTaskHead,
         composition: CompositionPath | None = None,
+        tumour_path: TopShareTumourPath | None = None,
     ) -> None:
         super().__init__()
         self.aggregator = aggregator
         self.head = head
         self.composition = composition
+        self.tumour_path = tumour_path if head.tumour else None
 
     def _add_composition(self, raw: Tensor, features: Tensor, mask: Tensor) -> Tensor:
         """Tile outputs ``raw`` (B, N, outputs) plus the composition path's tile contributions
@@ -264,7 +347,7 @@ class SlideModel(nn.Module):
                 gene_logits=head.gene_logits + genes[:, g:].unflatten(-1, (g, 3)),
                 category_logits=head.category_logits,
             )
-        return SlideOutput(
+        out = SlideOutput(
             tumour_logit=head.tumour_logit,
             log2fc=head.log2fc,
             gene_logits=head.gene_logits,
@@ -274,6 +357,22 @@ class SlideModel(nn.Module):
             embedding=pooled.embedding,
             branch_attention=pooled.branch_attention,
         )
+        if self.tumour_path is not None:
+            self._top_share_tumour(out, features, mask)
+        return out
+
+    def _top_share_tumour(self, out: SlideOutput, features: Tensor, mask: Tensor) -> None:
+        """Replace ``out``'s tumour logit by the :class:`TopShareTumourPath`'s; with per-task
+        attention, the tumour branch's weights by the path's pooling weights (what the tumour
+        logit now looks at)."""
+        slide, tiles, weights = self.tumour_path(features, mask)  # type: ignore[misc]
+        out.tumour_logit = slide
+        out.tumour_tile_logits = tiles
+        if out.branch_attention is not None:  # branch 0 is the tumour's (and ``attention``)
+            out.branch_attention = torch.cat(
+                [weights[:, None].to(out.branch_attention), out.branch_attention[:, 1:]], 1
+            )
+            out.attention = out.branch_attention[:, 0]
 
     @torch.no_grad()
     def tile_scores(self, features: Tensor, mask: Tensor | None = None) -> TileScores:
@@ -298,6 +397,8 @@ class SlideModel(nn.Module):
         else:
             raw = raw + self.head.linear.bias
         raw = self._add_composition(raw, features, mask)
+        if self.tumour_path is not None:  # each tile's own tumour logit (see TopShareTumourPath)
+            raw = torch.cat([self.tumour_path.tiles(features, mask)[..., None], raw[..., 1:]], -1)
         raw = raw * mask[..., None]
         parts = self.head.split(raw)
         up = None if parts.gene_logits is None else parts.gene_logits[..., 2]
@@ -319,6 +420,8 @@ def build_slide_model(
     options: dict[str, Any] | None = None,
     composition: bool = False,
     n_classes: Sequence[int] = (),
+    tumour_pooling: str = "attention",
+    tumour_top_share: float = 0.05,
 ) -> SlideModel:
     """A :class:`SlideModel` with the aggregator ``architecture`` (registry card arguments).
 
@@ -338,7 +441,15 @@ def build_slide_model(
         composition: add the :class:`CompositionPath` to the gene outputs.
         n_classes: classes of each categorical task (one attention branch each with
             ``per_task``, pooling like the tumour branch).
+        tumour_pooling: ``attention`` (the tumour logit from the aggregator's embedding) or
+            ``top_share`` (from the :class:`TopShareTumourPath`: each tile scored on its own, the
+            slide's logit the mean of its top ``tumour_top_share`` of tiles).
+        tumour_top_share: share of a slide's tiles the top-share tumour logit averages.
     """
+    if tumour_pooling not in ("attention", "top_share"):
+        raise ValueError(
+            f"tumour_pooling must be 'attention' or 'top_share', not {tumour_pooling!r}"
+        )
     options = dict(options or {})
     head_tasks = int(tumour) + n_genes + len(n_classes)
     if "branches" in options:
@@ -353,11 +464,11 @@ def build_slide_model(
     gene_pooling = options.pop("gene_pooling", None)
     if gene_pooling is not None and n_genes > 0:  # without genes there is nothing to pool
         if architecture == "abmil" and options.get("branches", 1) == head_tasks:
-            tumour_pooling = options.get("normalise", "softmax")
+            tumour_normalise = options.get("normalise", "softmax")
             options["normalise"] = (
-                [tumour_pooling] * int(tumour)
+                [tumour_normalise] * int(tumour)
                 + [gene_pooling] * n_genes
-                + [tumour_pooling] * len(n_classes)
+                + [tumour_normalise] * len(n_classes)
             )
         elif gene_pooling != "softmax":
             raise ValueError(
@@ -367,7 +478,12 @@ def build_slide_model(
     aggregator = create_aggregator(architecture, in_dim, hidden=hidden, dropout=dropout, **options)
     head = MultiTaskHead(aggregator.out_dim, tumour, n_genes, dropout, n_classes)
     path = CompositionPath(in_dim, 4 * n_genes) if composition and n_genes else None
-    return SlideModel(aggregator, head, path)
+    top = (
+        TopShareTumourPath(in_dim, tumour_top_share)
+        if tumour and tumour_pooling == "top_share"
+        else None
+    )
+    return SlideModel(aggregator, head, path, top)
 
 
 def slide_model_builders() -> Builders[SlideModel]:
@@ -394,6 +510,8 @@ __all__ = [
     "SlideModel",
     "SlideOutput",
     "TileScores",
+    "TopShareTumourPath",
     "build_slide_model",
+    "known_negative_loss",
     "slide_model_builders",
 ]

@@ -403,7 +403,7 @@ def _draw(
 
     def title(name: str) -> tuple[str, str | None]:
         return map_title(
-            sid, name, maps.tile_scores, source.per_task, n, source.ref, source.features,
+            sid, name, maps.kind(name), source.per_task, n, source.ref, source.features,
             source.role,
         )  # fmt: skip
 

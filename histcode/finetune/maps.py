@@ -27,7 +27,7 @@ import torch
 
 from histcode.finetune.barcodes import is_tcga, parse_barcode
 
-TileScoreKind = Literal["exact", "approximate", "own"]
+TileScoreKind = Literal["exact", "approximate", "own", "top_share"]
 
 #: what a tile score is, by how it relates to the slide prediction
 TILE_SCORES: dict[str, str] = {
@@ -37,6 +37,8 @@ TILE_SCORES: dict[str, str] = {
     "attention × the head on the tile; they do not add up to it)",
     "own": "each tile's own {target} (max pooling: the head on each tile; the slide's is "
     "not a sum of these)",
+    "top_share": "each tile's own {target} (top-share pooling: the slide's is the mean of "
+    "its highest tiles' own logits)",
 }
 
 
@@ -58,6 +60,8 @@ class SlideMaps:
         main: the map the montage shows (attention when the model has it, else tumour).
         tile_scores: how the tile scores relate to the slide prediction (a key of
             :data:`TILE_SCORES`).
+        kinds: maps whose tile scores relate to their prediction otherwise (name → key of
+            :data:`TILE_SCORES`): ``tumour`` with top-share tumour pooling.
     """
 
     slide_id: str
@@ -67,6 +71,11 @@ class SlideMaps:
     prediction: dict[str, float] = field(default_factory=dict)
     main: str = "attention"
     tile_scores: TileScoreKind = "exact"
+    kinds: dict[str, TileScoreKind] = field(default_factory=dict)
+
+    def kind(self, name: str) -> TileScoreKind:
+        """How map ``name``'s tile scores relate to its slide prediction."""
+        return self.kinds.get(name, self.tile_scores)
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,10 @@ def slide_maps(
         features: (N, D) the tiles' features, in the order of ``coords``.
     """
     maps, prediction, main, kind = compute_maps(model, card, features)
-    return SlideMaps(sid, coords, side, maps, prediction, main, kind)
+    kinds: dict[str, TileScoreKind] = (
+        {"tumour": "top_share"} if getattr(model, "tumour_path", None) is not None else {}
+    )
+    return SlideMaps(sid, coords, side, maps, prediction, main, kind, kinds)
 
 
 def compute_maps(
@@ -216,8 +228,9 @@ def _tile_score_kind(model: Any, out: Any, scores: Any) -> TileScoreKind:
     if out.attention is None and out.branch_attention is None:
         return "own"  # tile_scores adds the bias to each tile: its own prediction
     bias = model.head.split(model.head.linear.bias.detach())
+    top_share = getattr(model, "tumour_path", None) is not None  # its tumour map: own logits
     pairs = [
-        (scores.tumour, out.tumour_logit, bias.tumour_logit),
+        (None if top_share else scores.tumour, out.tumour_logit, bias.tumour_logit),
         (scores.log2fc, out.log2fc, bias.log2fc),
         (scores.up, None if out.gene_logits is None else out.gene_logits[..., 2],
          None if bias.gene_logits is None else bias.gene_logits[..., 2]),

@@ -89,6 +89,16 @@ class ModelOptions:
             standardised tile features (``heads.CompositionPath``): the naive baseline's model
             inside the slide model, which keeps how much of each tissue a slide has (bulk
             expression is a sum over the sample's cells); maps stay exact.
+        tumour_pooling: where the tumour logit comes from: ``attention`` (the aggregator's
+            slide embedding, like every other task) or ``top_share`` (each tile gets its own
+            tumour logit from a linear scorer; the slide's is the mean of its highest
+            ``tumour_top_share`` of them, and every tile of a normal training slide is a known
+            negative — loss ``negatives``; see ``heads.TopShareTumourPath``). Top-share
+            pooling is built for focal tumour (a few per cent of the tissue), where slide-label
+            attention has too little to go on; with per-task abmil the tumour map then shows
+            the tiles the slide's logit averages.
+        tumour_top_share: share of a slide's tiles the ``top_share`` tumour logit averages
+            (at least one tile).
         options: further keyword arguments of the aggregator, e.g. ``{k: 8}`` for clam_sb,
             ``{layers: 1, heads: 4}`` for transformer, ``{gated: false}`` for abmil.
     """
@@ -99,6 +109,8 @@ class ModelOptions:
     attention: Literal["per_task", "shared"] = "per_task"
     gene_pooling: Literal["softmax", "sigmoid", "mean"] = "softmax"
     composition: bool = False
+    tumour_pooling: Literal["attention", "top_share"] = "attention"
+    tumour_top_share: float = 0.05
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,6 +122,16 @@ class ModelOptions:
             raise ValueError(
                 "model.gene_pooling must be 'softmax', 'sigmoid' or 'mean', not "
                 f"{self.gene_pooling!r}"
+            )
+        if self.tumour_pooling not in ("attention", "top_share"):
+            raise ValueError(
+                "model.tumour_pooling must be 'attention' or 'top_share', not "
+                f"{self.tumour_pooling!r}"
+            )
+        if not 0 < self.tumour_top_share <= 1:
+            raise ValueError(
+                f"model.tumour_top_share must be in (0, 1] (a share of a slide's tiles, e.g. "
+                f"0.05), not {self.tumour_top_share}"
             )
 
     def aggregator_options(self) -> dict[str, Any]:
@@ -132,6 +154,8 @@ class LossOptions:
         classes: cross-entropy of the down / unchanged / up class (masked).
         categorical: cross-entropy of each ``data.classes`` task (masked where empty).
         instance: CLAM instance loss (clam_sb only).
+        negatives: with ``model.tumour_pooling: top_share``, binary cross-entropy of every
+            tile of a normal slide against "not tumour" (``heads.known_negative_loss``).
         regression: ``huber`` or ``mse`` for the log2FC regression.
         huber_delta: where the Huber loss turns from quadratic to linear (log2 units).
     """
@@ -141,6 +165,7 @@ class LossOptions:
     classes: float = 0.5
     categorical: float = 1.0
     instance: float = 0.3
+    negatives: float = 1.0
     regression: Literal["huber", "mse"] = "huber"
     huber_delta: float = 1.0
 
@@ -152,10 +177,14 @@ class OptimOptions:
     Args:
         lr: learning rate.
         weight_decay: decoupled weight decay.
+        tumour_path_lr_scale: with ``model.tumour_pooling: top_share``, the tumour scorer's
+            learning rate as a multiple of ``lr`` (a single linear layer needs larger steps
+            than the attention and MLP layers to leave its random start).
     """
 
     lr: float = 2e-4
     weight_decay: float = 1e-2
+    tumour_path_lr_scale: float = 10.0
 
 
 @dataclass
@@ -179,6 +208,10 @@ class CVOptions:
             ``val/loss`` (weighted total), ``val/tumour``, ``val/log2fc``, ``val/classes`` or
             ``val/categorical``.
         patience: epochs without improvement of ``monitor`` before stopping.
+        retrain: after validation has chosen the epoch, train each fold's model afresh on
+            its training *and* validation patients for that many epochs, and test that model
+            (the test patients still choose nothing). Costs a second training per fold; pays
+            on small cohorts, where the validation share is data the model never learns from.
         alpha: false discovery rate for calling a gene's correlation significant.
         register: what goes to the registry: ``refit`` (one model trained on all patients,
             its epoch chosen on a validation split), ``folds`` (each fold's model), or
@@ -196,6 +229,7 @@ class CVOptions:
         "val/loss"
     )
     patience: int = 30
+    retrain: bool = False
     alpha: float = 0.05
     register: Literal["refit", "folds", "none"] = "refit"
     anndata: bool = False

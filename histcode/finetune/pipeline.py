@@ -405,6 +405,7 @@ def _write_outputs(
         {
             "fold": r.fold.index,
             "best_epoch": r.best_epoch,
+            "retrained_with_validation": r.retrained,
             "best_val": r.best_score,
             "val_history": r.history,
             "slides": {k: len(getattr(r.fold, k)) for k in ("train", "val", "test")},
@@ -465,6 +466,9 @@ def _register(
     for fold_result, extra in chosen:
         fold = fold_result.fold
         patients = fold.patients(labels)
+        # with cv.retrain the model learnt from the validation slides too (they chose its
+        # epoch count first)
+        trained = np.concatenate([fold.train, fold.val]) if fold_result.retrained else fold.train
         arguments = fold_result.module.model_arguments()
         card = Card(
             kind="mil",
@@ -483,11 +487,15 @@ def _register(
                     "run": str(out.resolve()),
                     **extra,
                     "best_epoch": fold_result.best_epoch,
-                    "trained_slides": len(fold.train),
+                    "retrained_with_validation": fold_result.retrained,
+                    "trained_slides": len(trained),
                     "validation_slides": len(fold.val),
-                    "trained_patients": patients["train"],
+                    "trained_patients": sorted(
+                        set(patients["train"])
+                        | (set(patients["val"]) if fold_result.retrained else set())
+                    ),
                     "validation_patients": patients["val"],
-                    "trained_slide_ids": sorted(slides[fold.train].tolist()),
+                    "trained_slide_ids": sorted(slides[trained].tolist()),
                     "validation_slide_ids": sorted(slides[fold.val].tolist()),
                 }
             ),

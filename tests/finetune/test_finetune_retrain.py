@@ -1,0 +1,59 @@
+"""``--cv.retrain``: each fold's model is retrained on its training and validation patients."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from histcode.featurestore import FeatureStore
+from histcode.finetune.heads import slide_model_builders
+from histcode.finetune.options import TRAINER_DEFAULTS, CVOptions, DataOptions, ModelOptions
+from histcode.finetune.pipeline import run_finetune
+from histcode.registry import Registry
+from tests.finetune.finetune_cohort import SignalCohort
+
+
+def _run(cohort: SignalCohort, root: Path, retrain: bool) -> tuple[Path, Registry]:
+    run = run_finetune(
+        cohort.features,
+        "retrain" if retrain else "plain",
+        labels=cohort.labels,
+        expression=cohort.expression,
+        out=root / "run",
+        registry=root / "registry",
+        data=DataOptions(tasks=["tumour"], max_tiles=None),
+        model=ModelOptions(hidden=16),
+        cv=CVOptions(folds=3, register="folds", retrain=retrain, patience=3),
+        trainer={**TRAINER_DEFAULTS, "accelerator": "cpu", "max_epochs": 6},
+    )
+    return run.out, Registry(root / "registry")
+
+
+@pytest.mark.parametrize("retrain", [False, True], ids=["plain", "retrain"])
+def test_fold_models_learn_from_the_slides_the_card_lists(
+    small_signal_cohort: SignalCohort, tmp_path: Path, retrain: bool
+) -> None:
+    """The tile scaler counts every training tile once an epoch: a retrained fold model saw
+    its training and validation slides for best_epoch + 1 epochs; a plain one only its
+    training slides up to its best epoch. Its card and folds.json say which."""
+    out, registry = _run(small_signal_cohort, tmp_path, retrain)
+    store = FeatureStore(small_signal_cohort.features)
+    folds = json.loads((out / "folds.json").read_text())
+    predictions = pd.read_csv(out / "predictions.csv")
+    name = "retrain" if retrain else "plain"
+    for k, fold in enumerate(folds):
+        model, card = registry.load(f"{name}@{k + 1}", builders=slide_model_builders())
+        extra = card.extra
+        assert fold["retrained_with_validation"] is retrain
+        assert extra["retrained_with_validation"] is retrain
+        val = set(extra["validation_slide_ids"])
+        trained = set(extra["trained_slide_ids"])
+        assert val and (val <= trained) is retrain and not (val & trained and not retrain)
+        tiles = sum(len(store.read(s)) for s in trained)
+        seen = float(model.aggregator.scale.count)
+        assert seen == (fold["best_epoch"] + 1) * tiles
+        test = set(predictions.slide_id[predictions.fold == fold["fold"]])
+        assert test and not test & trained
