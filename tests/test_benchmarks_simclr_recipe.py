@@ -173,7 +173,9 @@ def test_aligned_loss_is_nt_xent_of_identical_views_of_orthogonal_tiles() -> Non
     assert recipe.aligned_loss(32, 1.0) < math.log(63)
 
 
-BASE_ROW = "| base (SimCLR's temperature 0.1 and augmentations: the demo's recipe), 3 steps | 1 |"
+BASE_ROW = (
+    "| base (SimCLR's temperature 0.1 and augmentations: the demo until 11/2026), 3 steps | 1 |"
+)
 
 
 def test_the_section_renders_the_table_next_to_random_init(result: dict[str, Any]) -> None:
@@ -207,18 +209,11 @@ def test_a_stain_variant_on_a_normalised_store_is_refused(
         recipe.main([*argv, "--variants", "temp05_macenko", "--seeds", "0", "--steps", "1"])
 
 
-def test_the_base_recipe_is_what_the_demo_trains_with() -> None:
-    """``base`` is histcode demo's pretraining: its encoder, optimiser and batch, and
-    SimCLR's temperature and augmentations (the demo sets neither)."""
-    from histcode.demo import DemoOptions, _pretrain_config
-
-    options = DemoOptions(
-        patients=0, difficulty="", slide_mm=(0, 0), mpp=1.0, tile_size=64, pretrain_steps=1000,
-        batch_size=32, epochs=1, folds=3, baseline_encoder="resnet18", aggregator="abmil",
-        seed=0,
-    )  # fmt: skip
-    demo = _pretrain_config(options)["model"]
-    assert "temperature" not in demo and "augmentation" not in demo
-    base = recipe.recipe_for({})
+def test_the_demo_variant_is_what_the_demo_trains_with() -> None:
+    """``demo`` must follow histcode demo's pretraining config, and ``base`` differ from it
+    only in the temperature and augmentations."""
+    assert recipe.VARIANTS["demo"] == recipe.demo_choices()
+    base, demo = recipe.recipe_for({}), recipe.recipe_for(recipe.VARIANTS["demo"])
     assert base["augmentation"] == {} and base["model"]["temperature"] == pytest.approx(0.1)
-    assert {k: base["model"][k] for k in demo} == demo
+    assert demo["model"]["temperature"] == pytest.approx(0.5)
+    assert {k for k in base["model"] if base["model"][k] != demo["model"][k]} == {"temperature"}

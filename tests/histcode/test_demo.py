@@ -64,6 +64,27 @@ def test_demo_writes_every_artefact(demo_run: tuple[Path, dict, str]) -> None:
     assert "$ histcode pretrain" in stderr and "[8/8]" in stderr
 
 
+def test_demo_recipe_top_share_tumour_and_retrained_folds(demo_run: tuple[Path, dict, str]) -> None:
+    """The pipeline arm's tumour logit is top-share pooling, the naive arm keeps its linear
+    model on the mean feature, and every fold model of both arms was retrained on its
+    training and validation patients (what the cards, folds.json and the config say)."""
+    from histcode.registry import Registry
+
+    out, _, _ = demo_run
+    config = (out / "configs" / "finetune.yaml").read_text()
+    assert "tumour_pooling: top_share" in config and "retrain: true" in config
+    registry = Registry(out / "registry")
+    for arm, pooling in (("simclr", "top_share"), ("naive", None)):
+        cards = registry.list(f"demo-{arm}")
+        assert cards
+        for card in cards:
+            assert card.arguments.get("tumour_pooling") == pooling, (arm, card.arguments)
+            assert card.extra["retrained_with_validation"] is True
+            assert set(card.extra["validation_slide_ids"]) <= set(card.extra["trained_slide_ids"])
+        folds = json.loads((out / "finetune" / arm / "folds.json").read_text())
+        assert all(f["retrained_with_validation"] for f in folds)
+
+
 def test_demo_results_table(demo_run: tuple[Path, dict, str]) -> None:
     out, result, _ = demo_run
     table = (out / "results.md").read_text()
