@@ -112,8 +112,9 @@ def _pretrain_config(o: DemoOptions) -> dict[str, Any]:
             # benchmarks/simclr_recipe.py (hard cohort, seeds 0-2), with temperature 0.5:
             # tumour tile probe 0.896 ± 0.021, slide ceiling 0.82 ± 0.05 vs 0.858 / 0.67.
             # Through the hard demo (30 patients, seeds 0-2, top-share tumour pooling and
-            # retrained folds) tumour AUC 0.57 ± 0.16 and tumour maps 0.67 ± 0.22, against 0.50
-            # and 0.47 with SimCLR's temperature and augmentations (seeds 0-1); RESULTS.md.
+            # retrained folds) tumour AUC 0.57 ± 0.16 and tumour maps 0.67 ± 0.22, against
+            # 0.51 ± 0.03 and 0.51 ± 0.08 with SimCLR's temperature and augmentations
+            # (RESULTS.md, "What each recipe change bought").
             "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0},
         },
         "data": {"batch_size": o.batch_size, "num_workers": 0},
