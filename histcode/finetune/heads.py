@@ -266,6 +266,43 @@ class TopShareTumourPath(nn.Module):
         return (weights * logits.masked_fill(~mask, 0.0)).sum(1), logits, weights
 
 
+class TumourFractionPath(nn.Module):
+    """Gene outputs linear in the slide's estimated tumour fraction.
+
+    Bulk expression is a sum over the sample's cells, so a gene made by tumour cells follows
+    the tumour's share of the tissue (its purity). With top-share pooling every tile has a
+    tumour probability ``σ(t_i)`` (:class:`TopShareTumourPath`, trained with normal slides'
+    tiles as negatives); their mean over the slide estimates the tumour fraction ``f̂``, and
+    this path adds ``w · f̂`` to each gene's log2FC and class logits. Each tile contributes
+    exactly ``w σ(t_i) / n``, so the maps stay exact. The tumour logits are detached: the
+    genes read the tumour scorer, they do not train it.
+
+    Args:
+        outputs: gene outputs ``4G`` (log2FC, then three class logits per gene).
+    """
+
+    #: the fraction's scale inside the path. A gene's log2FC moves several units over the
+    #: range of tumour fractions, and Adam moves a weight by about its learning rate a step:
+    #: from 0, an unscaled weight needs thousands of steps to get there, while the attention
+    #: branches fit the same genes (less well) in tens (on the easy demo, tumour-burden genes
+    #: r 0.38 with gain 1, 0.54 with the equivalent of gain 5).
+    GAIN = 10.0
+
+    def __init__(self, outputs: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(1, outputs, bias=False)  # the head has the biases
+        nn.init.zeros_(self.linear.weight)  # starts as the model without it
+
+    def tiles(self, tumour_logits: Tensor, mask: Tensor) -> Tensor:
+        """Tile tumour logits (B, N), mask (B, N) → each tile's contribution (B, N, 4G)."""
+        p = torch.sigmoid(tumour_logits.detach()) * mask * self.GAIN
+        return self.linear((p * uniform_weights(mask, p.dtype))[..., None])
+
+    def forward(self, tumour_logits: Tensor, mask: Tensor) -> Tensor:
+        """Tile tumour logits (B, N), mask (B, N) → gene outputs (B, 4G)."""
+        return self.tiles(tumour_logits, mask).sum(1)
+
+
 def known_negative_loss(tile_logits: Tensor, mask: Tensor, tumour: Tensor) -> Tensor | None:
     """Binary cross-entropy of every tile of a normal slide against "not tumour".
 
@@ -297,6 +334,8 @@ class SlideModel(nn.Module):
         composition: the :class:`CompositionPath` added to the gene outputs, or None.
         tumour_path: a :class:`TopShareTumourPath` that gives the tumour logit (and, with
             attention pooling, the tumour task's pooling weights) instead of the head, or None.
+        fraction: a :class:`TumourFractionPath` on the tumour path's tile logits, added to the
+            gene outputs, or None (needs ``tumour_path``).
     """
 
     def __init__(
@@ -305,12 +344,14 @@ class SlideModel(nn.Module):
         head: MultiTaskHead,
         composition: CompositionPath | None = None,
         tumour_path: TopShareTumourPath | None = None,
+        fraction: TumourFractionPath | None = None,
     ) -> None:
         super().__init__()
         self.aggregator = aggregator
         self.head = head
         self.composition = composition
         self.tumour_path = tumour_path if head.tumour else None
+        self.fraction = fraction if self.tumour_path is not None and head.n_genes else None
 
     def _add_composition(self, raw: Tensor, features: Tensor, mask: Tensor) -> Tensor:
         """Tile outputs ``raw`` (B, N, outputs) plus the composition path's tile contributions
@@ -368,6 +409,11 @@ class SlideModel(nn.Module):
         slide, tiles, weights = self.tumour_path(features, mask)  # type: ignore[misc]
         out.tumour_logit = slide
         out.tumour_tile_logits = tiles
+        if self.fraction is not None and out.log2fc is not None and out.gene_logits is not None:
+            genes = self.fraction(tiles, mask)  # (B, 4G)
+            g = self.head.n_genes
+            out.log2fc = out.log2fc + genes[:, :g]
+            out.gene_logits = out.gene_logits + genes[:, g:].unflatten(-1, (g, 3))
         if out.branch_attention is not None:  # branch 0 is the tumour's (and ``attention``)
             out.branch_attention = torch.cat(
                 [weights[:, None].to(out.branch_attention), out.branch_attention[:, 1:]], 1
@@ -398,7 +444,14 @@ class SlideModel(nn.Module):
             raw = raw + self.head.linear.bias
         raw = self._add_composition(raw, features, mask)
         if self.tumour_path is not None:  # each tile's own tumour logit (see TopShareTumourPath)
-            raw = torch.cat([self.tumour_path.tiles(features, mask)[..., None], raw[..., 1:]], -1)
+            own = self.tumour_path.tiles(features, mask)
+            if self.fraction is not None:
+                g4 = 4 * self.head.n_genes
+                extra = self.fraction.tiles(own, mask)
+                raw = torch.cat(
+                    [raw[..., :1], raw[..., 1 : 1 + g4] + extra, raw[..., 1 + g4 :]], -1
+                )
+            raw = torch.cat([own[..., None], raw[..., 1:]], -1)
         raw = raw * mask[..., None]
         parts = self.head.split(raw)
         up = None if parts.gene_logits is None else parts.gene_logits[..., 2]
@@ -422,6 +475,7 @@ def build_slide_model(
     n_classes: Sequence[int] = (),
     tumour_pooling: str = "attention",
     tumour_top_share: float = 0.05,
+    tumour_fraction_genes: bool = False,
 ) -> SlideModel:
     """A :class:`SlideModel` with the aggregator ``architecture`` (registry card arguments).
 
@@ -445,6 +499,8 @@ def build_slide_model(
             ``top_share`` (from the :class:`TopShareTumourPath`: each tile scored on its own, the
             slide's logit the mean of its top ``tumour_top_share`` of tiles).
         tumour_top_share: share of a slide's tiles the top-share tumour logit averages.
+        tumour_fraction_genes: add the :class:`TumourFractionPath` to the gene outputs
+            (needs ``top_share`` tumour pooling and genes).
     """
     if tumour_pooling not in ("attention", "top_share"):
         raise ValueError(
@@ -483,7 +539,13 @@ def build_slide_model(
         if tumour and tumour_pooling == "top_share"
         else None
     )
-    return SlideModel(aggregator, head, path, top)
+    if tumour_fraction_genes and (top is None or not n_genes):
+        raise ValueError(
+            "tumour_fraction_genes reads the top-share tumour scorer's tile probabilities: it "
+            "needs tumour_pooling 'top_share', the tumour task and genes"
+        )
+    fraction = TumourFractionPath(4 * n_genes) if tumour_fraction_genes else None
+    return SlideModel(aggregator, head, path, top, fraction)
 
 
 def slide_model_builders() -> Builders[SlideModel]:
@@ -511,6 +573,7 @@ __all__ = [
     "SlideOutput",
     "TileScores",
     "TopShareTumourPath",
+    "TumourFractionPath",
     "build_slide_model",
     "known_negative_loss",
     "slide_model_builders",

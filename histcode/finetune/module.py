@@ -78,7 +78,11 @@ class MILModule(pl.LightningModule):
             **({"n_classes": self.n_classes} if self.categories else {}),
             "composition": m.composition,
             **(
-                {"tumour_pooling": m.tumour_pooling, "tumour_top_share": m.tumour_top_share}
+                {
+                    "tumour_pooling": m.tumour_pooling,
+                    "tumour_top_share": m.tumour_top_share,
+                    **({"tumour_fraction_genes": True} if m.tumour_fraction_genes else {}),
+                }
                 if m.tumour_pooling != "attention"
                 else {}
             ),
@@ -208,11 +212,14 @@ class MILModule(pl.LightningModule):
         path = self.model.tumour_path
         if path is None:
             return torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        own = {id(p) for p in path.parameters()}
+        scaled = [*path.parameters()]
+        if self.model.fraction is not None:  # a single weight per output, from 0: same reason
+            scaled += [*self.model.fraction.parameters()]
+        own = {id(p) for p in scaled}
         rest = [p for p in self.parameters() if id(p) not in own]
         groups = [
             {"params": rest},
-            {"params": list(path.parameters()), "lr": o.lr * o.tumour_path_lr_scale},
+            {"params": scaled, "lr": o.lr * o.tumour_path_lr_scale},
         ]
         return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
 

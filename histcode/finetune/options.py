@@ -99,6 +99,10 @@ class ModelOptions:
             the tiles the slide's logit averages.
         tumour_top_share: share of a slide's tiles the ``top_share`` tumour logit averages
             (at least one tile).
+        tumour_fraction_genes: with ``top_share``, add to every gene's outputs a term linear
+            in the slide's estimated tumour fraction (the mean of its tiles' tumour
+            probabilities; ``heads.TumourFractionPath``): bulk expression of a gene made by
+            tumour cells follows the tumour's share of the tissue. Maps stay exact.
         options: further keyword arguments of the aggregator, e.g. ``{k: 8}`` for clam_sb,
             ``{layers: 1, heads: 4}`` for transformer, ``{gated: false}`` for abmil.
     """
@@ -111,6 +115,7 @@ class ModelOptions:
     composition: bool = False
     tumour_pooling: Literal["attention", "top_share"] = "attention"
     tumour_top_share: float = 0.05
+    tumour_fraction_genes: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,6 +132,11 @@ class ModelOptions:
             raise ValueError(
                 "model.tumour_pooling must be 'attention' or 'top_share', not "
                 f"{self.tumour_pooling!r}"
+            )
+        if self.tumour_fraction_genes and self.tumour_pooling != "top_share":
+            raise ValueError(
+                "model.tumour_fraction_genes needs model.tumour_pooling top_share (it reads the "
+                "top-share tumour scorer's tile probabilities)"
             )
         if not 0 < self.tumour_top_share <= 1:
             raise ValueError(

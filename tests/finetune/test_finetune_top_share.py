@@ -193,3 +193,36 @@ def test_maps_say_the_tumour_map_is_each_tiles_own_logit() -> None:
     role = TrainingRole("held-out", False, "test")
     title, _ = map_title("s", "tumour", maps.kind("tumour"), True, 30, "m@1", Path("f"), role)
     assert "top-share" in title
+
+
+def test_fraction_path_adds_a_term_linear_in_the_estimated_tumour_fraction() -> None:
+    """Gene outputs gain w · mean σ(t_i) (× the path's gain); tile scores still add up."""
+    torch.manual_seed(0)
+    model = build_slide_model(
+        "abmil", 8, 16, n_genes=2, options=PER_TASK, tumour_pooling="top_share",
+        tumour_fraction_genes=True,
+    ).eval()  # fmt: skip
+    plain = build_slide_model(
+        "abmil", 8, 16, n_genes=2, options=PER_TASK, tumour_pooling="top_share"
+    ).eval()
+    with torch.no_grad():
+        model.fraction.linear.weight.copy_(torch.linspace(-1, 1, 8)[:, None])
+    plain.load_state_dict(model.state_dict(), strict=False)
+    x = torch.randn(2, 30, 8)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 20:] = False
+    out, base = model(x, mask), plain(x, mask)
+    tiles = model.tumour_path.tiles(x, mask)
+    frac = torch.stack([torch.sigmoid(tiles[0]).mean(), torch.sigmoid(tiles[1, :20]).mean()])
+    w = model.fraction.linear.weight[:, 0] * model.fraction.GAIN
+    torch.testing.assert_close(out.log2fc, base.log2fc + frac[:, None] * w[:2])
+    torch.testing.assert_close(
+        out.gene_logits, base.gene_logits + (frac[:, None] * w[2:]).unflatten(-1, (2, 3))
+    )
+    scores = model.tile_scores(x, mask)  # the gene maps stay exact
+    bias = model.head.split(model.head.linear.bias.detach())
+    torch.testing.assert_close(scores.log2fc.sum(1) + bias.log2fc, out.log2fc)
+    with pytest.raises(ValueError, match="top_share"):
+        build_slide_model("abmil", 8, n_genes=2, tumour_fraction_genes=True)
+    with pytest.raises(ValueError, match="top_share"):
+        ModelOptions(tumour_fraction_genes=True)

@@ -79,6 +79,7 @@ def test_demo_recipe_top_share_tumour_and_retrained_folds(demo_run: tuple[Path, 
         assert cards
         for card in cards:
             assert card.arguments.get("tumour_pooling") == pooling, (arm, card.arguments)
+            assert card.arguments.get("tumour_fraction_genes") == (True if pooling else None)
             assert card.extra["retrained_with_validation"] is True
             assert set(card.extra["validation_slide_ids"]) <= set(card.extra["trained_slide_ids"])
         folds = json.loads((out / "finetune" / arm / "folds.json").read_text())
