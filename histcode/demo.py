@@ -461,7 +461,7 @@ def demo(
     tumour_pooling: Literal["top_share", "attention"] = "top_share",
     restart: bool = False,
 ) -> Any:
-    """Run the whole pipeline on a small synthetic cohort (about 6 minutes on 2 idle CPU cores),
+    """Run the whole pipeline on a small synthetic cohort (about 3 minutes on 2 idle CPU cores),
     or with ``--cohort DIR`` the same recipe on a cohort of your own.
 
     Prints each step's command as it runs it (they are the commands of the README), then a
