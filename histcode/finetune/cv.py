@@ -495,9 +495,8 @@ def train_fold(
         module.load_state_dict(best.state)
         retrained = bool(cv.retrain and len(fold.val))
         if retrained:
-            module, trainer = _retrain(
-                fold, module, make_module, loader, best, seed, trainer_kwargs
-            )
+            # the chosen weights only chose the epoch count: a fresh module learns from all
+            module, trainer = _retrain(fold, make_module, loader, best, seed, trainer_kwargs)
         predictions: dict[str, Any] = {}
         if len(fold.test):
             predictions = predict(module, loader(fold.test, False), trainer)
@@ -509,7 +508,6 @@ def train_fold(
 
 def _retrain(
     fold: Fold,
-    chosen: MILModule,
     make_module: Callable[[], MILModule],
     loader: Callable[[np.ndarray, bool], Any],
     best: BestState,
@@ -524,7 +522,6 @@ def _retrain(
     scorer trained on all of a fold's training patients ranks held-out slides at AUC 0.62
     against 0.53 when 20 % of them only choose the epoch (seeds 0–2, ``benchmarks/RESULTS.md``).
     """
-    del chosen  # its weights chose nothing but the epoch count
     pl.seed_everything(seed, workers=True, verbose=False)
     module = make_module()
     kwargs = dict(trainer_kwargs)
