@@ -353,14 +353,18 @@ class SlideModel(nn.Module):
         self.tumour_path = tumour_path if head.tumour else None
         self.fraction = fraction if self.tumour_path is not None and head.n_genes else None
 
-    def _add_composition(self, raw: Tensor, features: Tensor, mask: Tensor) -> Tensor:
-        """Tile outputs ``raw`` (B, N, outputs) plus the composition path's tile contributions
-        on the gene outputs."""
-        if self.composition is None or not self.head.n_genes:
-            return raw
-        extra = self.composition.tiles(features, mask)
+    def _add_gene_tiles(self, raw: Tensor, extra: Tensor) -> Tensor:
+        """Tile outputs ``raw`` (B, N, outputs) plus a path's tile contributions ``extra``
+        (B, N, 4G) on the gene outputs."""
         t, g4 = int(self.head.tumour), 4 * self.head.n_genes
         return torch.cat([raw[..., :t], raw[..., t : t + g4] + extra, raw[..., t + g4 :]], -1)
+
+    def _add_genes(self, out: HeadOutput, genes: Tensor) -> None:
+        """Add a path's gene outputs ``genes`` (B, 4G: log2FC, then the class logits) to
+        ``out``'s log2FC (B, G) and class logits (B, G, 3), in place."""
+        g = self.head.n_genes
+        out.log2fc = out.log2fc + genes[:, :g]  # type: ignore[operator]
+        out.gene_logits = out.gene_logits + genes[:, g:].unflatten(-1, (g, 3))  # type: ignore[operator]
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> SlideOutput:
         """Predict slides.
@@ -380,14 +384,7 @@ class SlideModel(nn.Module):
         else:
             head = self.head(pooled.embedding)
         if self.composition is not None and self.head.n_genes:
-            genes = self.composition(features, mask)  # (B, 4G)
-            g = self.head.n_genes
-            head = HeadOutput(
-                tumour_logit=head.tumour_logit,
-                log2fc=head.log2fc + genes[:, :g],
-                gene_logits=head.gene_logits + genes[:, g:].unflatten(-1, (g, 3)),
-                category_logits=head.category_logits,
-            )
+            self._add_genes(head, self.composition(features, mask))
         out = SlideOutput(
             tumour_logit=head.tumour_logit,
             log2fc=head.log2fc,
@@ -409,11 +406,8 @@ class SlideModel(nn.Module):
         slide, tiles, weights = self.tumour_path(features, mask)  # type: ignore[misc]
         out.tumour_logit = slide
         out.tumour_tile_logits = tiles
-        if self.fraction is not None and out.log2fc is not None and out.gene_logits is not None:
-            genes = self.fraction(tiles, mask)  # (B, 4G)
-            g = self.head.n_genes
-            out.log2fc = out.log2fc + genes[:, :g]
-            out.gene_logits = out.gene_logits + genes[:, g:].unflatten(-1, (g, 3))
+        if self.fraction is not None:  # set only with genes
+            self._add_genes(out, self.fraction(tiles, mask))
         if out.branch_attention is not None:  # branch 0 is the tumour's (and ``attention``)
             out.branch_attention = torch.cat(
                 [weights[:, None].to(out.branch_attention), out.branch_attention[:, 1:]], 1
@@ -442,15 +436,12 @@ class SlideModel(nn.Module):
             raw = raw * pooled.attention[..., None]
         else:
             raw = raw + self.head.linear.bias
-        raw = self._add_composition(raw, features, mask)
+        if self.composition is not None and self.head.n_genes:
+            raw = self._add_gene_tiles(raw, self.composition.tiles(features, mask))
         if self.tumour_path is not None:  # each tile's own tumour logit (see TopShareTumourPath)
             own = self.tumour_path.tiles(features, mask)
             if self.fraction is not None:
-                g4 = 4 * self.head.n_genes
-                extra = self.fraction.tiles(own, mask)
-                raw = torch.cat(
-                    [raw[..., :1], raw[..., 1 : 1 + g4] + extra, raw[..., 1 + g4 :]], -1
-                )
+                raw = self._add_gene_tiles(raw, self.fraction.tiles(own, mask))
             raw = torch.cat([own[..., None], raw[..., 1:]], -1)
         raw = raw * mask[..., None]
         parts = self.head.split(raw)
