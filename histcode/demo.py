@@ -626,8 +626,47 @@ def demo(
     if genes:  # the model predicts only these: draw, count and group no other gene
         roles = {g: r for g, r in roles.items() if g in genes}
     maps = _heatmaps(run, out, cohort, tiles, feats, finetuned, registry, roles)
-    result = _report(out, options, finetuned, maps, roles, registry, run.start)
+    result = _report(out, options, finetuned, maps, roles, registry, run.start, encoder)
     return CommandResult(out, result, {"options": asdict(options), "steps": run.state["steps"]})
+
+
+def encoder_health(pretrained: dict[str, Any]) -> tuple[str, str | None]:
+    """What the pretraining's collapse checks said, as a line and (when not ``ok``) a warning.
+
+    Args:
+        pretrained: the pretrain step's result (``ref``, ``final_loss``, ``collapse``: the
+            summary of :class:`histcode.pretrain.collapse.CollapseMonitor`'s report, absent
+            when the checks were off).
+
+    Returns:
+        ``(line, warning)``: the line for ``results.md``; the warning, or None when the
+        verdict is ``ok``.
+    """
+    ref = pretrained.get("ref", "the encoder")
+    c = pretrained.get("collapse")
+    if not c:
+        return (
+            f"SimCLR encoder `{ref}`: no collapse checks were recorded, so nothing says "
+            "whether its features carry more than random weights do.",
+            None,
+        )
+    line = (
+        f"SimCLR encoder `{ref}`: final loss {c['loss_over_chance']:.2f} × the loss of a "
+        f"constant embedding ({c['chance_loss']:.2f}); effective rank of its features on "
+        f"held-out tiles {c['backbone_effective_rank']:.1f} of {c['backbone_dim']} "
+        f"dimensions; collapse verdict **{c['verdict']}** (`histcode pretrain --help`, "
+        "`--collapse.*`)."
+    )
+    if c["verdict"] == "ok":
+        return line, None
+    warning = (
+        f"**Warning: the SimCLR pretraining on this cohort looks {c['verdict']}** (its loss "
+        f"is {c['loss_over_chance']:.2f} × that of a constant embedding, effective rank "
+        f"{c['backbone_effective_rank']:.1f}). Its features may carry less than the naive "
+        "arm's random weights: read the pipeline column against the naive one, and see "
+        "the pretraining's log and card (`extra.collapse`) before using this encoder."
+    )
+    return line, warning
 
 
 def _report(
@@ -638,9 +677,11 @@ def _report(
     roles: dict[str, str],
     registry: str,
     start: float,
+    pretrained: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``results.md`` (the table) and ``results.json``, print the table, and return the
-    command's result: each arm's tumour AUC, genes by role and map scores."""
+    command's result: each arm's tumour AUC, genes by role and map scores, and what the
+    pretraining's collapse checks said (:func:`encoder_health`)."""
     arms: dict[str, dict[str, Any]] = {}
     for arm in (PIPELINE, BASELINE):
         metrics = json.loads((out / "finetune" / arm / "metrics.json").read_text())
@@ -656,6 +697,7 @@ def _report(
     for role in roles.values():
         counts[role] = counts.get(role, 0) + 1
     table = results_table(arms, counts, options.aggregator, options.tumour_pooling)
+    health, warning = encoder_health(pretrained or {})
     minutes = (time.perf_counter() - start) / 60
     plots = out / "finetune" / PIPELINE / "plots"
     paths = {
@@ -669,6 +711,7 @@ def _report(
         [
             f"# histcode demo — {_cohort_title(options, out)}",
             "",
+            *([warning, ""] if warning else []),
             "Every figure is on test folds (patient-grouped CV; each slide's maps come from "
             "the model of the fold that held it out). Genes: one value per patient (its slides "
             "averaged); each fold's model is tested on its own test patients (one-sided "
@@ -682,6 +725,8 @@ def _report(
             "",
             table,
             "",
+            health,
+            "",
             *(f"- {what}: `{where}`" for what, where in paths.items()),
             "",
         ]
@@ -691,6 +736,12 @@ def _report(
         "out": str(out),
         "minutes": round(minutes, 1),
         "results": arms,
+        "encoder": {
+            "ref": (pretrained or {}).get("ref"),
+            "final_loss": (pretrained or {}).get("final_loss"),
+            "collapse": (pretrained or {}).get("collapse"),
+            "warning": warning,
+        },
         "results_md": str(out / "results.md"),
         "paths": paths,
     }

@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from histcode.cli import main
-from histcode.demo import _gene_summary, results_table
+from histcode.demo import _gene_summary, encoder_health, results_table
 
 TINY = [
     "--patients", "6", "--slide_mm", "[1.2, 1.0]", "--pretrain_steps", "4", "--epochs", "2",
@@ -96,6 +96,11 @@ def test_demo_results_table(demo_run: tuple[Path, dict, str]) -> None:
     # the table says which test made a gene "significant", and r is per fold, mean ± sd
     assert "Stouffer" in table and "BH over all 20 genes" in table
     assert "(per fold, mean ± sd over folds)" in table
+    # what the pretraining's collapse checks said, from the encoder's own summary
+    collapse = json.loads((out / "pretrain" / "summary.json").read_text())["result"]["collapse"]
+    assert result["encoder"]["collapse"] == collapse
+    assert f"collapse verdict **{collapse['verdict']}**" in table
+    assert (result["encoder"]["warning"] is None) == (collapse["verdict"] == "ok")
     arms = result["results"]
     assert set(arms) == {"simclr", "naive"}
     for name, arm in arms.items():  # the table's AUC is the mean over the held-out folds
@@ -293,3 +298,21 @@ def test_demo_pretraining_validates_by_steps_on_a_cohort_smaller_than_an_interva
         ]
     )  # fmt: skip
     assert code == 0, stderr[-2000:]
+
+
+def test_encoder_health_warns_unless_ok() -> None:
+    summary = {
+        "verdict": "ok", "loss_over_chance": 0.79, "chance_loss": 4.14,
+        "backbone_effective_rank": 7.04, "projection_effective_rank": 8.6, "backbone_dim": 64,
+    }  # fmt: skip
+    line, warning = encoder_health({"ref": "registry:enc@1", "collapse": summary})
+    assert warning is None
+    assert "0.79 × the loss of a constant embedding (4.14)" in line
+    assert "7.0 of 64" in line and "**ok**" in line and "registry:enc@1" in line
+    for verdict in ("suspect", "collapsed"):
+        bad = {**summary, "verdict": verdict, "loss_over_chance": 1.0}
+        line, warning = encoder_health({"ref": "registry:enc@1", "collapse": bad})
+        assert warning is not None and f"looks {verdict}" in warning
+        assert "naive" in warning and f"**{verdict}**" in line
+    line, warning = encoder_health({"ref": "registry:enc@1"})  # checks were off
+    assert warning is None and "no collapse checks were recorded" in line
