@@ -62,7 +62,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,86 @@ SHARE = 0.05
 #: The demos the benchmark makes when given none.
 DEMO_PATIENTS = 30
 DEMO_DIFFICULTY = "hard"
+
+
+# -- feature views --------------------------------------------------------------------------
+
+
+def neighbour_mean(features: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Mean of each tile's features over its 3 × 3 grid neighbourhood (itself included).
+
+    The grid step is the smallest positive spacing of the tile corners along either axis; a
+    neighbour is a tile whose corner is one step away in x, y or both. Tiles missing from the
+    grid (background) are left out of the mean, so a tile without neighbours keeps its own
+    features.
+
+    Args:
+        features: ``(n, D)`` tile features of one slide.
+        coords: ``(n, 2)`` level-0 tile corners of the same tiles, on a regular grid.
+
+    Returns:
+        ``(n, D)`` float32 neighbourhood means.
+    """
+    x = np.asarray(features, dtype=np.float32)
+    xy = np.asarray(coords, dtype=np.int64)
+    if len(x) < 2:
+        return x.copy()
+    gaps = np.concatenate([np.diff(np.unique(xy[:, 0])), np.diff(np.unique(xy[:, 1]))])
+    step = int(gaps.min()) if len(gaps) else 1
+    cell = (xy - xy.min(0)) // step
+    if not np.array_equal(cell * step + xy.min(0), xy):
+        raise ValueError(f"tile corners are not on a grid of step {step} px")
+    grid = np.full(tuple(cell.max(0) + 3), -1, dtype=np.int64)  # one empty cell on each side
+    grid[cell[:, 0] + 1, cell[:, 1] + 1] = np.arange(len(xy))
+    total, count = np.zeros_like(x), np.zeros((len(x), 1), np.float32)
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            near = grid[cell[:, 0] + 1 + dx, cell[:, 1] + 1 + dy]
+            has = near >= 0
+            total[has] += x[near[has]]
+            count[has] += 1
+    return total / count
+
+
+def context_features(features: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """A tile's features with its neighbourhood's, both also relative to the slide's median.
+
+    ``[x, m, x − median(x), m − median(m)]`` with ``m`` the 3 × 3 neighbourhood mean
+    (:func:`neighbour_mean`) and the medians taken over the slide's tiles per dimension.
+    The neighbourhood gives a tile the tissue around it; subtracting the slide's median tile
+    takes away what every tile of the slide shares (its stain cast, scanner and site), so a
+    focus stands out against its own slide. Nothing here sees a label.
+
+    Args:
+        features: ``(n, D)`` tile features of one slide.
+        coords: ``(n, 2)`` level-0 tile corners.
+
+    Returns:
+        ``(n, 4D)`` float32.
+    """
+    x = np.asarray(features, dtype=np.float32)
+    m = neighbour_mean(x, coords)
+    return np.concatenate([x, m, x - np.median(x, 0), m - np.median(m, 0)], axis=1)
+
+
+#: Views of the tile features the methods can be run on (``--features``).
+FEATURE_VIEWS: dict[str, str] = {
+    "raw": "the tile features as stored",
+    "context": "each tile's features, its 3 × 3 neighbourhood mean, and both minus the "
+    "slide's median tile (context_features; 4 × D)",
+}
+
+
+def feature_view(data: DemoData, view: str) -> DemoData:
+    """``data`` with its bags replaced by the ``view`` of them (:data:`FEATURE_VIEWS`)."""
+    if view == "raw":
+        return data
+    if view != "context":
+        raise ValueError(f"feature view {view!r}: choose from {sorted(FEATURE_VIEWS)}")
+    if len(data.coords) != len(data.bags):
+        raise ValueError("the context view needs every slide's tile corners (DemoData.coords)")
+    pairs = zip(data.bags, data.coords, strict=True)
+    return replace(data, bags=[context_features(b, c) for b, c in pairs])
 
 
 # -- scores ---------------------------------------------------------------------------------
@@ -367,6 +447,37 @@ METHODS: dict[str, MethodSpec] = {
 # -- evaluation -----------------------------------------------------------------------------
 
 
+def training_subset(
+    train: np.ndarray,
+    patients: np.ndarray,
+    slide_labels: np.ndarray,
+    share: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A random ``share`` of the training patients' slides, with both classes among them.
+
+    Args:
+        train: indices of the training slides.
+        patients: ``(S,)`` patient of every slide.
+        slide_labels: ``(S,)`` 1 tumour, 0 normal.
+        share: share of the training patients kept (at least two).
+        rng: the draw.
+
+    Returns:
+        The kept indices, in ``train``'s order.
+
+    Raises:
+        ValueError: no draw of 100 had both classes.
+    """
+    owners = np.unique(patients[train])
+    n = min(len(owners), max(2, round(share * len(owners))))
+    for _ in range(100):
+        keep = np.isin(patients[train], rng.choice(owners, n, replace=False))
+        if len(set(slide_labels[train[keep]].tolist())) == 2:
+            return train[keep]
+    raise ValueError(f"no {n} of the {len(owners)} training patients hold both classes")
+
+
 def out_of_fold(
     method: Method,
     bags: Sequence[np.ndarray],
@@ -374,12 +485,17 @@ def out_of_fold(
     slide_labels: np.ndarray,
     folds: np.ndarray,
     seed: int = 0,
+    train_share: float = 1.0,
+    patients: np.ndarray | None = None,
+    draw: int = 0,
     **kwargs: Any,
 ) -> np.ndarray:
     """Each slide's score by the method fitted on the other folds.
 
     Only the training folds' bags, slide labels and tile labels reach ``method``; the test
-    fold gives its bags alone.
+    fold gives its bags alone. With ``train_share < 1`` each fold's method sees only that
+    share of its training patients (:func:`training_subset`), so the same test folds measure
+    how the figure grows with the number of training patients.
 
     Args:
         method: a scoring function (:data:`Method`).
@@ -388,6 +504,10 @@ def out_of_fold(
         slide_labels: ``(S,)`` 1 tumour, 0 normal.
         folds: ``(S,)`` test fold of each slide.
         seed: passed to ``method`` for every fold.
+        train_share: share of each fold's training patients the method is fitted on.
+        patients: ``(S,)`` patient of each slide (needed with ``train_share < 1``; each
+            slide its own patient when None).
+        draw: which random subset (with ``train_share < 1``).
         **kwargs: more arguments of ``method``.
 
     Returns:
@@ -397,10 +517,14 @@ def out_of_fold(
     folds = np.asarray(folds)
     if not len(bags) == len(tile_labels) == len(slide_labels) == len(folds):
         raise ValueError("bags, tile_labels, slide_labels and folds must have one entry a slide")
+    owners = np.arange(len(bags)) if patients is None else np.asarray(patients)
     scores = np.full(len(bags), np.nan)
     for fold in np.unique(folds):
         test = np.flatnonzero(folds == fold)
         train = np.flatnonzero(folds != fold)
+        if train_share < 1:
+            rng = np.random.default_rng([seed, draw, int(fold)])
+            train = training_subset(train, owners, slide_labels, train_share, rng)
         scores[test] = method(
             [bags[i] for i in train],
             slide_labels[train],
@@ -466,6 +590,7 @@ class DemoData:
         patients: ``(S,)`` patient id.
         pipeline: ``(S,)`` the pipeline's own out-of-fold ``tumour_prob``.
         features: the feature store read.
+        coords: per-slide level-0 tile corners, each ``(n_i, 2)``.
     """
 
     slide_ids: list[str]
@@ -477,6 +602,7 @@ class DemoData:
     patients: np.ndarray
     pipeline: np.ndarray
     features: Path
+    coords: list[np.ndarray] = field(default_factory=list)
 
 
 def features_of(demo: Path, arm: str) -> Path:
@@ -517,7 +643,7 @@ def load_demo(demo: Path, arm: str = "simclr") -> DemoData:
     where = {sid: s for s, sid in enumerate(labels.slide_ids)}
     store = FeatureStore(features)
     rows = [r for r in rows if r["slide_id"] in where]
-    bags, tiles = [], []
+    bags, tiles, corners = [], [], []
     for r in rows:
         s = where[r["slide_id"]]
         span = labels.index.slide_range(s)
@@ -527,6 +653,7 @@ def load_demo(demo: Path, arm: str = "simclr") -> DemoData:
             raise ValueError(f"{features}: slide {r['slide_id']}'s features do not match its tiles")
         bags.append(np.asarray(got.features, dtype=np.float32))
         tiles.append(labels.tumour[span.start : span.stop])
+        corners.append(np.asarray(coords))
     return DemoData(
         slide_ids=[r["slide_id"] for r in rows],
         bags=bags,
@@ -537,6 +664,7 @@ def load_demo(demo: Path, arm: str = "simclr") -> DemoData:
         patients=np.array([r["patient_id"] for r in rows]),
         pipeline=np.array([float(r["tumour_prob"]) for r in rows]),
         features=features,
+        coords=corners,
     )
 
 
@@ -545,9 +673,26 @@ def _r(x: float | None, digits: int = 4) -> float | None:
 
 
 def run_demo(
-    data: DemoData, methods: Sequence[str], seed: int = 0, log: Callable[[str], None] = print
+    data: DemoData,
+    methods: Sequence[str],
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    train_shares: Sequence[float] = (),
+    draws: int = 3,
 ) -> dict[str, Any]:
-    """Every method's figures on one demo, and the pipeline's own for reference."""
+    """Every method's figures on one demo, and the pipeline's own for reference.
+
+    Args:
+        data: the demo's features, labels and folds.
+        methods: names in :data:`METHODS`.
+        seed: draws, splits and initial weights.
+        log: where progress lines go.
+        train_shares: shares (< 1) of each fold's training patients to refit every method
+            on, on the same test folds: the learning curve (``methods.<name>.curve``, the
+            pooled AUC at each share, mean over ``draws`` random subsets; share 1 is the
+            method's own figure).
+        draws: random subsets per share.
+    """
     y = data.slide_labels
     pipe = score_slides(data.pipeline, y, data.sites, data.folds)
     tiles = np.concatenate(data.tile_labels)
@@ -583,6 +728,25 @@ def run_demo(
             "seconds": round(time.perf_counter() - start, 1),
         }
         log(f"aggregation: {name}: AUC {fig['auc']:.3f}, within site {fig['within_site_auc']}")
+        if train_shares:
+            curve = {}
+            for share in sorted(train_shares):
+                aucs = [
+                    score_slides(
+                        out_of_fold(
+                            spec.fn, data.bags, data.tile_labels, y, data.folds, seed=seed,
+                            train_share=share, patients=data.patients, draw=draw,
+                            **spec.kwargs,
+                        ),
+                        y, data.sites, data.folds,
+                    )["auc"]
+                    for draw in range(draws)
+                ]  # fmt: skip
+                key = f"{share:g}"
+                curve[key] = _r(float(np.mean(aucs)))
+                log(f"aggregation: {name} on {key} of the training patients: {curve[key]}")
+            curve["1"] = _r(fig["auc"])
+            out["methods"][name]["curve"] = curve
     return out
 
 
@@ -603,6 +767,13 @@ def summarise(demos: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[s
         name: {k: stat([d["methods"][name][k] for d in demos]) for k in ("auc", "within_site_auc")}
         for name in methods
     }
+    for name in methods:
+        shares = demos[0]["methods"][name].get("curve", {}) if demos else {}
+        if shares:
+            out[name]["curve"] = {
+                share: stat([d["methods"][name].get("curve", {}).get(share) for d in demos])
+                for share in shares
+            }
     out["pipeline"] = {
         k: stat([d["pipeline"][k] for d in demos]) for k in ("fold_auc", "auc", "within_site_auc")
     }
@@ -634,12 +805,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="finished histcode demo folders (none: make --demo-seeds under --work)",
     )  # fmt: skip
     parser.add_argument("--arm", default="simclr", choices=sorted(ARM_FEATURES))
+    parser.add_argument(
+        "--features", default="raw", choices=list(FEATURE_VIEWS),
+        help="view of the tile features every method runs on: " + "; ".join(
+            f"{k}: {v}" for k, v in FEATURE_VIEWS.items()),
+    )  # fmt: skip
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seed", type=int, default=0, help="draws, splits and initial weights")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the lab's 1)")
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/aggregation"))
     parser.add_argument("--demo-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--train-shares", type=float, nargs="*", default=[], metavar="SHARE",
+        help="also refit every method on these shares (< 1) of each fold's training patients, "
+        "on the same test folds: the learning curve, does the figure still grow with patients",
+    )  # fmt: skip
+    parser.add_argument("--draws", type=int, default=3, help="random subsets per share")
     args = parser.parse_args(argv)
+    if any(not 0 < share < 1 for share in args.train_shares):
+        parser.error(f"--train-shares must lie strictly between 0 and 1: {args.train_shares}")
     for demo in args.demos:
         if not (demo / "finetune" / args.arm / "predictions.csv").is_file():
             parser.error(f"{demo}: no finetune/{args.arm}/predictions.csv; not a finished demo")
@@ -651,15 +835,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     for demo in demos:
         print(f"aggregation: {demo} ({args.arm})", file=sys.stderr, flush=True)
-        data = load_demo(demo, args.arm)
-        entry = run_demo(data, args.methods, args.seed, lambda m: print(m, file=sys.stderr))
+        data = feature_view(load_demo(demo, args.arm), args.features)
+        entry = run_demo(
+            data, args.methods, args.seed, lambda m: print(m, file=sys.stderr),
+            train_shares=args.train_shares, draws=args.draws,
+        )  # fmt: skip
         results.append({"demo": str(demo), **entry})
     result = {
         "benchmark": "aggregation",
         "arm": args.arm,
+        "features": args.features,
+        "features_what": FEATURE_VIEWS[args.features],
         "methods": list(args.methods),
         "what": {name: METHODS[name].what for name in args.methods},
         "seed": args.seed,
+        "train_shares": args.train_shares,
+        "draws": args.draws,
         "demos": results,
         "summary": summarise(results, args.methods),
         "command": " ".join(["python -m benchmarks.aggregation", *(argv or sys.argv[1:])]),
@@ -707,6 +898,28 @@ def table(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def curve_table(r: dict[str, Any]) -> list[str]:
+    """The learning curve's markdown table (empty without ``--train-shares``)."""
+    summary = r.get("summary", {})
+    named = [n for n in r.get("methods", []) if summary.get(n, {}).get("curve")]
+    if not named:
+        return []
+    shares = list(summary[named[0]]["curve"])
+    lines = [
+        "",
+        f"Pooled slide AUC when each fold's method is fitted on a share of its training "
+        f"patients (same test folds; mean over {r.get('draws')} random subsets, then mean ± sd "
+        "over the demos):",
+        "",
+        "| method | " + " | ".join(f"{float(s):.0%} of patients" for s in shares) + " |",
+        "|---|" + "---|" * len(shares),
+    ]
+    for name in named:
+        curve = summary[name]["curve"]
+        lines.append(f"| {name} | " + " | ".join(_pm(curve.get(s)) for s in shares) + " |")
+    return lines
+
+
 def section(entry: dict[str, Any]) -> list[str]:
     """Setup and table of the aggregation benchmark for ``RESULTS.md``."""
     r = entry["result"]
@@ -715,7 +928,9 @@ def section(entry: dict[str, Any]) -> list[str]:
         return [f"No demo was scored: {tail(str(r), 200)}"]
     d0 = demos[0]
     return [
-        f"The same {r.get('arm')} tile features ({d0.get('dim')}-d) of {len(demos)} finished "
+        f"The same {r.get('arm')} tile features ({d0.get('dim')}-d; view "
+        f"`{r.get('features', 'raw')}`: {r.get('features_what', FEATURE_VIEWS['raw'])}) of "
+        f"{len(demos)} finished "
         f"`histcode demo` folder(s) ({d0.get('slides')} slides, {d0.get('patients')} patients, "
         f"tumour {100 * (d0.get('tumour_tile_share') or 0):.1f} % of the tiles in the first), "
         "aggregated each way on the pipeline's own patient-grouped folds; every method is fitted "
@@ -724,6 +939,7 @@ def section(entry: dict[str, Any]) -> list[str]:
         f"{r.get('seconds')} s.",
         "",
         *table(r),
+        *curve_table(r),
     ]
 
 

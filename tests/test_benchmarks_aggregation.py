@@ -155,3 +155,128 @@ def test_spec_is_a_benchmark_the_runner_can_call() -> None:
     assert isinstance(agg.SPEC, Benchmark) and agg.SPEC.name == "aggregation"
     assert agg.SPEC.goals and agg.SPEC.section is not None
     assert agg.SPEC.quick is None  # needs finished demos: left out of quick runs
+
+
+def test_neighbour_mean_averages_the_present_3x3_neighbourhood() -> None:
+    step, origin = 256, np.array([1000, 40])
+    cells = [(i, j) for i in range(3) for j in range(3) if (i, j) != (2, 2)]  # (2, 2) is glass
+    coords = origin + step * np.array(cells)
+    x = np.arange(len(cells) * 2, dtype=np.float32).reshape(-1, 2)
+    got = agg.neighbour_mean(x, coords)
+    centre = cells.index((1, 1))
+    np.testing.assert_allclose(got[centre], x.mean(0))  # all 8 present tiles, itself included
+    corner = cells.index((0, 0))
+    near = [cells.index(c) for c in [(0, 0), (0, 1), (1, 0), (1, 1)]]
+    np.testing.assert_allclose(got[corner], x[near].mean(0))
+    np.testing.assert_array_equal(agg.neighbour_mean(x[:1], coords[:1]), x[:1])  # alone
+    with pytest.raises(ValueError, match="not on a grid"):
+        agg.neighbour_mean(x[:3], np.array([[0, 0], [256, 0], [600, 0]]))
+
+
+def test_context_features_are_own_neighbourhood_and_both_minus_the_slide_median() -> None:
+    coords = 64 * np.array([(i, j) for i in range(4) for j in range(5)])
+    x = np.random.default_rng(0).normal(size=(len(coords), 3)).astype(np.float32)
+    z = agg.context_features(x, coords)
+    assert z.shape == (20, 12) and z.dtype == np.float32
+    m = agg.neighbour_mean(x, coords)
+    np.testing.assert_allclose(z[:, :3], x)
+    np.testing.assert_allclose(z[:, 3:6], m)
+    np.testing.assert_allclose(z[:, 6:9], x - np.median(x, 0), atol=1e-6)
+    np.testing.assert_allclose(z[:, 9:], m - np.median(m, 0), atol=1e-6)
+    # a cast shared by every tile of the slide is gone from the relative half
+    np.testing.assert_allclose(agg.context_features(x + 5.0, coords)[:, 6:], z[:, 6:], atol=1e-5)
+
+
+def _stained_foci(seed: int = 0, slides: int = 36, side: int = 12, dim: int = 6) -> dict:
+    """Bags on a side × side grid: tumour slides have one 3 × 3 focus shifted weakly along a
+    direction along which every slide also has its own strong offset (a stain cast)."""
+    rng = np.random.default_rng(seed)
+    y = np.tile([1, 1, 0], slides // 3)
+    direction = np.eye(dim, dtype=np.float32)[0]
+    grid = 64 * np.array([(i, j) for i in range(side) for j in range(side)])
+    bags, labels, coords = [], [], []
+    for label in y:
+        x = rng.normal(size=(len(grid), dim)).astype(np.float32)
+        x += rng.normal(scale=3.0) * direction  # the slide's cast
+        t = np.zeros(len(grid), dtype=np.int8)
+        if label:
+            i, j = rng.integers(1, side - 2, size=2)
+            hit = [(a * side + b) for a in range(i - 1, i + 2) for b in range(j - 1, j + 2)]
+            x[hit] += 1.5 * direction
+            t[hit] = 1
+        bags.append(x)
+        labels.append(t)
+        coords.append(grid)
+    folds = np.repeat(np.arange(3), len(y) // 3)
+    return {"bags": bags, "tiles": labels, "y": y, "folds": folds, "coords": coords}
+
+
+def test_the_context_view_finds_weak_foci_under_a_slide_cast_the_raw_view_misses() -> None:
+    c = _stained_foci()
+    data = agg.DemoData(
+        slide_ids=[f"s{i}" for i in range(len(c["y"]))], bags=c["bags"], tile_labels=c["tiles"],
+        slide_labels=c["y"], folds=c["folds"], sites=np.array(["A"] * len(c["y"])),
+        patients=np.array([f"p{i}" for i in range(len(c["y"]))]),
+        pipeline=np.zeros(len(c["y"])), features=Path("x.zarr"), coords=c["coords"],
+    )  # fmt: skip
+    assert agg.feature_view(data, "raw") is data
+    seen = agg.feature_view(data, "context")
+    assert seen.bags[0].shape == (144, 24) and seen.slide_labels is data.slide_labels
+    aucs = {}
+    for view, d in (("raw", data), ("context", seen)):
+        scores = agg.out_of_fold(agg.truth_probe, d.bags, d.tile_labels, d.slide_labels, d.folds)
+        aucs[view] = agg.score_slides(scores, d.slide_labels, d.sites, d.folds)["auc"]
+    assert aucs["context"] >= 0.9 and aucs["context"] > aucs["raw"] + 0.15, aucs
+    with pytest.raises(ValueError, match="choose from"):
+        agg.feature_view(data, "pca")
+
+
+def test_a_training_share_keeps_whole_patients_of_both_classes_and_never_test_slides() -> None:
+    c = cohort(slides=24, tiles=20)
+    patients = np.repeat(np.arange(12), 2)  # two slides a patient, folds split by patient
+    c["folds"] = patients % 3
+    seen: list[np.ndarray] = []
+
+    def spy(train, y_train, test, tiles_train, seed=0):
+        seen.append(np.array([next(i for i, b in enumerate(c["bags"]) if b is t) for t in train]))
+        return np.zeros(len(test))
+
+    for draw in range(3):
+        agg.out_of_fold(
+            spy, c["bags"], c["tiles"], c["y"], c["folds"],
+            train_share=0.5, patients=patients, draw=draw,
+        )  # fmt: skip
+    assert len(seen) == 9
+    for fold, got in zip([0, 1, 2] * 3, seen, strict=True):
+        assert not set(c["folds"][got]) & {fold}  # the test fold never trains
+        kept = set(patients[got].tolist())
+        assert len(kept) == 4  # half of each fold's 8 training patients, whole
+        assert set(got.tolist()) == set(np.flatnonzero(np.isin(patients, list(kept))).tolist())
+        assert set(c["y"][got].tolist()) == {0, 1}
+    assert len({tuple(g) for g in seen}) > 3  # draws and folds differ
+    with pytest.raises(ValueError, match="both classes"):
+        agg.training_subset(
+            np.arange(4), np.arange(4), np.array([1, 1, 1, 1]), 0.5, np.random.default_rng(0)
+        )  # no normal training patient: no draw can hold both classes
+
+
+def test_the_learning_curve_is_reported_by_share() -> None:
+    c = cohort(slides=36, tiles=60)
+    data = agg.DemoData(
+        slide_ids=[f"s{i}" for i in range(36)], bags=c["bags"], tile_labels=c["tiles"],
+        slide_labels=c["y"], folds=c["folds"], sites=c["sites"],
+        patients=np.array([f"p{i}" for i in range(36)]), pipeline=np.zeros(36),
+        features=Path("x.zarr"),
+    )  # fmt: skip
+    entry = agg.run_demo(data, ["truth"], log=lambda m: None, train_shares=[0.5], draws=2)
+    curve = entry["methods"]["truth"]["curve"]
+    assert list(curve) == ["0.5", "1"] and curve["1"] == entry["methods"]["truth"]["auc"]
+    assert 0.5 < curve["0.5"] <= 1.0
+    result = {
+        "arm": "simclr", "methods": ["truth"], "what": {"truth": "ceiling"}, "seed": 0,
+        "draws": 2, "demos": [{"demo": "/x/d0", **entry}],
+        "summary": agg.summarise([{"demo": "/x/d0", **entry}], ["truth"]),
+    }  # fmt: skip
+    text = "\n".join(agg.section({"result": result}))
+    assert "| method | 50% of patients | 100% of patients |" in text
+    assert f"| truth | {curve['0.5']:.2f} | {curve['1']:.2f} |" in text
