@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.spec import Benchmark, Section, tail
+from histcode.finetune.context import context_features
 
 #: Feature store of each finetune arm of a demo (``features/<name>.zarr``).
 ARM_FEATURES = {"simclr": "simclr", "naive": "random"}
@@ -82,63 +83,6 @@ DEMO_DIFFICULTY = "hard"
 
 
 # -- feature views --------------------------------------------------------------------------
-
-
-def neighbour_mean(features: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Mean of each tile's features over its 3 × 3 grid neighbourhood (itself included).
-
-    The grid step is the smallest positive spacing of the tile corners along either axis; a
-    neighbour is a tile whose corner is one step away in x, y or both. Tiles missing from the
-    grid (background) are left out of the mean, so a tile without neighbours keeps its own
-    features.
-
-    Args:
-        features: ``(n, D)`` tile features of one slide.
-        coords: ``(n, 2)`` level-0 tile corners of the same tiles, on a regular grid.
-
-    Returns:
-        ``(n, D)`` float32 neighbourhood means.
-    """
-    x = np.asarray(features, dtype=np.float32)
-    xy = np.asarray(coords, dtype=np.int64)
-    if len(x) < 2:
-        return x.copy()
-    gaps = np.concatenate([np.diff(np.unique(xy[:, 0])), np.diff(np.unique(xy[:, 1]))])
-    step = int(gaps.min()) if len(gaps) else 1
-    cell = (xy - xy.min(0)) // step
-    if not np.array_equal(cell * step + xy.min(0), xy):
-        raise ValueError(f"tile corners are not on a grid of step {step} px")
-    grid = np.full(tuple(cell.max(0) + 3), -1, dtype=np.int64)  # one empty cell on each side
-    grid[cell[:, 0] + 1, cell[:, 1] + 1] = np.arange(len(xy))
-    total, count = np.zeros_like(x), np.zeros((len(x), 1), np.float32)
-    for dx in (-1, 0, 1):
-        for dy in (-1, 0, 1):
-            near = grid[cell[:, 0] + 1 + dx, cell[:, 1] + 1 + dy]
-            has = near >= 0
-            total[has] += x[near[has]]
-            count[has] += 1
-    return total / count
-
-
-def context_features(features: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """A tile's features with its neighbourhood's, both also relative to the slide's median.
-
-    ``[x, m, x − median(x), m − median(m)]`` with ``m`` the 3 × 3 neighbourhood mean
-    (:func:`neighbour_mean`) and the medians taken over the slide's tiles per dimension.
-    The neighbourhood gives a tile the tissue around it; subtracting the slide's median tile
-    takes away what every tile of the slide shares (its stain cast, scanner and site), so a
-    focus stands out against its own slide. Nothing here sees a label.
-
-    Args:
-        features: ``(n, D)`` tile features of one slide.
-        coords: ``(n, 2)`` level-0 tile corners.
-
-    Returns:
-        ``(n, 4D)`` float32.
-    """
-    x = np.asarray(features, dtype=np.float32)
-    m = neighbour_mean(x, coords)
-    return np.concatenate([x, m, x - np.median(x, 0), m - np.median(m, 0)], axis=1)
 
 
 #: Views of the tile features the methods can be run on (``--features``).

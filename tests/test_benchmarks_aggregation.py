@@ -157,36 +157,6 @@ def test_spec_is_a_benchmark_the_runner_can_call() -> None:
     assert agg.SPEC.quick is None  # needs finished demos: left out of quick runs
 
 
-def test_neighbour_mean_averages_the_present_3x3_neighbourhood() -> None:
-    step, origin = 256, np.array([1000, 40])
-    cells = [(i, j) for i in range(3) for j in range(3) if (i, j) != (2, 2)]  # (2, 2) is glass
-    coords = origin + step * np.array(cells)
-    x = np.arange(len(cells) * 2, dtype=np.float32).reshape(-1, 2)
-    got = agg.neighbour_mean(x, coords)
-    centre = cells.index((1, 1))
-    np.testing.assert_allclose(got[centre], x.mean(0))  # all 8 present tiles, itself included
-    corner = cells.index((0, 0))
-    near = [cells.index(c) for c in [(0, 0), (0, 1), (1, 0), (1, 1)]]
-    np.testing.assert_allclose(got[corner], x[near].mean(0))
-    np.testing.assert_array_equal(agg.neighbour_mean(x[:1], coords[:1]), x[:1])  # alone
-    with pytest.raises(ValueError, match="not on a grid"):
-        agg.neighbour_mean(x[:3], np.array([[0, 0], [256, 0], [600, 0]]))
-
-
-def test_context_features_are_own_neighbourhood_and_both_minus_the_slide_median() -> None:
-    coords = 64 * np.array([(i, j) for i in range(4) for j in range(5)])
-    x = np.random.default_rng(0).normal(size=(len(coords), 3)).astype(np.float32)
-    z = agg.context_features(x, coords)
-    assert z.shape == (20, 12) and z.dtype == np.float32
-    m = agg.neighbour_mean(x, coords)
-    np.testing.assert_allclose(z[:, :3], x)
-    np.testing.assert_allclose(z[:, 3:6], m)
-    np.testing.assert_allclose(z[:, 6:9], x - np.median(x, 0), atol=1e-6)
-    np.testing.assert_allclose(z[:, 9:], m - np.median(m, 0), atol=1e-6)
-    # a cast shared by every tile of the slide is gone from the relative half
-    np.testing.assert_allclose(agg.context_features(x + 5.0, coords)[:, 6:], z[:, 6:], atol=1e-5)
-
-
 def _stained_foci(seed: int = 0, slides: int = 36, side: int = 12, dim: int = 6) -> dict:
     """Bags on a side × side grid: tumour slides have one 3 × 3 focus shifted weakly along a
     direction along which every slide also has its own strong offset (a stain cast)."""

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from histcode.featurestore import FeatureStore
+from histcode.finetune.context import context_features
 from histcode.finetune.labels import Labels
 
 log = logging.getLogger(__name__)
@@ -35,18 +36,26 @@ class FeatureBags:
     Args:
         store: the feature store or its path.
         cache: keep each bag in memory after its first read (in the stored dtype).
+        context: give each slide's context features instead
+            (:func:`histcode.finetune.context.context_features` of the whole slide, from its
+            tile corners: ``(N, 4D)`` float32), for a model with ``tumour_context``.
     """
 
-    def __init__(self, store: FeatureStore | Path | str, cache: bool = True) -> None:
+    def __init__(
+        self, store: FeatureStore | Path | str, cache: bool = True, context: bool = False
+    ) -> None:
         self.store = store if isinstance(store, FeatureStore) else FeatureStore(store)
         self.cache = cache
+        self.context = context
         self._cache: dict[str, np.ndarray] = {}
 
     def __getitem__(self, slide_id: str) -> np.ndarray:
-        """(N, D) features of ``slide_id`` (float16 or float32 as stored)."""
+        """(N, D) features of ``slide_id`` (float16 or float32 as stored; ``(N, 4D)``
+        float32 with ``context``)."""
         if slide_id in self._cache:
             return self._cache[slide_id]
-        features = self.store.read(slide_id).features
+        read = self.store.read(slide_id)
+        features = context_features(read.features, read.coords) if self.context else read.features
         if self.cache:
             self._cache[slide_id] = features
         return features

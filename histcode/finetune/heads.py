@@ -26,6 +26,7 @@ from histcode.finetune.aggregators import (
     full_mask,
     uniform_weights,
 )
+from histcode.finetune.context import CONTEXT_FACTOR
 
 #: Order of the per-gene class logits: index = class code + 1 (see ``labels.CLASS_NAMES``).
 GENE_CLASSES = ("down", "unchanged", "up")
@@ -60,6 +61,10 @@ class SlideOutput(HeadOutput):
         branch_attention: (B, T, N) each task's attention (per-task abmil), else None.
         tumour_tile_logits: (B, N) each tile's own tumour logit with top-share tumour
             pooling (:class:`TopShareTumourPath`), else None.
+        fraction_logit, fraction_tile_logits: (B,) and (B, N): with tile context and genes
+            that read the tumour fraction, the slide and tile logits of the second tumour
+            scorer, on the tiles' own features, whose probabilities the genes read (loss
+            ``fraction``); else None.
     """
 
     attention: Tensor | None = None
@@ -67,6 +72,8 @@ class SlideOutput(HeadOutput):
     embedding: Tensor | None = None
     branch_attention: Tensor | None = None
     tumour_tile_logits: Tensor | None = None
+    fraction_logit: Tensor | None = None
+    fraction_tile_logits: Tensor | None = None
 
     @property
     def tumour_prob(self) -> Tensor | None:
@@ -336,6 +343,18 @@ class SlideModel(nn.Module):
             attention pooling, the tumour task's pooling weights) instead of the head, or None.
         fraction: a :class:`TumourFractionPath` on the tumour path's tile logits, added to the
             gene outputs, or None (needs ``tumour_path``).
+        own_dim: with tile context (``tumour_context``), the size ``D`` of a tile's own
+            features: the model then takes ``(B, N, 4D)`` context features
+            (:func:`histcode.finetune.context.context_features`), the tumour path reads all of
+            them and the aggregator and the composition path the first ``D`` (the tile's own).
+            None: the model takes ``(B, N, D)`` and every part reads them.
+        fraction_scorer: with tile context and ``fraction``, a second
+            :class:`TopShareTumourPath` on the tiles' own features whose tile probabilities
+            the fraction path reads (trained on the tumour labels like the first, loss
+            ``fraction``). Context features are relative to the slide's median tile, which is
+            itself tumour in a slide that is mostly tumour: a scorer on them finds foci but
+            does not count how much tumour there is (on the easy demo the tumour-burden genes
+            fell from r 0.61 to 0.40 reading it).
     """
 
     def __init__(
@@ -345,6 +364,8 @@ class SlideModel(nn.Module):
         composition: CompositionPath | None = None,
         tumour_path: TopShareTumourPath | None = None,
         fraction: TumourFractionPath | None = None,
+        own_dim: int | None = None,
+        fraction_scorer: TopShareTumourPath | None = None,
     ) -> None:
         super().__init__()
         self.aggregator = aggregator
@@ -352,6 +373,12 @@ class SlideModel(nn.Module):
         self.composition = composition
         self.tumour_path = tumour_path if head.tumour else None
         self.fraction = fraction if self.tumour_path is not None and head.n_genes else None
+        self.own_dim = own_dim
+        self.fraction_scorer = fraction_scorer if self.fraction is not None else None
+
+    def _own(self, features: Tensor) -> Tensor:
+        """The tiles' own features (B, N, D) of the model's input (see ``own_dim``)."""
+        return features if self.own_dim is None else features[..., : self.own_dim]
 
     def _add_gene_tiles(self, raw: Tensor, extra: Tensor) -> Tensor:
         """Tile outputs ``raw`` (B, N, outputs) plus a path's tile contributions ``extra``
@@ -378,13 +405,14 @@ class SlideModel(nn.Module):
             attention (B, N).
         """
         mask = full_mask(features) if mask is None else mask
-        pooled: MILOutput = self.aggregator(features, mask)
+        own = self._own(features)
+        pooled: MILOutput = self.aggregator(own, mask)
         if pooled.branch_embeddings is not None:
             head = self.head.forward_per_task(pooled.branch_embeddings)
         else:
             head = self.head(pooled.embedding)
         if self.composition is not None and self.head.n_genes:
-            self._add_genes(head, self.composition(features, mask))
+            self._add_genes(head, self.composition(own, mask))
         out = SlideOutput(
             tumour_logit=head.tumour_logit,
             log2fc=head.log2fc,
@@ -399,6 +427,13 @@ class SlideModel(nn.Module):
             self._top_share_tumour(out, features, mask)
         return out
 
+    def _fraction_tiles(self, features: Tensor, mask: Tensor, tumour_tiles: Tensor) -> Tensor:
+        """The tile tumour logits (B, N) the fraction path reads: the second scorer's on the
+        tiles' own features when there is one, else the tumour path's ``tumour_tiles``."""
+        if self.fraction_scorer is None:
+            return tumour_tiles
+        return self.fraction_scorer.tiles(self._own(features), mask)
+
     def _top_share_tumour(self, out: SlideOutput, features: Tensor, mask: Tensor) -> None:
         """Replace ``out``'s tumour logit by the :class:`TopShareTumourPath`'s; with per-task
         attention, the tumour branch's weights by the path's pooling weights (what the tumour
@@ -406,8 +441,13 @@ class SlideModel(nn.Module):
         slide, tiles, weights = self.tumour_path(features, mask)  # type: ignore[misc]
         out.tumour_logit = slide
         out.tumour_tile_logits = tiles
+        if self.fraction_scorer is not None:
+            out.fraction_logit, out.fraction_tile_logits, _ = self.fraction_scorer(
+                self._own(features), mask
+            )
         if self.fraction is not None:  # set only with genes
-            self._add_genes(out, self.fraction(tiles, mask))
+            read = tiles if out.fraction_tile_logits is None else out.fraction_tile_logits
+            self._add_genes(out, self.fraction(read, mask))
         if out.branch_attention is not None:  # branch 0 is the tumour's (and ``attention``)
             out.branch_attention = torch.cat(
                 [weights[:, None].to(out.branch_attention), out.branch_attention[:, 1:]], 1
@@ -426,7 +466,7 @@ class SlideModel(nn.Module):
             :class:`TileScores` (raw logit / log2FC units).
         """
         mask = full_mask(features) if mask is None else mask
-        pooled: MILOutput = self.aggregator(features, mask)
+        pooled: MILOutput = self.aggregator(self._own(features), mask)
         if pooled.tiles is None:
             raise ValueError(f"{type(self.aggregator).__name__} exposes no tile embeddings")
         raw = pooled.tiles @ self.head.linear.weight.T  # (B, N, outputs), no bias
@@ -437,11 +477,12 @@ class SlideModel(nn.Module):
         else:
             raw = raw + self.head.linear.bias
         if self.composition is not None and self.head.n_genes:
-            raw = self._add_gene_tiles(raw, self.composition.tiles(features, mask))
+            raw = self._add_gene_tiles(raw, self.composition.tiles(self._own(features), mask))
         if self.tumour_path is not None:  # each tile's own tumour logit (see TopShareTumourPath)
             own = self.tumour_path.tiles(features, mask)
             if self.fraction is not None:
-                raw = self._add_gene_tiles(raw, self.fraction.tiles(own, mask))
+                read = self._fraction_tiles(features, mask, own)
+                raw = self._add_gene_tiles(raw, self.fraction.tiles(read, mask))
             raw = torch.cat([own[..., None], raw[..., 1:]], -1)
         raw = raw * mask[..., None]
         parts = self.head.split(raw)
@@ -467,6 +508,7 @@ def build_slide_model(
     tumour_pooling: str = "attention",
     tumour_top_share: float = 0.05,
     tumour_fraction_genes: bool = False,
+    tumour_context: bool = False,
 ) -> SlideModel:
     """A :class:`SlideModel` with the aggregator ``architecture`` (registry card arguments).
 
@@ -492,6 +534,10 @@ def build_slide_model(
         tumour_top_share: share of a slide's tiles the top-share tumour logit averages.
         tumour_fraction_genes: add the :class:`TumourFractionPath` to the gene outputs
             (needs ``top_share`` tumour pooling and genes).
+        tumour_context: the model takes context features (``(B, N, 4D)``,
+            :func:`histcode.finetune.context.context_features`) and the top-share tumour path
+            reads all of them; everything else reads the tiles' own ``D`` (needs
+            ``top_share``).
     """
     if tumour_pooling not in ("attention", "top_share"):
         raise ValueError(
@@ -525,8 +571,13 @@ def build_slide_model(
     aggregator = create_aggregator(architecture, in_dim, hidden=hidden, dropout=dropout, **options)
     head = MultiTaskHead(aggregator.out_dim, tumour, n_genes, dropout, n_classes)
     path = CompositionPath(in_dim, 4 * n_genes) if composition and n_genes else None
+    if tumour_context and not (tumour and tumour_pooling == "top_share"):
+        raise ValueError(
+            "tumour_context feeds the top-share tumour scorer: it needs the tumour task and "
+            "tumour_pooling 'top_share'"
+        )
     top = (
-        TopShareTumourPath(in_dim, tumour_top_share)
+        TopShareTumourPath(in_dim * (CONTEXT_FACTOR if tumour_context else 1), tumour_top_share)
         if tumour and tumour_pooling == "top_share"
         else None
     )
@@ -536,7 +587,9 @@ def build_slide_model(
             "needs tumour_pooling 'top_share', the tumour task and genes"
         )
     fraction = TumourFractionPath(4 * n_genes) if tumour_fraction_genes else None
-    return SlideModel(aggregator, head, path, top, fraction)
+    counter = TopShareTumourPath(in_dim, tumour_top_share) if fraction and tumour_context else None
+    own_dim = in_dim if tumour_context else None
+    return SlideModel(aggregator, head, path, top, fraction, own_dim, counter)
 
 
 def slide_model_builders() -> Builders[SlideModel]:

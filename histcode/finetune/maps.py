@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from histcode.finetune.barcodes import is_tcga, parse_barcode
+from histcode.finetune.context import context_features
 
 TileScoreKind = Literal["exact", "approximate", "own", "top_share"]
 
@@ -152,8 +153,12 @@ def slide_maps(
         sid: the slide id.
         coords: (N, 2) level-0 top-left corners of its tiles.
         side: level-0 tile side.
-        features: (N, D) the tiles' features, in the order of ``coords``.
+        features: (N, D) the tiles' features, in the order of ``coords`` (the feature
+            store's); for a model with tile context (card argument ``tumour_context``) the
+            context features are made here from them and ``coords``, as training made them.
     """
+    if (getattr(card, "arguments", None) or {}).get("tumour_context"):
+        features = context_features(features, coords)
     maps, prediction, main, kind = compute_maps(model, card, features)
     kinds: dict[str, TileScoreKind] = (
         {"tumour": "top_share"} if getattr(model, "tumour_path", None) is not None else {}

@@ -9,6 +9,8 @@ Losses (each masked to the slides that have the target, weighted by :class:`Loss
   the mean over the tasks, slides without a class masked;
 * instance — CLAM's instance loss when the aggregator has one.
 * negatives — every tile of a normal slide against "not tumour", with top-share tumour pooling.
+* fraction — with tile context and tumour-fraction genes, the second tumour scorer's (on the
+  tiles' own features, read by the genes) slide and known-negative cross-entropy.
 
 Validation accumulates each loss over the whole validation set and logs ``val/loss`` (the
 weighted total) and ``val/<task>`` once per epoch; these alone choose the epoch.
@@ -28,7 +30,7 @@ from histcode.finetune.bags import IGNORE_CLASS, BagBatch
 from histcode.finetune.heads import SlideModel, SlideOutput, build_slide_model, known_negative_loss
 from histcode.finetune.options import LossOptions, ModelOptions, OptimOptions
 
-TERMS = ("tumour", "log2fc", "classes", "categorical", "instance", "negatives")
+TERMS = ("tumour", "log2fc", "classes", "categorical", "instance", "negatives", "fraction")
 
 
 class MILModule(pl.LightningModule):
@@ -82,6 +84,7 @@ class MILModule(pl.LightningModule):
                     "tumour_pooling": m.tumour_pooling,
                     "tumour_top_share": m.tumour_top_share,
                     **({"tumour_fraction_genes": True} if m.tumour_fraction_genes else {}),
+                    **({"tumour_context": True} if m.tumour_context else {}),
                 }
                 if m.tumour_pooling != "attention"
                 else {}
@@ -149,7 +152,25 @@ class MILModule(pl.LightningModule):
             value = known_negative_loss(out.tumour_tile_logits, batch.mask, batch.tumour)
             if value is not None:
                 terms["negatives"] = (value, int((batch.tumour == 0).sum()))
+        if out.fraction_logit is not None and w.fraction > 0:
+            terms.update(self._fraction_loss(batch, out))
         return terms
+
+    @staticmethod
+    def _fraction_loss(batch: BagBatch, out: SlideOutput) -> dict[str, tuple[Tensor, int]]:
+        """The second tumour scorer's (tile context's fraction scorer) slide and known-negative
+        cross-entropy, one term: it learns tumour as the tumour path does."""
+        known = ~torch.isnan(batch.tumour)
+        if not known.any():
+            return {}
+        value = F.binary_cross_entropy_with_logits(
+            out.fraction_logit[known],
+            batch.tumour[known],  # type: ignore[index]
+        )
+        negatives = known_negative_loss(out.fraction_tile_logits, batch.mask, batch.tumour)  # type: ignore[arg-type]
+        if negatives is not None:
+            value = value + negatives
+        return {"fraction": (value, int(known.sum()))}
 
     def total(self, terms: dict[str, tuple[Tensor, int]], out: SlideOutput) -> Tensor:
         """Weighted sum of the loss terms (a zero connected to the graph when none)."""
@@ -215,6 +236,8 @@ class MILModule(pl.LightningModule):
         scaled = [*path.parameters()]
         if self.model.fraction is not None:  # a single weight per output, from 0: same reason
             scaled += [*self.model.fraction.parameters()]
+        if self.model.fraction_scorer is not None:  # the same scorer again, same reason
+            scaled += [*self.model.fraction_scorer.parameters()]
         own = {id(p) for p in scaled}
         rest = [p for p in self.parameters() if id(p) not in own]
         groups = [

@@ -103,6 +103,12 @@ class ModelOptions:
             in the slide's estimated tumour fraction (the mean of its tiles' tumour
             probabilities; ``heads.TumourFractionPath``): bulk expression of a gene made by
             tumour cells follows the tumour's share of the tissue. Maps stay exact.
+        tumour_context: with ``top_share``, the tumour scorer reads each tile's features
+            with its 3 × 3 neighbourhood's mean, both also minus the slide's median tile
+            (``histcode.finetune.context``: 4 D inputs, made from the feature store's tile
+            corners whenever the model reads a slide, maps included); the aggregator and the
+            genes keep the tile's own features. A focus spans neighbouring tiles, and what
+            the whole slide shares (stain cast, scanner, site) is taken away.
         options: further keyword arguments of the aggregator, e.g. ``{k: 8}`` for clam_sb,
             ``{layers: 1, heads: 4}`` for transformer, ``{gated: false}`` for abmil.
     """
@@ -116,6 +122,7 @@ class ModelOptions:
     tumour_pooling: Literal["attention", "top_share"] = "attention"
     tumour_top_share: float = 0.05
     tumour_fraction_genes: bool = False
+    tumour_context: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -137,6 +144,11 @@ class ModelOptions:
             raise ValueError(
                 "model.tumour_fraction_genes needs model.tumour_pooling top_share (it reads the "
                 "top-share tumour scorer's tile probabilities)"
+            )
+        if self.tumour_context and self.tumour_pooling != "top_share":
+            raise ValueError(
+                "model.tumour_context gives the top-share tumour scorer its tiles' context: it "
+                "needs model.tumour_pooling top_share"
             )
         if not 0 < self.tumour_top_share <= 1:
             raise ValueError(
@@ -166,6 +178,9 @@ class LossOptions:
         instance: CLAM instance loss (clam_sb only).
         negatives: with ``model.tumour_pooling: top_share``, binary cross-entropy of every
             tile of a normal slide against "not tumour" (``heads.known_negative_loss``).
+        fraction: with ``model.tumour_context`` and ``model.tumour_fraction_genes``, the
+            slide and known-negative cross-entropy of the second tumour scorer (on the tiles'
+            own features) whose tile probabilities the genes read.
         regression: ``huber`` or ``mse`` for the log2FC regression.
         huber_delta: where the Huber loss turns from quadratic to linear (log2 units).
     """
@@ -176,6 +191,7 @@ class LossOptions:
     categorical: float = 1.0
     instance: float = 0.3
     negatives: float = 1.0
+    fraction: float = 1.0
     regression: Literal["huber", "mse"] = "huber"
     huber_delta: float = 1.0
 

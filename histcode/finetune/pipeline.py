@@ -348,7 +348,7 @@ def run_finetune(
         if model.aggregator == "abmil"
         else "",
     )
-    bags = FeatureBags(store, cache=data.cache)
+    bags = FeatureBags(store, cache=data.cache, context=model.tumour_context)
     result = cvmod.run_cv(built, bags, make_module, data, cv, trainer_kwargs, tumour)
     metrics = compute_metrics(
         result.predictions, genes, tumour, cv.alpha, cv.group, built.categories
