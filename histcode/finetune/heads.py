@@ -61,10 +61,10 @@ class SlideOutput(HeadOutput):
         branch_attention: (B, T, N) each task's attention (per-task abmil), else None.
         tumour_tile_logits: (B, N) each tile's own tumour logit with top-share tumour
             pooling (:class:`TopShareTumourPath`), else None.
-        fraction_logit, fraction_tile_logits: (B,) and (B, N): with tile context and genes
-            that read the tumour fraction, the slide and tile logits of the second tumour
-            scorer, on the tiles' own features, whose probabilities the genes read (loss
-            ``fraction``); else None.
+        fraction_logit, fraction_tile_logits: (B,) and (B, N): with tile context, the slide
+            and tile logits of the second tumour scorer, on the tiles' own features (loss
+            ``fraction``): the genes count tumour with it and the tumour map shows it; else
+            None.
     """
 
     attention: Tensor | None = None
@@ -348,13 +348,15 @@ class SlideModel(nn.Module):
             (:func:`histcode.finetune.context.context_features`), the tumour path reads all of
             them and the aggregator and the composition path the first ``D`` (the tile's own).
             None: the model takes ``(B, N, D)`` and every part reads them.
-        fraction_scorer: with tile context and ``fraction``, a second
-            :class:`TopShareTumourPath` on the tiles' own features whose tile probabilities
-            the fraction path reads (trained on the tumour labels like the first, loss
-            ``fraction``). Context features are relative to the slide's median tile, which is
-            itself tumour in a slide that is mostly tumour: a scorer on them finds foci but
-            does not count how much tumour there is (on the easy demo the tumour-burden genes
-            fell from r 0.61 to 0.40 reading it).
+        fraction_scorer: with tile context, a second :class:`TopShareTumourPath` on the
+            tiles' own features, trained on the tumour labels like the first (loss
+            ``fraction``): the fraction path reads its tile probabilities and the tumour map
+            (:meth:`tile_scores`) is its tile logits. The context scorer gives the slide's
+            tumour logit, but what it ranks highest is not where tumour is: context features
+            are relative to the slide's median tile, itself tumour in a slide that is mostly
+            tumour, and its tile logits found tumour at AUROC 0.34 (easy demo) and 0.50 (hard
+            demo) against 0.95 and 0.69 for a scorer on the tiles' own features; the genes
+            read through it lost their tumour-burden signal (r 0.61 → 0.40, easy demo).
     """
 
     def __init__(
@@ -374,7 +376,7 @@ class SlideModel(nn.Module):
         self.tumour_path = tumour_path if head.tumour else None
         self.fraction = fraction if self.tumour_path is not None and head.n_genes else None
         self.own_dim = own_dim
-        self.fraction_scorer = fraction_scorer if self.fraction is not None else None
+        self.fraction_scorer = fraction_scorer if self.tumour_path is not None else None
 
     def _own(self, features: Tensor) -> Tensor:
         """The tiles' own features (B, N, D) of the model's input (see ``own_dim``)."""
@@ -479,10 +481,9 @@ class SlideModel(nn.Module):
         if self.composition is not None and self.head.n_genes:
             raw = self._add_gene_tiles(raw, self.composition.tiles(self._own(features), mask))
         if self.tumour_path is not None:  # each tile's own tumour logit (see TopShareTumourPath)
-            own = self.tumour_path.tiles(features, mask)
+            own = self._fraction_tiles(features, mask, self.tumour_path.tiles(features, mask))
             if self.fraction is not None:
-                read = self._fraction_tiles(features, mask, own)
-                raw = self._add_gene_tiles(raw, self.fraction.tiles(read, mask))
+                raw = self._add_gene_tiles(raw, self.fraction.tiles(own, mask))
             raw = torch.cat([own[..., None], raw[..., 1:]], -1)
         raw = raw * mask[..., None]
         parts = self.head.split(raw)
@@ -587,7 +588,7 @@ def build_slide_model(
             "needs tumour_pooling 'top_share', the tumour task and genes"
         )
     fraction = TumourFractionPath(4 * n_genes) if tumour_fraction_genes else None
-    counter = TopShareTumourPath(in_dim, tumour_top_share) if fraction and tumour_context else None
+    counter = TopShareTumourPath(in_dim, tumour_top_share) if tumour_context else None
     own_dim = in_dim if tumour_context else None
     return SlideModel(aggregator, head, path, top, fraction, own_dim, counter)
 

@@ -28,7 +28,7 @@ import torch
 from histcode.finetune.barcodes import is_tcga, parse_barcode
 from histcode.finetune.context import context_features
 
-TileScoreKind = Literal["exact", "approximate", "own", "top_share"]
+TileScoreKind = Literal["exact", "approximate", "own", "top_share", "tile_scorer"]
 
 #: what a tile score is, by how it relates to the slide prediction
 TILE_SCORES: dict[str, str] = {
@@ -40,6 +40,9 @@ TILE_SCORES: dict[str, str] = {
     "not a sum of these)",
     "top_share": "each tile's own {target} (top-share pooling: the slide's is the mean of "
     "its highest tiles' own logits)",
+    "tile_scorer": "each tile's own {target} by the scorer on the tile's own features (the "
+    "slide's comes from a second scorer that also reads the tile's context; the attention "
+    "map shows the tiles it averages)",
 }
 
 
@@ -160,9 +163,10 @@ def slide_maps(
     if (getattr(card, "arguments", None) or {}).get("tumour_context"):
         features = context_features(features, coords)
     maps, prediction, main, kind = compute_maps(model, card, features)
-    kinds: dict[str, TileScoreKind] = (
-        {"tumour": "top_share"} if getattr(model, "tumour_path", None) is not None else {}
-    )
+    kinds: dict[str, TileScoreKind] = {}
+    if getattr(model, "tumour_path", None) is not None:
+        scorer = getattr(model, "fraction_scorer", None) is not None
+        kinds["tumour"] = "tile_scorer" if scorer else "top_share"
     return SlideMaps(sid, coords, side, maps, prediction, main, kind, kinds)
 
 

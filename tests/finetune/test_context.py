@@ -84,8 +84,14 @@ def test_only_the_tumour_scorer_reads_the_context_columns() -> None:
     assert not torch.allclose(out.tumour_logit, again.tumour_logit)
     assert torch.equal(out.log2fc, again.log2fc) and torch.equal(out.gene_logits, again.gene_logits)
     assert torch.equal(out.branch_attention[:, 1:], again.branch_attention[:, 1:])
+    # the tumour map is the second scorer's, on the tiles' own features (the context
+    # scorer's top tiles are where the slide logit looks, not where tumour is)
+    assert model.fraction_scorer is not None and model.fraction_scorer.linear.in_features == 8
     scores = model.tile_scores(x)
-    assert torch.allclose(scores.tumour, model.tumour_path.tiles(x, torch.ones(2, 30).bool()))
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    assert torch.allclose(scores.tumour, model.fraction_scorer.tiles(x[..., :8], mask))
+    assert out.fraction_logit is not None  # trained (loss "fraction") even without genes
+    assert torch.equal(model.tile_scores(moved).tumour, scores.tumour)
 
 
 def test_feature_bags_give_each_slides_own_context(small_signal_cohort: SignalCohort) -> None:
@@ -122,6 +128,11 @@ def test_context_trains_registers_and_maps_as_it_trained(
         read = store.read(row.slide_id)
         maps = slide_maps(model.eval(), card, row.slide_id, read.coords, 224.0, read.features)
         assert maps.prediction["tumour_prob"] == pytest.approx(row.tumour_prob, abs=1e-5)
+        assert maps.kind("tumour") == "tile_scorer"
+        own = model.fraction_scorer.tiles(
+            torch.from_numpy(read.features)[None], torch.ones(1, len(read), dtype=torch.bool)
+        )
+        np.testing.assert_allclose(maps.maps["tumour"], own[0].detach().numpy(), rtol=1e-5)
 
 
 def test_genes_count_tumour_with_a_second_scorer_on_the_tiles_own_features() -> None:
