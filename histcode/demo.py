@@ -56,6 +56,7 @@ class DemoOptions:
     genes: tuple[str, ...] | None = None
     stain_norm: str = "none"
     tumour_pooling: str = "top_share"
+    tumour_context: bool = True
 
 
 #: Column titles of the aggregators.
@@ -69,8 +70,11 @@ AGGREGATOR_NAMES = {
 
 
 #: What the naive arm changes in the demo's finetune config: its linear model on the mean
-#: feature gives the tumour logit too, and nothing reads a tumour fraction.
-BASELINE_MODEL = ["--model.tumour_pooling", "attention", "--model.tumour_fraction_genes", "false"]
+#: feature gives the tumour logit too, and nothing reads a tumour fraction or tile context.
+BASELINE_MODEL = [
+    "--model.tumour_pooling", "attention", "--model.tumour_fraction_genes", "false",
+    "--model.tumour_context", "false",
+]  # fmt: skip
 
 
 class DemoStepError(RuntimeError):
@@ -147,6 +151,15 @@ def _finetune_config(o: DemoOptions) -> dict[str, Any]:
             # (heads.TumourFractionPath): easy demo tumour-burden genes r 0.61 vs 0.30 without
             # it (naive 0.67); on the hard demo it changes nothing beyond noise (RESULTS.md)
             **({"tumour_fraction_genes": True} if o.tumour_pooling == "top_share" else {}),
+            # the tumour scorer reads each tile's 3 x 3 neighbourhood and both relative to the
+            # slide's median tile (histcode.finetune.context); the genes count tumour with a
+            # second scorer on the tiles' own features. Hard demo, 60 patients: tumour AUC
+            # see RESULTS.md; easy demo unchanged (tumour-burden genes 0.61 either way)
+            **(
+                {"tumour_context": True}
+                if o.tumour_pooling == "top_share" and o.tumour_context
+                else {}
+            ),
         },
         "optim": {"lr": 0.001, "weight_decay": 0.01},
         "cv": {
@@ -192,7 +205,8 @@ class _Runner:
             old = json.loads(self.state_path.read_text())
             # runs of older versions: what they ran with
             old["options"] = {
-                "stain_norm": "none", "tumour_pooling": "attention", **old.get("options", {})
+                "stain_norm": "none", "tumour_pooling": "attention", "tumour_context": False,
+                **old.get("options", {}),
             }  # fmt: skip
             if old.get("options") != json.loads(json.dumps(asdict(options))):
                 raise ValueError(
@@ -354,6 +368,7 @@ def results_table(
     signal_genes: dict[str, int],
     aggregator: str = "abmil",
     tumour_pooling: str = "attention",
+    tumour_context: bool = False,
 ) -> str:
     """The demo's results as a markdown table, one column per arm.
 
@@ -365,12 +380,17 @@ def results_table(
         aggregator: the pipeline's aggregator (column title).
         tumour_pooling: the pipeline's tumour pooling (``top_share`` changes what its
             attention and tumour maps are, and the row titles say so).
+        tumour_context: whether its tumour scorer read the tiles' context (column title).
     """
     top = tumour_pooling == "top_share"
     pooled = AGGREGATOR_NAMES.get(aggregator, aggregator)
     names = {
         PIPELINE: f"histcode: SimCLR encoder + {pooled}"
-        + (" (tumour: top-share pooling)" if top else ""),
+        + (
+            f" (tumour: top-share pooling{' with tile context' if tumour_context else ''})"
+            if top
+            else ""
+        ),
         BASELINE: "naive: random encoder + mean pooling + linear",
     }
     cols = [a for a in (PIPELINE, BASELINE) if a in arms]
@@ -459,6 +479,7 @@ def demo(
     genes: list[str] | None = None,
     stain_norm: Literal["none", "macenko"] = "none",
     tumour_pooling: Literal["top_share", "attention"] = "top_share",
+    tumour_context: bool = True,
     restart: bool = False,
 ) -> Any:
     """Run the whole pipeline on a small synthetic cohort (about 3 minutes on 2 idle CPU cores),
@@ -502,6 +523,10 @@ def demo(
             a normal training slide a known negative; finds foci of a few per cent of the
             tissue) or 'attention' (the gated attention branch, as the genes). The naive
             baseline is unchanged.
+        tumour_context: With 'top_share', the tumour scorer also reads each tile's 3 × 3
+            neighbourhood and both relative to the slide's median tile, which takes away the
+            slide's stain cast and site (``--model.tumour_context``); the genes still read
+            the tiles' own features.
         restart: Forget the steps a previous run of this folder finished and redo them all.
     """
     from histcode.commandkit import CommandResult
@@ -532,6 +557,7 @@ def demo(
         genes=tuple(genes) if genes else None,
         stain_norm=stain_norm,
         tumour_pooling=tumour_pooling,
+        tumour_context=bool(tumour_context) and tumour_pooling == "top_share",
     )
     if restart and (out / "demo.json").is_file():
         (out / "demo.json").unlink()
@@ -696,7 +722,9 @@ def _report(
     counts: dict[str, int] = {}
     for role in roles.values():
         counts[role] = counts.get(role, 0) + 1
-    table = results_table(arms, counts, options.aggregator, options.tumour_pooling)
+    table = results_table(
+        arms, counts, options.aggregator, options.tumour_pooling, options.tumour_context
+    )
     health, warning = encoder_health(pretrained or {})
     minutes = (time.perf_counter() - start) / 60
     plots = out / "finetune" / PIPELINE / "plots"

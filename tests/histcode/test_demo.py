@@ -73,6 +73,7 @@ def test_demo_recipe_top_share_tumour_and_retrained_folds(demo_run: tuple[Path, 
     out, _, _ = demo_run
     config = (out / "configs" / "finetune.yaml").read_text()
     assert "tumour_pooling: top_share" in config and "retrain: true" in config
+    assert "tumour_context: true" in config
     registry = Registry(out / "registry")
     for arm, pooling in (("simclr", "top_share"), ("naive", None)):
         cards = registry.list(f"demo-{arm}")
@@ -80,6 +81,7 @@ def test_demo_recipe_top_share_tumour_and_retrained_folds(demo_run: tuple[Path, 
         for card in cards:
             assert card.arguments.get("tumour_pooling") == pooling, (arm, card.arguments)
             assert card.arguments.get("tumour_fraction_genes") == (True if pooling else None)
+            assert card.arguments.get("tumour_context") == (True if pooling else None)
             assert card.extra["retrained_with_validation"] is True
             assert set(card.extra["validation_slide_ids"]) <= set(card.extra["trained_slide_ids"])
         folds = json.loads((out / "finetune" / arm / "folds.json").read_text())
