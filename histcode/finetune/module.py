@@ -9,8 +9,9 @@ Losses (each masked to the slides that have the target, weighted by :class:`Loss
   the mean over the tasks, slides without a class masked;
 * instance — CLAM's instance loss when the aggregator has one.
 * negatives — every tile of a normal slide against "not tumour", with top-share tumour pooling.
-* fraction — with tile context and tumour-fraction genes, the second tumour scorer's (on the
-  tiles' own features, read by the genes) slide and known-negative cross-entropy.
+* fraction — with tile context, the second tumour scorer's (on the tiles' own features: the
+  genes count tumour with it and the tumour map shows it) slide and known-negative
+  cross-entropy.
 
 Validation accumulates each loss over the whole validation set and logs ``val/loss`` (the
 weighted total) and ``val/<task>`` once per epoch; these alone choose the epoch.
@@ -158,8 +159,8 @@ class MILModule(pl.LightningModule):
 
     @staticmethod
     def _fraction_loss(batch: BagBatch, out: SlideOutput) -> dict[str, tuple[Tensor, int]]:
-        """The second tumour scorer's (tile context's fraction scorer) slide and known-negative
-        cross-entropy, one term: it learns tumour as the tumour path does."""
+        """The second tumour scorer's (``SlideModel.fraction_scorer``, with tile context) slide
+        and known-negative cross-entropy, one term: it learns tumour as the tumour path does."""
         known = ~torch.isnan(batch.tumour)
         if not known.any():
             return {}

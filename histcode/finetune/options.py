@@ -178,9 +178,9 @@ class LossOptions:
         instance: CLAM instance loss (clam_sb only).
         negatives: with ``model.tumour_pooling: top_share``, binary cross-entropy of every
             tile of a normal slide against "not tumour" (``heads.known_negative_loss``).
-        fraction: with ``model.tumour_context`` and ``model.tumour_fraction_genes``, the
-            slide and known-negative cross-entropy of the second tumour scorer (on the tiles'
-            own features) whose tile probabilities the genes read.
+        fraction: with ``model.tumour_context``, the slide and known-negative cross-entropy
+            of the second tumour scorer, on the tiles' own features (the genes count tumour
+            with it and the tumour map shows it).
         regression: ``huber`` or ``mse`` for the log2FC regression.
         huber_delta: where the Huber loss turns from quadratic to linear (log2 units).
     """
