@@ -429,12 +429,13 @@ class SlideModel(nn.Module):
             self._top_share_tumour(out, features, mask)
         return out
 
-    def _fraction_tiles(self, features: Tensor, mask: Tensor, tumour_tiles: Tensor) -> Tensor:
-        """The tile tumour logits (B, N) the fraction path reads: the second scorer's on the
-        tiles' own features when there is one, else the tumour path's ``tumour_tiles``."""
-        if self.fraction_scorer is None:
-            return tumour_tiles
-        return self.fraction_scorer.tiles(self._own(features), mask)
+    def _own_tumour_tiles(self, features: Tensor, mask: Tensor) -> Tensor:
+        """Each tile's own tumour logit (B, N), as the tumour map shows it and the fraction
+        path reads it: the second scorer's on the tiles' own features when there is one
+        (tile context), else the tumour path's."""
+        if self.fraction_scorer is not None:
+            return self.fraction_scorer.tiles(self._own(features), mask)
+        return self.tumour_path.tiles(features, mask)  # type: ignore[union-attr]
 
     def _top_share_tumour(self, out: SlideOutput, features: Tensor, mask: Tensor) -> None:
         """Replace ``out``'s tumour logit by the :class:`TopShareTumourPath`'s; with per-task
@@ -481,7 +482,7 @@ class SlideModel(nn.Module):
         if self.composition is not None and self.head.n_genes:
             raw = self._add_gene_tiles(raw, self.composition.tiles(self._own(features), mask))
         if self.tumour_path is not None:  # each tile's own tumour logit (see TopShareTumourPath)
-            own = self._fraction_tiles(features, mask, self.tumour_path.tiles(features, mask))
+            own = self._own_tumour_tiles(features, mask)
             if self.fraction is not None:
                 raw = self._add_gene_tiles(raw, self.fraction.tiles(own, mask))
             raw = torch.cat([own[..., None], raw[..., 1:]], -1)

@@ -108,14 +108,9 @@ class MILModule(pl.LightningModule):
         terms: dict[str, tuple[Tensor, int]] = {}
         w = self.loss_options
         if out.tumour_logit is not None and w.tumour > 0:
-            known = ~torch.isnan(batch.tumour)
-            if known.any():
-                terms["tumour"] = (
-                    F.binary_cross_entropy_with_logits(
-                        out.tumour_logit[known], batch.tumour[known]
-                    ),
-                    int(known.sum()),
-                )
+            value = self._slide_bce(out.tumour_logit, batch.tumour)
+            if value is not None:
+                terms["tumour"] = value
         if out.log2fc is not None and w.log2fc > 0:
             known = ~torch.isnan(batch.log2fc)
             if known.any():
@@ -158,20 +153,26 @@ class MILModule(pl.LightningModule):
         return terms
 
     @staticmethod
-    def _fraction_loss(batch: BagBatch, out: SlideOutput) -> dict[str, tuple[Tensor, int]]:
+    def _slide_bce(logit: Tensor, tumour: Tensor) -> tuple[Tensor, int] | None:
+        """Binary cross-entropy of slide logits (B,) on the tumour labels (B,; NaN where
+        unknown) and the number of known labels; None when no label is known."""
+        known = ~torch.isnan(tumour)
+        if not known.any():
+            return None
+        return F.binary_cross_entropy_with_logits(logit[known], tumour[known]), int(known.sum())
+
+    @classmethod
+    def _fraction_loss(cls, batch: BagBatch, out: SlideOutput) -> dict[str, tuple[Tensor, int]]:
         """The second tumour scorer's (``SlideModel.fraction_scorer``, with tile context) slide
         and known-negative cross-entropy, one term: it learns tumour as the tumour path does."""
-        known = ~torch.isnan(batch.tumour)
-        if not known.any():
+        slide = cls._slide_bce(out.fraction_logit, batch.tumour)  # type: ignore[arg-type]
+        if slide is None:
             return {}
-        value = F.binary_cross_entropy_with_logits(
-            out.fraction_logit[known],
-            batch.tumour[known],  # type: ignore[index]
-        )
+        value, known = slide
         negatives = known_negative_loss(out.fraction_tile_logits, batch.mask, batch.tumour)  # type: ignore[arg-type]
         if negatives is not None:
             value = value + negatives
-        return {"fraction": (value, int(known.sum()))}
+        return {"fraction": (value, known)}
 
     def total(self, terms: dict[str, tuple[Tensor, int]], out: SlideOutput) -> Tensor:
         """Weighted sum of the loss terms (a zero connected to the graph when none)."""
