@@ -728,7 +728,8 @@ def _report(
     table = results_table(
         arms, counts, options.aggregator, options.tumour_pooling, options.tumour_context
     )
-    health, warning = encoder_health(pretrained or {})
+    pretrained = pretrained or {}
+    health, warning = encoder_health(pretrained)
     minutes = (time.perf_counter() - start) / 60
     plots = out / "finetune" / PIPELINE / "plots"
     paths = {
@@ -768,9 +769,7 @@ def _report(
         "minutes": round(minutes, 1),
         "results": arms,
         "encoder": {
-            "ref": (pretrained or {}).get("ref"),
-            "final_loss": (pretrained or {}).get("final_loss"),
-            "collapse": (pretrained or {}).get("collapse"),
+            **{k: pretrained.get(k) for k in ("ref", "final_loss", "collapse")},
             "warning": warning,
         },
         "results_md": str(out / "results.md"),
