@@ -57,6 +57,12 @@ class DemoOptions:
     stain_norm: str = "none"
     tumour_pooling: str = "top_share"
     tumour_context: bool = True
+    on_collapse: str = "random"
+
+
+#: What the pipeline arm may read when its SimCLR encoder collapsed (``--on_collapse``): the
+#: naive arm's random-weight features, or the collapsed encoder's anyway.
+ON_COLLAPSE = ("random", "keep")
 
 
 #: Column titles of the aggregators.
@@ -207,7 +213,7 @@ class _Runner:
             # runs of older versions: what they ran with
             old["options"] = {
                 "stain_norm": "none", "tumour_pooling": "attention", "tumour_context": False,
-                **old.get("options", {}),
+                "on_collapse": "keep", **old.get("options", {}),
             }  # fmt: skip
             if old.get("options") != json.loads(json.dumps(asdict(options))):
                 raise ValueError(
@@ -370,6 +376,7 @@ def results_table(
     aggregator: str = "abmil",
     tumour_pooling: str = "attention",
     tumour_context: bool = False,
+    encoder: str = "SimCLR encoder",
 ) -> str:
     """The demo's results as a markdown table, one column per arm.
 
@@ -382,11 +389,12 @@ def results_table(
         tumour_pooling: the pipeline's tumour pooling (``top_share`` changes what its
             attention and tumour maps are, and the row titles say so).
         tumour_context: whether its tumour scorer read the tiles' context (column title).
+        encoder: what made the pipeline arm's tile features (column title).
     """
     top = tumour_pooling == "top_share"
     pooled = AGGREGATOR_NAMES.get(aggregator, aggregator)
     names = {
-        PIPELINE: f"histcode: SimCLR encoder + {pooled}"
+        PIPELINE: f"histcode: {encoder} + {pooled}"
         + (
             f" (tumour: top-share pooling{' with tile context' if tumour_context else ''})"
             if top
@@ -483,6 +491,7 @@ def demo(
     stain_norm: Literal["none", "macenko"] = "none",
     tumour_pooling: Literal["top_share", "attention"] = "top_share",
     tumour_context: bool = True,
+    on_collapse: Literal["random", "keep"] = "random",
     restart: bool = False,
 ) -> Any:
     """Run the whole pipeline on a small synthetic cohort (about 3 minutes on 2 idle CPU cores),
@@ -530,6 +539,13 @@ def demo(
             neighbourhood and both relative to the slide's median tile, which takes away the
             slide's stain cast and site (``--model.tumour_context``); the genes still read
             the tiles' own features.
+        on_collapse: What the pipeline arm reads when the SimCLR pretraining collapsed (its
+            collapse checks' verdict is 'collapsed': the loss at that of a constant
+            embedding and features of low effective rank, ``histcode pretrain --help``):
+            'random' (default) embeds nothing with it and reads the naive arm's random-weight
+            features instead, the rest of the recipe unchanged, as the results say; 'keep'
+            uses the collapsed encoder anyway. A collapsed encoder's features carry less than
+            random weights do, so a pipeline reading them would be judged on nothing.
         restart: Forget the steps a previous run of this folder finished and redo them all.
     """
     from histcode.commandkit import CommandResult
@@ -561,7 +577,10 @@ def demo(
         stain_norm=stain_norm,
         tumour_pooling=tumour_pooling,
         tumour_context=bool(tumour_context) and tumour_pooling == "top_share",
+        on_collapse=on_collapse,
     )
+    if on_collapse not in ON_COLLAPSE:
+        raise ValueError(f"--on_collapse {on_collapse!r}: choose from {sorted(ON_COLLAPSE)}")
     if restart and (out / "demo.json").is_file():
         (out / "demo.json").unlink()
     run = _Runner(out, options, total=8 if cohort is None else 7)
@@ -615,14 +634,20 @@ def demo(
             "--name", "demo-encoder", "--registry", registry, "--out", str(out / "pretrain"),
         ],
     )  # fmt: skip
-    run.step(
-        "embed-pipeline",
-        "embedding every tile with the pretrained encoder",
-        [
-            "embed", "--encoder", encoder["ref"], "--registry", registry, "--tiles", str(tiles),
-            "--out", str(feats[PIPELINE]), "--workers", "1", *progress,
-        ],
-    )  # fmt: skip
+    pipeline_features = "pretrained features"
+    if _collapsed(encoder) and options.on_collapse == "random":
+        feats[PIPELINE] = _skip_collapsed_embedding(run, encoder, feats[BASELINE])
+        pipeline_features = "random-weight features (SimCLR collapsed)"
+    else:
+        run.step(
+            "embed-pipeline",
+            "embedding every tile with the pretrained encoder",
+            [
+                "embed", "--encoder", encoder["ref"], "--registry", registry,
+                "--tiles", str(tiles), "--out", str(feats[PIPELINE]), "--workers", "1",
+                *progress,
+            ],
+        )  # fmt: skip
     run.step(
         "embed-baseline",
         f"embedding every tile with a random-weight {baseline_encoder} (naive baseline)",
@@ -633,7 +658,7 @@ def demo(
     )  # fmt: skip
     finetuned: dict[str, dict[str, Any]] = {}
     for arm, pooling, what in (
-        (PIPELINE, aggregator, f"{aggregator} MIL on the pretrained features"),
+        (PIPELINE, aggregator, f"{aggregator} MIL on the {pipeline_features}"),
         (BASELINE, "linear", "naive baseline: mean pooling + linear model"),
     ):
         finetuned[arm] = run.step(
@@ -655,17 +680,48 @@ def demo(
     if genes:  # the model predicts only these: draw, count and group no other gene
         roles = {g: r for g, r in roles.items() if g in genes}
     maps = _heatmaps(run, out, cohort, tiles, feats, finetuned, registry, roles)
-    result = _report(out, options, finetuned, maps, roles, registry, run.start, encoder)
+    fallback = run.state["steps"]["embed-pipeline"].get("fallback")
+    result = _report(
+        out, options, finetuned, maps, roles, registry, run.start, encoder, fallback is not None
+    )
     return CommandResult(out, result, {"options": asdict(options), "steps": run.state["steps"]})
 
 
-def encoder_health(pretrained: dict[str, Any]) -> tuple[str, str | None]:
+def _collapsed(pretrained: dict[str, Any]) -> bool:
+    """Whether the pretrain step's collapse checks said ``collapsed``."""
+    return (pretrained.get("collapse") or {}).get("verdict") == "collapsed"
+
+
+def _skip_collapsed_embedding(run: _Runner, pretrained: dict[str, Any], random: Path) -> Path:
+    """The embed step of a collapsed encoder (``--on_collapse random``): embed nothing, say
+    why, record it, and return the store the pipeline arm reads instead (``random``)."""
+    key = "embed-pipeline"
+    title = "embedding every tile with the pretrained encoder"
+    done = run.begin(key, title)
+    if done is None:
+        t0 = time.perf_counter()
+        reasons = "; ".join((pretrained.get("collapse") or {}).get("reasons") or [])
+        run.say(
+            f"  the SimCLR encoder {pretrained.get('ref')} collapsed ({reasons or 'see its card'}"
+            f"): its features would carry less than random weights, so the pipeline arm "
+            f"reads {random} (the naive arm's random-weight features) instead; "
+            "--on_collapse keep uses the collapsed encoder anyway"
+        )
+        done = run.finish(key, {"fallback": "random", "features": str(random)}, t0)
+    return Path(done["features"])
+
+
+def encoder_health(
+    pretrained: dict[str, Any], instead: str | None = None
+) -> tuple[str, str | None]:
     """What the pretraining's collapse checks said, as a line and (when not ``ok``) a warning.
 
     Args:
         pretrained: the pretrain step's result (``ref``, ``final_loss``, ``collapse``: the
             summary of :class:`histcode.pretrain.collapse.CollapseMonitor`'s report, absent
             when the checks were off).
+        instead: the features the pipeline arm read in place of the collapsed encoder's
+            (``--on_collapse random``), or None when it read the encoder's.
 
     Returns:
         ``(line, warning)``: the line for ``results.md``; the warning, or None when the
@@ -691,10 +747,21 @@ def encoder_health(pretrained: dict[str, Any]) -> tuple[str, str | None]:
     warning = (
         f"**Warning: the SimCLR pretraining on this cohort looks {c['verdict']}** (its loss "
         f"is {c['loss_over_chance']:.2f} × that of a constant embedding, effective rank "
-        f"{c['backbone_effective_rank']:.1f}). Its features may carry less than the naive "
-        "arm's random weights: read the pipeline column against the naive one, and see "
-        "the pretraining's log and card (`extra.collapse`) before using this encoder."
+        f"{c['backbone_effective_rank']:.1f})."
     )
+    if instead:
+        warning += (
+            f" The pipeline column therefore reads {instead} instead of its features "
+            "(`--on_collapse random`): it differs from the naive column only in how it "
+            "learns from the same tiles' features. See the pretraining's log and card "
+            "(`extra.collapse`), or rerun with `--on_collapse keep` to use the encoder anyway."
+        )
+    else:
+        warning += (
+            " Its features may carry less than the naive arm's random weights: read the "
+            "pipeline column against the naive one, and see the pretraining's log and card "
+            "(`extra.collapse`) before using this encoder."
+        )
     return line, warning
 
 
@@ -707,10 +774,12 @@ def _report(
     registry: str,
     start: float,
     pretrained: dict[str, Any] | None = None,
+    fallback: bool = False,
 ) -> dict[str, Any]:
     """Write ``results.md`` (the table) and ``results.json``, print the table, and return the
     command's result: each arm's tumour AUC, genes by role and map scores, and what the
-    pretraining's collapse checks said (:func:`encoder_health`)."""
+    pretraining's collapse checks said (:func:`encoder_health`); with ``fallback`` the
+    pipeline arm read the naive arm's random-weight features (``--on_collapse random``)."""
     arms: dict[str, dict[str, Any]] = {}
     for arm in (PIPELINE, BASELINE):
         metrics = json.loads((out / "finetune" / arm / "metrics.json").read_text())
@@ -725,11 +794,19 @@ def _report(
     counts: dict[str, int] = {}
     for role in roles.values():
         counts[role] = counts.get(role, 0) + 1
+    random = f"random-weight {options.baseline_encoder}"
     table = results_table(
-        arms, counts, options.aggregator, options.tumour_pooling, options.tumour_context
+        arms,
+        counts,
+        options.aggregator,
+        options.tumour_pooling,
+        options.tumour_context,
+        f"{random} encoder (SimCLR collapsed)" if fallback else "SimCLR encoder",
     )
     pretrained = pretrained or {}
-    health, warning = encoder_health(pretrained)
+    health, warning = encoder_health(
+        pretrained, f"the naive arm's {random} features" if fallback else None
+    )
     minutes = (time.perf_counter() - start) / 60
     plots = out / "finetune" / PIPELINE / "plots"
     paths = {
@@ -771,6 +848,7 @@ def _report(
         "encoder": {
             **{k: pretrained.get(k) for k in ("ref", "final_loss", "collapse")},
             "warning": warning,
+            "pipeline_features": "random" if fallback else "encoder",
         },
         "results_md": str(out / "results.md"),
         "paths": paths,

@@ -311,6 +311,7 @@ def collapse_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return {
         "verdict": report["verdict"],
+        "reasons": report.get("reasons", []),
         "loss_over_chance": report["loss_over_chance"],
         "chance_loss": report["chance_loss"],
         "backbone_effective_rank": report["backbone"]["effective_rank"],

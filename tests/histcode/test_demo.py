@@ -165,6 +165,48 @@ def test_demo_rerun_resumes_and_refuses_other_options(
     assert "other options" in stderr and "--restart true" in stderr
 
 
+def test_demo_pipeline_reads_random_features_when_simclr_collapsed(
+    demo_run: tuple[Path, dict, str], tmp_path: Path
+) -> None:
+    """A collapsed encoder (verdict ``collapsed`` on its card) is not embedded with: the
+    pipeline arm learns from the naive arm's random-weight features, and the column title,
+    the warning, results.json and demo.json say so (``--on_collapse random``, the default)."""
+    import shutil
+
+    made, _, _ = demo_run
+    out = tmp_path / "demo_out"
+    out.mkdir()
+    keep = {"cohort", "tiles.zarr", "registry", "pretrain", "configs", "demo.json"}
+    for item in made.iterdir():
+        if item.name in keep:
+            (shutil.copytree if item.is_dir() else shutil.copy)(item, out / item.name)
+    (out / "features").mkdir()
+    shutil.copytree(made / "features" / "random.zarr", out / "features" / "random.zarr")
+    shutil.rmtree(out / "registry" / "demo-simclr")
+    shutil.rmtree(out / "registry" / "demo-naive")
+    state = json.loads((out / "demo.json").read_text())
+    for step in ("embed-pipeline", "finetune-simclr", "finetune-naive", "heatmaps"):
+        del state["steps"][step]
+    collapse = state["steps"]["pretrain"]["collapse"]
+    collapse.update(verdict="collapsed", loss_over_chance=1.0, reasons=["loss at chance"])
+    (out / "demo.json").write_text(json.dumps(state))
+
+    code, stdout, stderr = _run(["demo", "--out", str(out), *TINY])
+    assert code == 0, stderr[-3000:]
+    assert "collapsed (loss at chance)" in stderr and "--on_collapse keep" in stderr
+    assert not (out / "features" / "simclr.zarr").exists()  # nothing embedded with it
+    config = (out / "finetune" / "simclr" / "config.yaml").read_text()
+    assert "random.zarr" in config and "simclr.zarr" not in config
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["encoder"]["pipeline_features"] == "random"
+    assert result["results"]["simclr"]["tumour_auc"] is not None
+    table = (out / "results.md").read_text()
+    assert "histcode: random-weight tiny encoder (SimCLR collapsed) + " in table
+    assert "looks collapsed" in table and "`--on_collapse random`" in table
+    step = json.loads((out / "demo.json").read_text())["steps"]["embed-pipeline"]
+    assert step["fallback"] == "random" and step["features"].endswith("random.zarr")
+
+
 def test_gene_summary_per_fold_r_and_named_test() -> None:
     """Per role, r per fold is the mean over the role's genes in that fold, reported as mean
     ± sd over folds; the significance row names the test from metrics.json."""
