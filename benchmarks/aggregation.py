@@ -27,6 +27,10 @@ Methods (:data:`METHODS`; a slide's score is the mean of its top share of tile s
   logits. ``_val`` holds 20 % of the training slides out and keeps the epoch of lowest loss
   on them (as the pipeline chooses its epoch by default); ``_all`` trains on every training
   slide for the fixed 100 epochs (what ``histcode finetune --cv.retrain`` approximates).
+- ``fraction_truth``: learning from label proportions, an oracle like ``truth``. The same
+  linear scorer, its loss the squared gap (in 5-point units) between each training slide's
+  mean tile probability and its true tumour fraction from the truth masks, plus every tile
+  of a normal slide against 0; no slide-label term; 100 epochs; top 5 %.
 
 Figures per demo and method: the pooled out-of-fold slide AUC, and the within-site AUC (mean
 of the per-site AUCs over sites with tumour and normal slides). For reference the pipeline's
@@ -77,6 +81,8 @@ ARM_FEATURES = {"simclr": "simclr", "naive": "random"}
 TOP = 0.02
 #: Top share of the top-share scorer (its training pool and its slide score).
 SHARE = 0.05
+#: Unit of the tumour-fraction error of ``fraction_truth`` (5 percentage points).
+FRACTION_UNIT = 0.05
 #: The demos the benchmark makes when given none.
 DEMO_PATIENTS = 30
 DEMO_DIFFICULTY = "hard"
@@ -274,6 +280,8 @@ def top_share(
     batch: int = 4,
     val: float = 0.2,
     seed: int = 0,
+    slide_weight: float = 1.0,
+    fraction_weight: float = 0.0,
 ) -> np.ndarray:
     """A linear tile scorer trained on slide labels through the mean of its top tile logits.
 
@@ -283,11 +291,19 @@ def top_share(
     slides' tiles. With ``val > 0`` that share of the training slides is held out and the
     epoch of lowest loss on them is kept; with ``val = 0`` all train for ``epochs``.
 
+    With ``fraction_weight > 0`` each slide's mean tile probability is also fitted to its true
+    tumour fraction (the share of its labelled tiles that are tumour in ``tiles_train``):
+    learning from label proportions, squared error in units of :data:`FRACTION_UNIT`. Those
+    fractions come from the truth masks, so the method is an oracle, as the tile probe is: it
+    asks whether a per-slide *amount* of tumour, far more than a tumour/normal label, would
+    teach a linear scorer where the tumour is.
+
     Args:
         train: training slides' features, each ``(n_i, D)``.
         y_train: ``(S_train,)`` slide labels.
         test: test slides' features, each ``(m_j, D)``.
-        tiles_train: unused (no tile labels).
+        tiles_train: training slides' tile labels (``fraction_weight > 0`` only), each
+            ``(n_i,)`` in {1 tumour, 0 normal, -1 left out}.
         share: top share of the tile logits pooled (training and scoring).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -295,6 +311,8 @@ def top_share(
         batch: slides per step.
         val: share of the training slides held out to choose the epoch (0: none).
         seed: seed of the split, the shuffles and the initial weights.
+        slide_weight: weight of the slide-label term (0: none).
+        fraction_weight: weight of the tumour-fraction term (0: none).
 
     Returns:
         ``(S_test,)`` slide scores (mean of the top ``share`` tile logits).
@@ -303,6 +321,14 @@ def top_share(
     import torch.nn.functional as F
 
     _both(y_train, "top_share")
+    if fraction_weight and tiles_train is None:
+        raise ValueError("top_share with fraction_weight > 0 needs the training tile labels")
+    fractions = torch.tensor(
+        [float(np.mean(t[t >= 0] == 1)) if (t >= 0).any() else 0.0 for t in tiles_train]
+        if fraction_weight
+        else np.zeros(len(train)),
+        dtype=torch.float32,
+    )
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     n = len(train)
@@ -316,13 +342,17 @@ def top_share(
     opt = torch.optim.AdamW(linear.parameters(), lr=lr, weight_decay=weight_decay)
 
     def loss_of(ids: np.ndarray) -> torch.Tensor:
-        slides, normals = [], []
+        slides, amounts, normals = [], [], []
         for i in ids:
             t = linear(bags[i]).squeeze(-1)
             slides.append(t.topk(max(1, round(len(t) * share))).values.mean())
+            amounts.append(torch.sigmoid(t).mean())
             if y[i] == 0:
                 normals.append(F.binary_cross_entropy_with_logits(t, torch.zeros_like(t)))
-        loss = F.binary_cross_entropy_with_logits(torch.stack(slides), y[ids])
+        loss = slide_weight * F.binary_cross_entropy_with_logits(torch.stack(slides), y[ids])
+        if fraction_weight:
+            gap = (torch.stack(amounts) - fractions[ids]) / FRACTION_UNIT
+            loss = loss + fraction_weight * gap.pow(2).mean()
         return loss + torch.stack(normals).mean() if normals else loss
 
     best, state = np.inf, None
@@ -384,6 +414,12 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "top_share_all": MethodSpec(
         top_share, {"val": 0.0}, "top-5 % linear scorer, all training slides, 100 epochs"
+    ),
+    "fraction_truth": MethodSpec(
+        top_share,
+        {"val": 0.0, "slide_weight": 0.0, "fraction_weight": 1.0},
+        "linear scorer whose mean tile probability is fitted to each slide's true tumour "
+        "fraction (label proportions from the truth masks: an oracle), top 5 %",
     ),
 }
 
