@@ -178,9 +178,23 @@ def with_option_hints(parser: Any) -> Any:
     Returns:
         The same parser.
     """
-    error = parser.error
+    parser.error = _ConciseErrors(parser)
+    return parser
 
-    def concise(message: str, ex: Exception | None = None) -> typing.NoReturn:
+
+class _ConciseErrors:
+    """A parser's ``error`` made short (:func:`with_option_hints`).
+
+    A module-level class rather than a closure so that the parser still pickles: Lightning's
+    ``ddp_spawn`` sends the trainer, and with it the CLI's config callback and its parser, to
+    each spawned process.
+    """
+
+    def __init__(self, parser: Any) -> None:
+        self.parser = parser
+
+    def __call__(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
+        parser = self.parser
         keys = [
             a.dest
             for a in parser._actions
@@ -188,14 +202,11 @@ def with_option_hints(parser: Any) -> Any:
         ]
         message = message + option_hint(message, keys)
         if not parser.exit_on_error or _debug_mode():
-            error(message, ex)
+            type(parser).error(parser, message, ex)  # the class's own error: it raises
             raise AssertionError("unreachable: the parser's error raises")
         prog = (getattr(ex, "subcommand_parser", None) or parser).prog.replace(" [options]", "")
         print(f"{prog}: error: {message}\nSee '{prog} --help' for the options.", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-
-    parser.error = concise
-    return parser
 
 
 def _debug_mode() -> bool:

@@ -23,8 +23,11 @@ the registry card records under ``extra.collapse``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -244,6 +247,10 @@ class CollapseMonitor(pl.Callback):
         self.history: list[dict[str, Any]] = []
         self.warnings: list[dict[str, Any]] = []
         self.report: dict[str, Any] | None = None
+        #: where process 0 also writes the report (set by ``histcode pretrain``): under
+        #: ``ddp_spawn`` the training runs in spawned processes and the parent gets back
+        #: only the weights, so it reads the report from there
+        self.report_path: str | None = None
 
     # -- the probe set -------------------------------------------------------------------------
     def _draw(self, trainer: pl.Trainer) -> None:
@@ -356,6 +363,11 @@ class CollapseMonitor(pl.Callback):
         }
         if judged != "ok":
             self._warn(trainer, int(trainer.global_step), f"pretraining looks {judged}", reasons)
+        if self.report_path:  # through a temporary file: never read half-written
+            path = Path(self.report_path)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.report) + "\n")
+            tmp.replace(path)
 
     # -- measuring and warning -----------------------------------------------------------------
     def _record(
@@ -437,3 +449,15 @@ def _round(value: float | None, digits: int = 6) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return round(float(value), digits)
+
+
+def read_report(monitor: CollapseMonitor | None) -> dict[str, Any] | None:
+    """The collapse checks' report of the run that just ended: the monitor's own, or, when
+    the training ran in spawned processes (``ddp_spawn``), the one process 0 wrote to its
+    ``report_path``; None when the checks were off."""
+    if monitor is None:
+        return None
+    if monitor.report is not None:
+        return monitor.report
+    path = Path(monitor.report_path) if monitor.report_path else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None

@@ -48,7 +48,7 @@ from histcode.encoders import encoder_card
 from histcode.lineage import tiles_parent
 from histcode.registry import Registry, check_name, default_root
 
-from .collapse import CollapseMonitor
+from .collapse import CollapseMonitor, read_report
 from .data import TileDataModule
 from .module import ContrastiveModule
 
@@ -419,6 +419,10 @@ def run(argv: list[str], prog: str, description: str = "") -> int:
         except ValueError as err:
             return usage_error(prog, err)
         log.info("resuming from %s (step %d)", ckpt, resumed_at)
+    monitor = cli.collapse_monitor
+    if monitor is not None:  # where process 0 leaves the report for a ddp_spawn parent
+        monitor.report_path = str(out / "collapse.json")
+        Path(monitor.report_path).unlink(missing_ok=True)  # an earlier run's is not this one's
     try:
         # progress bars and Lightning's tables go to stderr: stdout carries only the final
         # JSON line (the CLI contract); Lightning's TQDM bar writes to stdout by default
@@ -446,8 +450,7 @@ def run(argv: list[str], prog: str, description: str = "") -> int:
     if result is not None:
         log.info("this state (step %d) is already registered as %s", result["steps"], result["ref"])
     else:
-        monitor = cli.collapse_monitor
-        report = monitor.report if monitor is not None else None
+        report = read_report(cli.collapse_monitor)
         result = register(model, data, trainer, cli.config.name, registry, report)
         log.info("registered %s in %s", result["ref"], registry.root)
     result = {**result, "out": str(out), "checkpoint": str(ckpt)}

@@ -260,6 +260,27 @@ def test_ddp_with_two_cpu_processes_registers_one_encoder(
     assert "distributed_backend=gloo" in done.stderr + done.stdout
 
 
+def test_ddp_spawn_keeps_the_collapse_verdict_on_the_card(
+    smoke_args: list[str], tmp_path: Path
+) -> None:
+    """Under ``ddp_spawn`` the training runs in spawned processes and the parent gets back
+    only the weights; the collapse checks' report still reaches the card and the result."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "histcode.cli", "pretrain", *smoke_args, "--name", "spawn"]
+    argv += ["--out", str(out), "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
+    argv += ["--trainer.max_steps", "4", "--data.batch_size", "8"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _last_json(done.stdout)
+    assert result["ref"] == "spawn@1" and result["steps"] == 4
+    card = Registry(tmp_path / "registry").card("spawn@1")
+    collapse = card.extra["collapse"]
+    assert collapse["verdict"] in ("ok", "suspect", "collapsed")
+    assert collapse["history"] and collapse["final_loss"] is not None
+    assert result["collapse"]["verdict"] == collapse["verdict"]
+
+
 def _lr_spy(monkeypatch) -> dict[int, float]:
     """Record the learning rate of each optimiser step, by global step."""
     seen: dict[int, float] = {}
