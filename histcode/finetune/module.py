@@ -19,6 +19,8 @@ weighted total) and ``val/<task>`` once per epoch; these alone choose the epoch.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,8 @@ from torch import Tensor
 from histcode.finetune.bags import IGNORE_CLASS, BagBatch
 from histcode.finetune.heads import SlideModel, SlideOutput, build_slide_model, known_negative_loss
 from histcode.finetune.options import LossOptions, ModelOptions, OptimOptions
+
+log = logging.getLogger("histcode.finetune")
 
 TERMS = ("tumour", "log2fc", "classes", "categorical", "instance", "negatives", "fraction")
 
@@ -91,6 +95,42 @@ class MILModule(pl.LightningModule):
                 else {}
             ),
         }
+
+    def warm_start(self, bags: Sequence[np.ndarray], tumour: np.ndarray, seed: int = 0) -> None:
+        """Start the top-share tumour scorer from the best of ``model.tumour_warm_start``
+        exemplar starts fitted on these training slides (:mod:`histcode.finetune.warmstart`);
+        nothing without a top-share scorer or with ``tumour_warm_start`` 0.
+
+        Args:
+            bags: the training slides' features as the model reads them, each ``(n_i, D)``
+                (context features with ``tumour_context``).
+            tumour: ``(S,)`` their tumour labels, 1, 0 or NaN (unknown: left out).
+            seed: seed of the draws and fits.
+        """
+        starts = self.model_options.tumour_warm_start
+        path = self.model.tumour_path
+        known = ~np.isnan(np.asarray(tumour, dtype=np.float64))
+        if not starts or path is None or len(set(np.asarray(tumour)[known].tolist())) < 2:
+            return
+        from histcode.finetune.warmstart import warm_start
+
+        chosen = warm_start(
+            path,
+            [b for b, k in zip(bags, known, strict=True) if k],
+            np.asarray(tumour)[known],
+            starts=starts,
+            lr=self.optim_options.lr * self.optim_options.tumour_path_lr_scale,
+            weight_decay=self.optim_options.weight_decay,
+            seed=seed,
+        )
+        log.info(
+            "tumour scorer warm start: best of %d starts (from %d exemplar tiles), training "
+            "loss %.3f (each start: %s)",
+            starts,
+            chosen.candidates,
+            chosen.loss,
+            ", ".join(f"{v:.3f}" for v in chosen.losses),
+        )
 
     @property
     def n_classes(self) -> list[int]:

@@ -109,6 +109,12 @@ class ModelOptions:
             corners whenever the model reads a slide, maps included); the aggregator and the
             genes keep the tile's own features. A focus spans neighbouring tiles, and what
             the whole slide shares (stain cast, scanner, site) is taken away.
+        tumour_warm_start: with ``top_share``, before each fold's model trains, fit its
+            tumour scorer alone from this many starting directions made from tumour tiles of
+            the training slides and start from the one of lowest training loss
+            (``histcode.finetune.warmstart``); 0 starts from random weights. The top-share
+            objective is not convex: from random starts the scorer settles far above the loss
+            of the tumour direction, which it keeps once started there.
         options: further keyword arguments of the aggregator, e.g. ``{k: 8}`` for clam_sb,
             ``{layers: 1, heads: 4}`` for transformer, ``{gated: false}`` for abmil.
     """
@@ -123,6 +129,7 @@ class ModelOptions:
     tumour_top_share: float = 0.05
     tumour_fraction_genes: bool = False
     tumour_context: bool = False
+    tumour_warm_start: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,6 +156,16 @@ class ModelOptions:
             raise ValueError(
                 "model.tumour_context gives the top-share tumour scorer its tiles' context: it "
                 "needs model.tumour_pooling top_share"
+            )
+        if self.tumour_warm_start and self.tumour_pooling != "top_share":
+            raise ValueError(
+                "model.tumour_warm_start starts the top-share tumour scorer: it needs "
+                "model.tumour_pooling top_share"
+            )
+        if self.tumour_warm_start < 0:
+            raise ValueError(
+                f"model.tumour_warm_start must be 0 (a random start) or a number of starts, not "
+                f"{self.tumour_warm_start}"
             )
         if not 0 < self.tumour_top_share <= 1:
             raise ValueError(
