@@ -27,6 +27,10 @@ Methods (:data:`METHODS`; a slide's score is the mean of its top share of tile s
   logits. ``_val`` holds 20 % of the training slides out and keeps the epoch of lowest loss
   on them (as the pipeline chooses its epoch by default); ``_all`` trains on every training
   slide for the fixed 100 epochs (what ``histcode finetune --cv.retrain`` approximates).
+- ``top_share_warm``: the same scorer started as ``histcode finetune --model.tumour_warm_start
+  10`` starts it: the best (lowest training loss) of 10 directions made from tiles of the
+  training tumour slides, whitened by the normal tiles (:mod:`histcode.finetune.warmstart`),
+  each fitted alone for 100 epochs; top 5 %.
 - ``fraction_truth``: learning from label proportions, an oracle like ``truth``. The same
   linear scorer, its loss the squared gap (in 5-point units) between each training slide's
   mean tile probability and its true tumour fraction from the truth masks, plus every tile
@@ -378,6 +382,57 @@ def top_share(
         )
 
 
+def top_share_warm(
+    train: Sequence[np.ndarray],
+    y_train: np.ndarray,
+    test: Sequence[np.ndarray],
+    tiles_train: Sequence[np.ndarray] | None = None,
+    starts: int = 10,
+    share: float = SHARE,
+    epochs: int = 100,
+    seed: int = 0,
+) -> np.ndarray:
+    """The top-share scorer as the pipeline warm-starts it (``--model.tumour_warm_start``):
+    the best of ``starts`` exemplar starts, each fitted alone for 100 epochs
+    (:func:`histcode.finetune.warmstart.warm_start`, lr and weight decay 1e-2).
+
+    Args:
+        train: training slides' features, each ``(n_i, D)``.
+        y_train: ``(S_train,)`` slide labels.
+        test: test slides' features, each ``(m_j, D)``.
+        tiles_train: unused (no tile labels).
+        starts: exemplar starts fitted.
+        share: top share of the tile logits pooled (training and scoring).
+        epochs: passes over the training slides per start.
+        seed: seed of the draws and the fits.
+
+    Returns:
+        ``(S_test,)`` slide scores (mean of the top ``share`` tile logits).
+    """
+    import torch
+
+    from histcode.finetune.heads import TopShareTumourPath
+    from histcode.finetune.warmstart import warm_start
+
+    _both(y_train, "top_share_warm")
+    torch.manual_seed(seed)
+    path = TopShareTumourPath(train[0].shape[1], share)
+    warm_start(path, train, np.asarray(y_train), starts=starts, epochs=epochs, seed=seed)
+    path.eval()
+    with torch.no_grad():
+        return np.array(
+            [
+                top_share_mean(
+                    path.tiles(torch.from_numpy(f)[None], torch.ones(1, len(f), dtype=torch.bool))
+                    .squeeze(0)
+                    .numpy(),
+                    share,
+                )
+                for f in test
+            ]
+        )
+
+
 #: A method: (train bags, train slide labels, test bags, train tile labels, seed=) → scores.
 Method = Callable[..., np.ndarray]
 
@@ -414,6 +469,11 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "top_share_all": MethodSpec(
         top_share, {"val": 0.0}, "top-5 % linear scorer, all training slides, 100 epochs"
+    ),
+    "top_share_warm": MethodSpec(
+        top_share_warm,
+        {},
+        "top-5 % linear scorer, best of 10 exemplar starts (the pipeline's warm start)",
     ),
     "fraction_truth": MethodSpec(
         top_share,

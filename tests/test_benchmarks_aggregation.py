@@ -22,6 +22,7 @@ FAST = {
     "top_share_val": {"epochs": 30},
     "top_share_all": {"epochs": 30},
     "fraction_truth": {"epochs": 30},
+    "top_share_warm": {"starts": 2, "epochs": 30},
 }
 
 
