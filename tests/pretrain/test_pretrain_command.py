@@ -234,6 +234,22 @@ def test_unusable_arguments_exit_2_with_a_message(
     assert message in capsys.readouterr().err
 
 
+def _two_processes(
+    smoke_args: list[str], tmp_path: Path, strategy: str, name: str
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """``histcode pretrain`` with ``--trainer.devices 2 --trainer.strategy STRATEGY`` on CPU
+    (gloo), 4 steps of 8 tiles a process, in a subprocess; its run and its result line."""
+    argv = [sys.executable, "-m", "histcode.cli", "pretrain", *smoke_args, "--name", name]
+    argv += ["--out", str(tmp_path / "run"), "--trainer.devices", "2"]
+    argv += ["--trainer.strategy", strategy, "--trainer.max_steps", "4", "--data.batch_size", "8"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _last_json(done.stdout)
+    assert result["ref"] == f"{name}@1" and result["steps"] == 4
+    return done, result
+
+
 def test_ddp_with_two_cpu_processes_registers_one_encoder(
     smoke_args: list[str], tmp_path: Path
 ) -> None:
@@ -243,15 +259,7 @@ def test_ddp_with_two_cpu_processes_registers_one_encoder(
     runs in a subprocess; each process reads its own shard, and NT-Xent gathers the other
     process's projections as negatives.
     """
-    out = tmp_path / "run"
-    argv = [sys.executable, "-m", "histcode.cli", "pretrain", *smoke_args, "--name", "ddp"]
-    argv += ["--out", str(out), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    argv += ["--trainer.max_steps", "4", "--data.batch_size", "8"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = _last_json(done.stdout)
-    assert result["ref"] == "ddp@1" and result["steps"] == 4
+    done, _ = _two_processes(smoke_args, tmp_path, "ddp", "ddp")
     assert done.stdout.count('"ref"') == 1  # only process 0 registers and prints
     card = Registry(tmp_path / "registry").card("ddp@1")
     trainer = card.extra["trainer"]
@@ -265,15 +273,7 @@ def test_ddp_spawn_keeps_the_collapse_verdict_on_the_card(
 ) -> None:
     """Under ``ddp_spawn`` the training runs in spawned processes and the parent gets back
     only the weights; the collapse checks' report still reaches the card and the result."""
-    out = tmp_path / "run"
-    argv = [sys.executable, "-m", "histcode.cli", "pretrain", *smoke_args, "--name", "spawn"]
-    argv += ["--out", str(out), "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
-    argv += ["--trainer.max_steps", "4", "--data.batch_size", "8"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = _last_json(done.stdout)
-    assert result["ref"] == "spawn@1" and result["steps"] == 4
+    _, result = _two_processes(smoke_args, tmp_path, "ddp_spawn", "spawn")
     card = Registry(tmp_path / "registry").card("spawn@1")
     collapse = card.extra["collapse"]
     assert collapse["verdict"] in ("ok", "suspect", "collapsed")
