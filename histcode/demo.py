@@ -170,7 +170,7 @@ def _finetune_config(o: DemoOptions) -> dict[str, Any]:
             ),
             # the top-share objective is not convex: each fold's scorer starts from the best
             # of 10 directions made from its training tumour slides' tiles (warmstart.py).
-            # Hard demo, 30 patients, seeds 0-2: tumour AUC 0.71 vs 0.60 (RESULTS.md)
+            # Hard demo, 30 patients, seeds 0-2: tumour AUC 0.73 vs 0.60 (RESULTS.md)
             **(
                 {"tumour_warm_start": o.tumour_warm_start}
                 if o.tumour_pooling == "top_share" and o.tumour_warm_start

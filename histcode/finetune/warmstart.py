@@ -17,10 +17,11 @@ itself, seen from the normal tissue.
 direction in which that tile differs from normal tissue), keeps the directions whose top-share
 scores best separate the training slides, fits the scorer from each for a fixed number of
 epochs, and keeps the one with the lowest training loss. Only training slides and their slide
-labels are read: no tile label, no held-out slide. On the same cohorts this took the held-out
-slide AUC of the scorer alone from 0.65 ± 0.07 to 0.72 ± 0.04 (0.69 ± 0.19 to 0.71 ± 0.16 at
-60 patients, where the held-out tile AUC rose to 0.94–0.96 on two of three cohorts;
-``benchmarks/RESULTS.md``, "Warm start").
+labels are read: no tile label, no held-out slide. On the same cohorts it took the held-out
+slide AUC of the scorer alone from 0.65 ± 0.07 to 0.71 ± 0.08 (0.69 ± 0.19 to 0.73 ± 0.16 on
+three 60-patient cohorts; ``benchmarks.aggregation --methods top_share_warm``), and the demo's
+tumour AUC from 0.60 ± 0.09 to 0.73 ± 0.13, every seed better (``benchmarks/RESULTS.md``,
+"Warm start").
 """
 
 from __future__ import annotations
