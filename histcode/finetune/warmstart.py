@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
-from histcode.finetune.heads import TopShareTumourPath
+from histcode.finetune.heads import TopShareTumourPath, known_negative_loss
 
 log = logging.getLogger("histcode.finetune")
 
@@ -120,8 +120,9 @@ def _loss(path: TopShareTumourPath, bags: list[torch.Tensor], tumour: torch.Tens
         logits = path.linear(bag).squeeze(-1)[None]
         mask = torch.ones_like(logits, dtype=torch.bool)
         slides.append((path.weights(logits, mask) * logits).sum())
-        if y == 0:
-            normals.append(F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)))
+        negatives = known_negative_loss(logits, mask, y[None])
+        if negatives is not None:
+            normals.append(negatives)
     loss = F.binary_cross_entropy_with_logits(torch.stack(slides), tumour)
     return loss + torch.stack(normals).mean() if normals else loss
 
@@ -179,11 +180,11 @@ def warm_start(
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     losses = []
     for direction in directions:
-        spread = float((every @ direction).std()) or 1.0
-        w = direction * LOGIT_SD / spread
+        projected = every @ direction
+        gain = LOGIT_SD / (float(projected.std()) or 1.0)
         with torch.no_grad():
-            path.linear.weight.copy_(torch.from_numpy(w.astype(np.float32))[None])
-            path.linear.bias.fill_(-float(np.quantile(every @ w, 0.99)))
+            path.linear.weight.copy_(torch.from_numpy((direction * gain).astype(np.float32))[None])
+            path.linear.bias.fill_(-float(np.quantile(projected * gain, 0.99)))
         opt = torch.optim.AdamW(path.linear.parameters(), lr=lr, weight_decay=weight_decay)
         for _ in range(epochs):
             order = rng.permutation(len(tensors))
