@@ -395,10 +395,14 @@ class BestState(pl.Callback):
 
     Args:
         monitor: logged validation metric, lower is better.
+        smooth: epochs the metric is averaged over before the best is chosen (the epoch and
+            the ``smooth - 1`` before it; 1: each epoch's own value). ``history`` keeps the
+            raw values, ``best`` the smoothed one.
     """
 
-    def __init__(self, monitor: str = "val/loss") -> None:
+    def __init__(self, monitor: str = "val/loss", smooth: int = 1) -> None:
         self.monitor = monitor
+        self.smooth = max(1, int(smooth))
         self.best: float = math.inf
         self.best_epoch: int = -1
         self.state: dict[str, torch.Tensor] | None = None
@@ -414,8 +418,8 @@ class BestState(pl.Callback):
                 f"{', '.join(sorted(trainer.callback_metrics))}); choose a metric of the tasks "
                 "being trained"
             )
-        value = float(value)
-        self.history.append(value)
+        self.history.append(float(value))
+        value = float(np.mean(self.history[-self.smooth :]))
         if value < self.best or self.state is None:
             self.best, self.best_epoch = value, trainer.current_epoch
             self.state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
@@ -483,7 +487,7 @@ def train_fold(
         return module
 
     module = fresh(fold.train)
-    best = BestState(cv.monitor)
+    best = BestState(cv.monitor, cv.smooth)
     stopper = EarlyStopping(monitor=cv.monitor, mode="min", patience=cv.patience)
     kwargs = dict(trainer_kwargs)
     kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), best, stopper]

@@ -350,13 +350,18 @@ class SlideModel(nn.Module):
             None: the model takes ``(B, N, D)`` and every part reads them.
         fraction_scorer: with tile context, a second :class:`TopShareTumourPath` on the
             tiles' own features, trained on the tumour labels like the first (loss
-            ``fraction``): the fraction path reads its tile probabilities and the tumour map
-            (:meth:`tile_scores`) is its tile logits. The context scorer gives the slide's
-            tumour logit, but what it ranks highest is not where tumour is: context features
-            are relative to the slide's median tile, itself tumour in a slide that is mostly
-            tumour, and its tile logits found tumour at AUROC 0.34 (easy demo) and 0.50 (hard
-            demo) against 0.95 and 0.69 for a scorer on the tiles' own features; the genes
-            read through it lost their tumour-burden signal (r 0.61 → 0.40, easy demo).
+            ``fraction``): the fraction path reads its tile probabilities and, unless
+            ``map_context``, the tumour map (:meth:`tile_scores`) is its tile logits. From a
+            random start the context scorer gives the slide's tumour logit, but what it ranks
+            highest is not where tumour is: context features are relative to the slide's
+            median tile, itself tumour in a slide that is mostly tumour, and its tile logits
+            found tumour at AUROC 0.34 (easy demo) and 0.50 (hard demo) against 0.95 and 0.69
+            for a scorer on the tiles' own features; the genes read through it lost their
+            tumour-burden signal (r 0.61 → 0.40, easy demo).
+        map_context: the tumour map is the tumour path's tile logits (on the context
+            features) even with a ``fraction_scorer``: warm-started
+            (:mod:`histcode.finetune.warmstart`), the context scorer ranks a slide's tiles
+            better than the second scorer does (``ModelOptions.tumour_map``).
     """
 
     def __init__(
@@ -368,6 +373,7 @@ class SlideModel(nn.Module):
         fraction: TumourFractionPath | None = None,
         own_dim: int | None = None,
         fraction_scorer: TopShareTumourPath | None = None,
+        map_context: bool = False,
     ) -> None:
         super().__init__()
         self.aggregator = aggregator
@@ -377,6 +383,7 @@ class SlideModel(nn.Module):
         self.fraction = fraction if self.tumour_path is not None and head.n_genes else None
         self.own_dim = own_dim
         self.fraction_scorer = fraction_scorer if self.tumour_path is not None else None
+        self.map_context = map_context
 
     def _own(self, features: Tensor) -> Tensor:
         """The tiles' own features (B, N, D) of the model's input (see ``own_dim``)."""
@@ -485,6 +492,8 @@ class SlideModel(nn.Module):
             own = self._own_tumour_tiles(features, mask)
             if self.fraction is not None:
                 raw = self._add_gene_tiles(raw, self.fraction.tiles(own, mask))
+            if self.map_context:
+                own = self.tumour_path.tiles(features, mask)  # type: ignore[union-attr]
             raw = torch.cat([own[..., None], raw[..., 1:]], -1)
         raw = raw * mask[..., None]
         parts = self.head.split(raw)
@@ -511,6 +520,7 @@ def build_slide_model(
     tumour_top_share: float = 0.05,
     tumour_fraction_genes: bool = False,
     tumour_context: bool = False,
+    tumour_map: str = "own",
 ) -> SlideModel:
     """A :class:`SlideModel` with the aggregator ``architecture`` (registry card arguments).
 
@@ -540,6 +550,9 @@ def build_slide_model(
             :func:`histcode.finetune.context.context_features`) and the top-share tumour path
             reads all of them; everything else reads the tiles' own ``D`` (needs
             ``top_share``).
+        tumour_map: with ``tumour_context``, the tile logits the tumour map shows: ``own``,
+            the second scorer's on the tiles' own features (the one the genes' tumour
+            fraction reads), or ``context``, the tumour scorer's.
     """
     if tumour_pooling not in ("attention", "top_share"):
         raise ValueError(
@@ -591,7 +604,13 @@ def build_slide_model(
     fraction = TumourFractionPath(4 * n_genes) if tumour_fraction_genes else None
     counter = TopShareTumourPath(in_dim, tumour_top_share) if tumour_context else None
     own_dim = in_dim if tumour_context else None
-    return SlideModel(aggregator, head, path, top, fraction, own_dim, counter)
+    if tumour_map not in ("own", "context") or (tumour_map == "context" and not tumour_context):
+        raise ValueError(
+            f"tumour_map must be 'own', or 'context' with tumour_context; not {tumour_map!r}"
+        )
+    return SlideModel(
+        aggregator, head, path, top, fraction, own_dim, counter, tumour_map == "context"
+    )
 
 
 def slide_model_builders() -> Builders[SlideModel]:

@@ -166,6 +166,7 @@ def slide_maps(
     kinds: dict[str, TileScoreKind] = {}
     if getattr(model, "tumour_path", None) is not None:
         scorer = getattr(model, "fraction_scorer", None) is not None
+        scorer = scorer and not getattr(model, "map_context", False)
         kinds["tumour"] = "tile_scorer" if scorer else "top_share"
     return SlideMaps(sid, coords, side, maps, prediction, main, kind, kinds)
 

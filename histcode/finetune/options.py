@@ -109,6 +109,14 @@ class ModelOptions:
             corners whenever the model reads a slide, maps included); the aggregator and the
             genes keep the tile's own features. A focus spans neighbouring tiles, and what
             the whole slide shares (stain cast, scanner, site) is taken away.
+        tumour_map: with ``tumour_context``, whose tile logits the tumour map shows:
+            ``own``, the second top-share scorer's on the tiles' own features (trained on the
+            same labels, loss ``fraction``; the genes' tumour fraction reads it either way),
+            or ``context``, the tumour scorer's, on the context features. Use ``context`` with
+            ``tumour_warm_start``: the warm-started context scorer's tile logits found tumour
+            on held-out slides at AUROC 0.80 against 0.68 for a warm-started own-feature
+            scorer (hard demo, seeds 0–2; 0.97 vs 0.95 easy), while from random starts they
+            found it at 0.50 and 0.34 (``benchmarks/RESULTS.md``, "The tumour map").
         tumour_warm_start: with ``top_share``, before each fold's model trains, fit its
             tumour scorer alone from this many starting directions made from tumour tiles of
             the training slides and start from the one of lowest training loss
@@ -129,6 +137,7 @@ class ModelOptions:
     tumour_top_share: float = 0.05
     tumour_fraction_genes: bool = False
     tumour_context: bool = False
+    tumour_map: Literal["own", "context"] = "own"
     tumour_warm_start: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -156,6 +165,16 @@ class ModelOptions:
             raise ValueError(
                 "model.tumour_context gives the top-share tumour scorer its tiles' context: it "
                 "needs model.tumour_pooling top_share"
+            )
+        if self.tumour_map not in ("own", "context"):
+            raise ValueError(
+                f"model.tumour_map must be 'own' or 'context', not {self.tumour_map!r}"
+            )
+        if self.tumour_map == "context" and not self.tumour_context:
+            raise ValueError(
+                "model.tumour_map context maps the tumour scorer's tile logits on the tiles' "
+                "context: it needs model.tumour_context true (without it there is one scorer, "
+                "on the tiles' own features: leave tumour_map at 'own')"
             )
         if self.tumour_warm_start and self.tumour_pooling != "top_share":
             raise ValueError(
@@ -251,6 +270,9 @@ class CVOptions:
             ``val/loss`` (weighted total), ``val/tumour``, ``val/log2fc``, ``val/classes`` or
             ``val/categorical``.
         patience: epochs without improvement of ``monitor`` before stopping.
+        smooth: epochs the ``monitor`` is averaged over when choosing the best epoch (that
+            epoch and the ones before it; 1: each epoch's own value). A validation part of a
+            few patients gives a noisy curve whose lowest single epoch is often a dip of noise.
         retrain: after validation has chosen the epoch, train each fold's model afresh on
             its training *and* validation patients for that many epochs, and test that model
             (the test patients still choose nothing). Costs a second training per fold; pays
@@ -272,12 +294,15 @@ class CVOptions:
         "val/loss"
     )
     patience: int = 30
+    smooth: int = 1
     retrain: bool = False
     alpha: float = 0.05
     register: Literal["refit", "folds", "none"] = "refit"
     anndata: bool = False
 
     def __post_init__(self) -> None:
+        if self.smooth < 1:
+            raise ValueError(f"cv.smooth must be 1 or more epochs, not {self.smooth}")
         if self.group not in ("patient", "site"):
             raise ValueError(f"cv.group must be 'patient' or 'site', not {self.group!r}")
         if self.anndata:

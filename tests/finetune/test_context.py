@@ -176,3 +176,47 @@ def test_genes_count_tumour_with_a_second_scorer_on_the_tiles_own_features() -> 
     assert {id(p) for p in model.fraction_scorer.parameters()} <= {
         id(p) for p in groups[1]["params"]
     }
+
+
+def test_context_map_shows_the_tumour_scorer_and_the_genes_keep_the_second() -> None:
+    """``tumour_map context``: the tumour map is the context scorer's tile logits; the second
+    scorer stays, trained (loss ``fraction``), and the genes' tumour fraction still reads it,
+    so the gene maps stay exact and the outputs equal the ``own`` model's."""
+    from histcode.finetune.bags import BagBatch
+    from histcode.finetune.module import MILModule
+
+    with pytest.raises(ValueError, match="tumour_context true"):
+        ModelOptions(tumour_pooling="top_share", tumour_map="context")
+    with pytest.raises(ValueError, match="'own' or 'context'"):
+        ModelOptions(tumour_pooling="top_share", tumour_context=True, tumour_map="both")
+    with pytest.raises(ValueError, match="tumour_map"):
+        build_slide_model("abmil", 8, tumour_pooling="top_share", tumour_map="context")
+    modules = {}
+    for shown in ("own", "context"):
+        torch.manual_seed(0)
+        options = ModelOptions(hidden=16, tumour_pooling="top_share", tumour_context=True,
+                               tumour_fraction_genes=True, tumour_map=shown)  # fmt: skip
+        modules[shown] = MILModule(8, genes=["A", "B"], model=options)
+    module = modules["context"]
+    assert module.model_arguments()["tumour_map"] == "context"
+    assert "tumour_map" not in modules["own"].model_arguments()  # the default: not on the card
+    model, own = module.model.eval(), modules["own"].model.eval()
+    assert model.fraction_scorer is not None and model.map_context and not own.map_context
+    torch.nn.init.normal_(model.fraction.linear.weight)
+    own.load_state_dict(model.state_dict())
+    x = torch.randn(2, 30, 32)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    out, scores = model(x), model.tile_scores(x)
+    assert torch.allclose(scores.tumour, model.tumour_path.tiles(x, mask))
+    assert torch.allclose(own.tile_scores(x).tumour, model.fraction_scorer.tiles(x[..., :8], mask))
+    assert torch.equal(out.log2fc, own(x).log2fc) and torch.equal(
+        out.tumour_logit, own(x).tumour_logit
+    )
+    bias = model.head.linear.bias[1:3]
+    assert torch.allclose(scores.log2fc.sum(1) + bias, out.log2fc, atol=1e-5)
+    module.train()
+    batch = BagBatch(
+        slide_ids=["a", "b"], features=x, mask=mask, tumour=torch.tensor([1.0, 0.0]),
+        log2fc=torch.zeros(2, 2), classes=torch.ones(2, 2, dtype=torch.long), categories=None,
+    )  # fmt: skip
+    assert {"tumour", "negatives", "fraction"} <= set(module.losses(batch, module(x, mask)))

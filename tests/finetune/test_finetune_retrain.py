@@ -57,3 +57,33 @@ def test_fold_models_learn_from_the_slides_the_card_lists(
         assert seen == (fold["best_epoch"] + 1) * tiles
         test = set(predictions.slide_id[predictions.fold == fold["fold"]])
         assert test and not test & trained
+
+
+def test_smoothed_validation_chooses_past_a_single_noisy_dip() -> None:
+    """``cv.smooth``: the best epoch is chosen on the mean of the last N validation values,
+    so a one-epoch dip of noise early on loses to a lasting fall later; the history stays raw
+    and the kept weights are those of the chosen epoch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from histcode.finetune.cv import BestState
+
+    curve = [2.0, 1.2, 1.9, 1.8, 1.5, 1.4, 1.4, 1.3, 1.45, 1.5]  # a dip at 1, a fall at 5-7
+    chosen = {}
+    for smooth in (1, 3):
+        best, layer = BestState("val/loss", smooth), torch.nn.Linear(1, 1)
+        for epoch, value in enumerate(curve):
+            torch.nn.init.constant_(layer.weight, float(epoch))
+            trainer = SimpleNamespace(
+                sanity_checking=False, current_epoch=epoch,
+                callback_metrics={"val/loss": torch.tensor(value)},
+            )  # fmt: skip
+            best.on_validation_end(trainer, layer)
+        assert best.history == pytest.approx(curve)
+        assert float(best.state["weight"]) == best.best_epoch
+        chosen[smooth] = (best.best_epoch, best.best)
+    assert chosen[1] == (1, pytest.approx(1.2))
+    assert chosen[3] == (7, pytest.approx((1.4 + 1.4 + 1.3) / 3))
+    with pytest.raises(ValueError, match=r"cv\.smooth"):
+        CVOptions(smooth=0)
