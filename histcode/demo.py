@@ -81,6 +81,7 @@ AGGREGATOR_NAMES = {
 BASELINE_MODEL = [
     "--model.tumour_pooling", "attention", "--model.tumour_fraction_genes", "false",
     "--model.tumour_context", "false", "--model.tumour_warm_start", "0",
+    "--model.tumour_map", "own",
 ]  # fmt: skip
 
 
@@ -138,6 +139,13 @@ def _pretrain_config(o: DemoOptions) -> dict[str, Any]:
     }
 
 
+def _context_map(o: DemoOptions) -> bool:
+    """Whether the pipeline's tumour map shows the tumour scorer with tile context
+    (``--model.tumour_map context``): only when it is warm-started, as from a random start it
+    ranks tiles poorly."""
+    return o.tumour_pooling == "top_share" and o.tumour_context and o.tumour_warm_start > 0
+
+
 def _finetune_config(o: DemoOptions) -> dict[str, Any]:
     """One multi-task model (tumour + every gene), patient-grouped CV, one model per fold.
 
@@ -176,6 +184,10 @@ def _finetune_config(o: DemoOptions) -> dict[str, Any]:
                 if o.tumour_pooling == "top_share" and o.tumour_warm_start
                 else {}
             ),
+            # warm-started, the context scorer also ranks a slide's tiles, better than the
+            # second scorer on the tiles' own features: it draws the tumour map (RESULTS.md,
+            # "The tumour map")
+            **({"tumour_map": "context"} if _context_map(o) else {}),
         },
         "optim": {"lr": 0.001, "weight_decay": 0.01},
         "cv": {
@@ -390,6 +402,7 @@ def results_table(
     tumour_pooling: str = "attention",
     tumour_context: bool = False,
     encoder: str = "SimCLR encoder",
+    tumour_map: str = "own",
 ) -> str:
     """The demo's results as a markdown table, one column per arm.
 
@@ -403,6 +416,8 @@ def results_table(
             attention and tumour maps are, and the row titles say so).
         tumour_context: whether its tumour scorer read the tiles' context (column title).
         encoder: what made the pipeline arm's tile features (column title).
+        tumour_map: which scorer's tile logits its tumour map is (``own`` or
+            ``context``, ``--model.tumour_map``; row title).
     """
     top = tumour_pooling == "top_share"
     pooled = AGGREGATOR_NAMES.get(aggregator, aggregator)
@@ -469,7 +484,9 @@ def results_table(
     attention_label = "map AUROC: attention vs true tumour" + (
         f" (top-share: the 5 % of tiles the tumour logit averages{by}, a 0/1 map)" if top else ""
     )
-    own = " by the scorer on the tile's own features" if top and tumour_context else ""
+    own = ""
+    if top and tumour_context:
+        own = by if tumour_map == "context" else " by the scorer on the tile's own features"
     tumour_label = "map AUROC: tumour contribution vs true tumour" + (
         f" (top-share: each tile's own tumour logit{own})" if top else ""
     )
@@ -562,7 +579,9 @@ def demo(
             random weights do, so a pipeline reading them would be judged on nothing.
         tumour_warm_start: With 'top_share', each fold's tumour scorer starts from the best of
             this many directions made from tumour tiles of its training slides, fitted alone
-            first (``--model.tumour_warm_start``; 0: a random start).
+            first (``--model.tumour_warm_start``; 0: a random start). Warm-started, that
+            scorer also draws the tumour map (``--model.tumour_map context``); with 0 the map
+            comes from a second scorer on the tiles' own features.
         restart: Forget the steps a previous run of this folder finished and redo them all.
     """
     from histcode.commandkit import CommandResult
@@ -820,6 +839,7 @@ def _report(
         options.tumour_pooling,
         options.tumour_context,
         f"{random} encoder (SimCLR collapsed)" if fallback else "SimCLR encoder",
+        "context" if _context_map(options) else "own",
     )
     pretrained = pretrained or {}
     health, warning = encoder_health(

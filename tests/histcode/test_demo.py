@@ -73,7 +73,7 @@ def test_demo_recipe_top_share_tumour_and_retrained_folds(demo_run: tuple[Path, 
     out, _, _ = demo_run
     config = (out / "configs" / "finetune.yaml").read_text()
     assert "tumour_pooling: top_share" in config and "retrain: true" in config
-    assert "tumour_context: true" in config
+    assert "tumour_context: true" in config and "tumour_map: context" in config
     registry = Registry(out / "registry")
     for arm, pooling in (("simclr", "top_share"), ("naive", None)):
         cards = registry.list(f"demo-{arm}")
@@ -82,6 +82,7 @@ def test_demo_recipe_top_share_tumour_and_retrained_folds(demo_run: tuple[Path, 
             assert card.arguments.get("tumour_pooling") == pooling, (arm, card.arguments)
             assert card.arguments.get("tumour_fraction_genes") == (True if pooling else None)
             assert card.arguments.get("tumour_context") == (True if pooling else None)
+            assert card.arguments.get("tumour_map") == ("context" if pooling else None)
             assert card.extra["retrained_with_validation"] is True
             assert set(card.extra["validation_slide_ids"]) <= set(card.extra["trained_slide_ids"])
         folds = json.loads((out / "finetune" / arm / "folds.json").read_text())
@@ -360,3 +361,14 @@ def test_encoder_health_warns_unless_ok() -> None:
         assert "naive" in warning and f"**{verdict}**" in line
     line, warning = encoder_health({"ref": "registry:enc@1"})  # checks were off
     assert warning is None and "no collapse checks were recorded" in line
+
+
+def test_results_table_names_the_scorer_that_drew_the_tumour_map() -> None:
+    arm = {"tumour_auc": 0.9, "localisation": {"tumour_vs_tumour_mask": 0.8}}
+    arm["genes"] = {"pearson_r": {}, "significant_with_signal": 0, "significant_noise": 0}
+    title = "map AUROC: tumour contribution vs true tumour (top-share: each tile's own tumour logit"
+    for shown, words in (("own", " by the scorer on the tile's own features)"),
+                         ("context", ", by the scorer with tile context)")):  # fmt: skip
+        table = results_table({"simclr": arm}, {"tumour": 1}, "abmil", "top_share", True,
+                              tumour_map=shown)  # fmt: skip
+        assert f"| {title}{words} | 0.80 |" in table
