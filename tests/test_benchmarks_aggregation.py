@@ -255,3 +255,28 @@ def test_the_learning_curve_is_reported_by_share() -> None:
     text = "\n".join(agg.section({"result": result}))
     assert "| method | 50% of patients | 100% of patients |" in text
     assert f"| truth | {curve['0.5']:.2f} | {curve['1']:.2f} |" in text
+
+
+def test_without_demos_the_benchmark_makes_them_and_reuses_finished_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make_demos`` (the benchmarks' path when given no DEMO) runs ``histcode demo`` once per
+    seed into its own folder, and skips a folder whose summary says it finished."""
+    import benchmarks.ceiling
+
+    calls = []
+    monkeypatch.setattr(benchmarks.ceiling, "histcode", lambda *args: calls.append(args) or {})
+    done = tmp_path / "demo-hard-30p-s1"
+    done.mkdir()
+    (done / "summary.json").write_text(json.dumps({"exit_code": 0}))
+    failed = tmp_path / "demo-hard-30p-s2"
+    failed.mkdir()
+    (failed / "summary.json").write_text(json.dumps({"exit_code": 1}))
+    folders = agg.make_demos(tmp_path, [0, 1, 2], 30, "hard")
+    assert folders == [tmp_path / f"demo-hard-30p-s{s}" for s in (0, 1, 2)]
+    assert [c[c.index("--seed") + 1] for c in calls] == ["0", "2"]
+    assert all(c[0] == "demo" and c[c.index("--difficulty") + 1] == "hard" for c in calls)
+    assert all(
+        c[c.index("--out") + 1] == str(tmp_path / f"demo-hard-30p-s{c[c.index('--seed') + 1]}")
+        for c in calls
+    )
