@@ -492,9 +492,8 @@ class SlideModel(nn.Module):
             own = self._own_tumour_tiles(features, mask)
             if self.fraction is not None:
                 raw = self._add_gene_tiles(raw, self.fraction.tiles(own, mask))
-            if self.map_context:
-                own = self.tumour_path.tiles(features, mask)  # type: ignore[union-attr]
-            raw = torch.cat([own[..., None], raw[..., 1:]], -1)
+            shown = self.tumour_path.tiles(features, mask) if self.map_context else own
+            raw = torch.cat([shown[..., None], raw[..., 1:]], -1)
         raw = raw * mask[..., None]
         parts = self.head.split(raw)
         up = None if parts.gene_logits is None else parts.gene_logits[..., 2]
