@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -66,11 +67,12 @@ ESTIMATES = ("mean_prob", "count")
 
 
 def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Pearson r, None with fewer than 3 pairs or a constant side."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return None
-    return float(np.corrcoef(x, y)[0, 1])
+    """Pearson r (:func:`histcode.finetune.metrics.correlation`), None where it is undefined
+    (fewer than 3 pairs, a constant side)."""
+    from histcode.finetune.metrics import correlation
+
+    r = correlation(np.asarray(x, np.float64), np.asarray(y, np.float64))["pearson_r"]
+    return None if math.isnan(r) else r
 
 
 def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
@@ -124,18 +126,16 @@ def fraction_ceiling(
         keep = t >= 0
         z = _standardiser(x)
         probe = LogisticRegression(C=c, max_iter=1000).fit(z(x[keep]), t[keep])
-        threshold = np.quantile(probe.predict_proba(z(x[keep]))[:, 1], 1 - (t[keep] == 1).mean())
-
-        def estimate(i: int, probe=probe, z=z, threshold=threshold) -> dict[str, float]:
-            p = probe.predict_proba(z(bags[i]))[:, 1]
-            return {"mean_prob": float(p.mean()), "count": float((p > threshold).mean())}
-
         tumour_train = [i for i in train if y[i] == 1]
         tumour_test = [i for i in test if y[i] == 1]
-        est = {i: estimate(i) for i in tumour_train + tumour_test}
+        probs = {i: probe.predict_proba(z(bags[i]))[:, 1] for i in [*train, *tumour_test]}
+        labelled = np.concatenate([probs[i][tile_labels[i] >= 0] for i in train])
+        threshold = np.quantile(labelled, 1 - (t[keep] == 1).mean())
+        tumour = [*tumour_train, *tumour_test]
         sources = {
-            **{k: {i: e[k] for i, e in est.items()} for k in ESTIMATES},
-            "true_fraction": {i: float(fraction[i]) for i in est},
+            "mean_prob": {i: float(probs[i].mean()) for i in tumour},
+            "count": {i: float((probs[i] > threshold).mean()) for i in tumour},
+            "true_fraction": {i: float(fraction[i]) for i in tumour},
         }
         row: dict[str, Any] = {
             "tumour_slides": len(tumour_test),
@@ -158,14 +158,11 @@ def fraction_ceiling(
                 rs.append(_pearson(fitted, truth[te]))
             row["gene_r"][name] = _mean(rs)
         if pipeline:
-            row["gene_r"]["pipeline"] = _mean(
-                [
-                    _pearson(pipeline[g][ok], genes[g][ok])
-                    for g in genes
-                    if g in pipeline
-                    for ok in [[i for i in tumour_test if np.isfinite(genes[g][i])]]
-                ]
-            )
+            rs = []
+            for g in (g for g in genes if g in pipeline):
+                ok = [i for i in tumour_test if np.isfinite(genes[g][i])]
+                rs.append(_pearson(pipeline[g][ok], genes[g][ok]))
+            row["gene_r"]["pipeline"] = _mean(rs)
         per_fold.append(row)
     keys = [*ESTIMATES, "true_fraction", *(["pipeline"] if pipeline else [])]
     return {
