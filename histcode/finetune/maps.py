@@ -165,9 +165,9 @@ def slide_maps(
     maps, prediction, main, kind = compute_maps(model, card, features)
     kinds: dict[str, TileScoreKind] = {}
     if getattr(model, "tumour_path", None) is not None:
-        scorer = getattr(model, "fraction_scorer", None) is not None
-        scorer = scorer and not getattr(model, "map_context", False)
-        kinds["tumour"] = "tile_scorer" if scorer else "top_share"
+        second = getattr(model, "fraction_scorer", None) is not None  # tile context: two scorers
+        shows_second = second and not getattr(model, "map_context", False)
+        kinds["tumour"] = "tile_scorer" if shows_second else "top_share"
     return SlideMaps(sid, coords, side, maps, prediction, main, kind, kinds)
 
 

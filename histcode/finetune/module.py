@@ -114,9 +114,9 @@ class MILModule(pl.LightningModule):
         """
         starts = self.model_options.tumour_warm_start
         path = self.model.tumour_path
-        known = ~np.isnan(np.asarray(tumour, dtype=np.float64))
         if not starts or path is None:
             return
+        known = ~np.isnan(np.asarray(tumour, dtype=np.float64))
         if len(set(np.asarray(tumour)[known].tolist())) < 2:
             log.warning(
                 "tumour scorer warm start skipped: these %d training slides are not of both "
