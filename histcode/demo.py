@@ -546,7 +546,8 @@ def demo(
         patients: Patients in the synthetic cohort (each has a tumour slide, half a normal
             one too).
         difficulty: Synthetic cohort difficulty, 'easy' or 'hard' (see ``histcode synth``).
-        slide_mm: Width and height of each synthetic slide in mm.
+        slide_mm: Width and height of each synthetic slide in mm, as a list: ``--slide_mm
+            "[3.0, 2.5]"``.
         pretrain_steps: SimCLR steps (batches of 32 tiles).
         epochs: Most finetuning epochs per fold (early stopping on the validation split).
         folds: Patient-grouped cross-validation folds.

@@ -434,7 +434,7 @@ def make_cohort(
         difficulty: 'easy' (large tumour regions, obvious morphology, mild stain variation)
             or 'hard' (small tumour foci of 2-6 % of the tissue, subtle morphology, strong
             per-site colour casts).
-        slide_mm: Width and height of each slide in mm, e.g. [4.0, 3.0].
+        slide_mm: Width and height of each slide in mm, as a list: ``--slide_mm "[4.0, 3.0]"``.
         normal_fraction: Fraction of patients that also have a normal slide (at least 2).
         sites: Number of tissue source sites, each with its own stain.
         normal_sites: Normal slides only from the first N sites (site confounding, as in
