@@ -59,6 +59,7 @@ class DemoOptions:
     tumour_context: bool = True
     on_collapse: str = "random"
     tumour_warm_start: int = 10
+    tumour_relative: bool = True
 
 
 #: What the pipeline arm may read when its SimCLR encoder collapsed (``--on_collapse``): the
@@ -81,7 +82,7 @@ AGGREGATOR_NAMES = {
 BASELINE_MODEL = [
     "--model.tumour_pooling", "attention", "--model.tumour_fraction_genes", "false",
     "--model.tumour_context", "false", "--model.tumour_warm_start", "0",
-    "--model.tumour_map", "own",
+    "--model.tumour_map", "own", "--model.tumour_relative", "false",
 ]  # fmt: skip
 
 
@@ -188,6 +189,10 @@ def _finetune_config(o: DemoOptions) -> dict[str, Any]:
             # second scorer on the tiles' own features: it draws the tumour map (RESULTS.md,
             # "The tumour map")
             **({"tumour_map": "context"} if _context_map(o) else {}),
+            # the tumour scorer reads the context relative to the slide only: the absolute
+            # features carry the site's stain, which tells normal from tumour where normals
+            # come from some sites only (RESULTS.md, "Site confounding")
+            **({"tumour_relative": True} if o.tumour_context and o.tumour_relative else {}),
         },
         "optim": {"lr": 0.001, "weight_decay": 0.01},
         "cv": {
@@ -238,7 +243,8 @@ class _Runner:
             # runs of older versions: what they ran with
             old["options"] = {
                 "stain_norm": "none", "tumour_pooling": "attention", "tumour_context": False,
-                "on_collapse": "keep", "tumour_warm_start": 0, **old.get("options", {}),
+                "on_collapse": "keep", "tumour_warm_start": 0, "tumour_relative": False,
+                **old.get("options", {}),
             }  # fmt: skip
             if old.get("options") != json.loads(json.dumps(asdict(options))):
                 raise ValueError(
@@ -523,6 +529,7 @@ def demo(
     tumour_context: bool = True,
     on_collapse: Literal["random", "keep"] = "random",
     tumour_warm_start: int = 10,
+    tumour_relative: bool = True,
     restart: bool = False,
 ) -> Any:
     """Run the whole pipeline on a small synthetic cohort (about 3 minutes on 2 idle CPU cores),
@@ -583,6 +590,11 @@ def demo(
             first (``--model.tumour_warm_start``; 0: a random start). Warm-started, that
             scorer also draws the tumour map (``--model.tumour_map context``); with 0 the map
             comes from a second scorer on the tiles' own features.
+        tumour_relative: With 'tumour_context', the tumour scorer reads only the tile's and
+            its neighbourhood's features relative to the slide's median tile, not their
+            absolute values (``--model.tumour_relative``), which carry each site's stain:
+            where normal slides come from some sites only, as in TCGA, a scorer that reads
+            them learns the site instead of tumour.
         restart: Forget the steps a previous run of this folder finished and redo them all.
     """
     from histcode.commandkit import CommandResult
@@ -616,6 +628,7 @@ def demo(
         tumour_context=bool(tumour_context) and tumour_pooling == "top_share",
         on_collapse=on_collapse,
         tumour_warm_start=int(tumour_warm_start) if tumour_pooling == "top_share" else 0,
+        tumour_relative=bool(tumour_relative and tumour_context) and tumour_pooling == "top_share",
     )
     if on_collapse not in ON_COLLAPSE:
         raise ValueError(f"--on_collapse {on_collapse!r}: choose from {sorted(ON_COLLAPSE)}")

@@ -236,21 +236,30 @@ class TopShareTumourPath(nn.Module):
     teaches the scorer what tumour is not.
 
     Args:
-        in_dim: tile feature size ``D``.
+        in_dim: tile feature size ``D`` the scorer reads.
         share: share of a slide's tiles its tumour logit averages (0 < share ≤ 1).
+        skip: leading feature columns the scorer does not read: its input is ``(B, N, skip +
+            D)`` and it scores the last ``D``. With tile context, ``2 D`` leaves out the
+            tiles' absolute features and keeps the ones relative to the slide
+            (``tumour_relative``).
     """
 
-    def __init__(self, in_dim: int, share: float = 0.05) -> None:
+    def __init__(self, in_dim: int, share: float = 0.05, skip: int = 0) -> None:
         super().__init__()
         if not 0 < share <= 1:
             raise ValueError(f"tumour top share must be in (0, 1], got {share}")
         self.share = share
+        self.skip = int(skip)
         self.scale = FeatureScaler(in_dim)
         self.linear = nn.Linear(in_dim, 1)
 
+    def read(self, features: Tensor) -> Tensor:
+        """The columns the scorer reads: ``(…, skip + D)`` → ``(…, D)``."""
+        return features[..., self.skip :] if self.skip else features
+
     def tiles(self, features: Tensor, mask: Tensor) -> Tensor:
-        """Features (B, N, D), mask (B, N) → each tile's tumour logit (B, N)."""
-        return self.linear(self.scale(features, mask)).squeeze(-1)
+        """Features (B, N, skip + D), mask (B, N) → each tile's tumour logit (B, N)."""
+        return self.linear(self.scale(self.read(features), mask)).squeeze(-1)
 
     def weights(self, logits: Tensor, mask: Tensor) -> Tensor:
         """Pooling weights (B, N): ``1 / k`` on a slide's ``k`` highest-scoring valid tiles
@@ -520,6 +529,7 @@ def build_slide_model(
     tumour_fraction_genes: bool = False,
     tumour_context: bool = False,
     tumour_map: str = "own",
+    tumour_relative: bool = False,
 ) -> SlideModel:
     """A :class:`SlideModel` with the aggregator ``architecture`` (registry card arguments).
 
@@ -552,6 +562,9 @@ def build_slide_model(
         tumour_map: with ``tumour_context``, the tile logits the tumour map shows: ``own``,
             the second scorer's on the tiles' own features (the one the genes' tumour
             fraction reads), or ``context``, the tumour scorer's.
+        tumour_relative: with ``tumour_context``, the tumour scorer reads only the context
+            features relative to the slide's median tile (the last ``2D``), not the tiles'
+            absolute features, which carry the slide's stain and site.
     """
     if tumour_pooling not in ("attention", "top_share"):
         raise ValueError(
@@ -590,8 +603,16 @@ def build_slide_model(
             "tumour_context feeds the top-share tumour scorer: it needs the tumour task and "
             "tumour_pooling 'top_share'"
         )
+    if tumour_relative and not tumour_context:
+        raise ValueError(
+            "tumour_relative leaves out the absolute half of the tile context features: it "
+            "needs tumour_context"
+        )
+    skip = 2 * in_dim if tumour_relative else 0  # context_features: [x, m, x - med, m - med]
     top = (
-        TopShareTumourPath(in_dim * (CONTEXT_FACTOR if tumour_context else 1), tumour_top_share)
+        TopShareTumourPath(
+            in_dim * (CONTEXT_FACTOR if tumour_context else 1) - skip, tumour_top_share, skip
+        )
         if tumour and tumour_pooling == "top_share"
         else None
     )

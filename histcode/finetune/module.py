@@ -90,6 +90,7 @@ class MILModule(pl.LightningModule):
                     "tumour_top_share": m.tumour_top_share,
                     **({"tumour_fraction_genes": True} if m.tumour_fraction_genes else {}),
                     **({"tumour_context": True} if m.tumour_context else {}),
+                    **({"tumour_relative": True} if m.tumour_relative else {}),
                     **(
                         {"tumour_map": m.tumour_map}
                         if m.tumour_context and m.tumour_map != "own"

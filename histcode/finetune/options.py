@@ -117,6 +117,14 @@ class ModelOptions:
             on held-out slides at AUROC 0.80 against 0.68 for a warm-started own-feature
             scorer (hard demo, seeds 0–2; 0.97 vs 0.95 easy), while from random starts they
             found it at 0.50 and 0.34 (``benchmarks/RESULTS.md``, "The tumour map").
+        tumour_relative: with ``tumour_context``, the tumour scorer reads only the two
+            views relative to the slide's median tile (the tile's and its neighbourhood's),
+            not their absolute values, which carry the slide's stain cast, scanner and site.
+            Where normal slides come from some sites only (as in TCGA), the absolute
+            features let the scorer learn the site instead of tumour: on hard demo cohorts
+            with every normal slide from one of three sites (``histcode synth
+            --normal_sites 1``) the scorer on all of them ranked that site's slides near
+            chance (``benchmarks/RESULTS.md``, "Site confounding").
         tumour_warm_start: with ``top_share``, before each fold's model trains, fit its
             tumour scorer alone from this many starting directions made from tumour tiles of
             the training slides and start from the one of lowest training loss
@@ -138,6 +146,7 @@ class ModelOptions:
     tumour_fraction_genes: bool = False
     tumour_context: bool = False
     tumour_map: Literal["own", "context"] = "own"
+    tumour_relative: bool = False
     tumour_warm_start: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -175,6 +184,11 @@ class ModelOptions:
                 "model.tumour_map context maps the tumour scorer's tile logits on the tiles' "
                 "context: it needs model.tumour_context true (without it there is one scorer, "
                 "on the tiles' own features: leave tumour_map at 'own')"
+            )
+        if self.tumour_relative and not self.tumour_context:
+            raise ValueError(
+                "model.tumour_relative keeps the slide-relative half of the tile context "
+                "features: it needs model.tumour_context true"
             )
         if self.tumour_warm_start and self.tumour_pooling != "top_share":
             raise ValueError(

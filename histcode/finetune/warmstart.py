@@ -144,8 +144,9 @@ def warm_start(
     Args:
         path: the model's top-share tumour scorer (its scaler's statistics and its linear
             layer are overwritten).
-        bags: the training slides' features as the scorer reads them, each ``(n_i, D)``;
-            slides without a tumour label are left out by the caller.
+        bags: the training slides' features as the model reads them, each ``(n_i,
+            path.skip + D)`` (the scorer reads the last ``D`` columns); slides without a
+            tumour label are left out by the caller.
         tumour: ``(S,)`` 1 tumour, 0 normal.
         starts: exemplar directions fitted.
         epochs: passes over the slides per start.
@@ -161,6 +162,7 @@ def warm_start(
         ValueError: no tumour or no normal slide among ``bags``, or ``starts < 1``.
     """
     tumour = np.asarray(tumour).astype(int)
+    bags = [b[:, path.skip :] for b in bags]  # the columns the scorer reads
     if starts < 1 or not {0, 1} <= set(tumour.tolist()):
         raise ValueError(
             f"a warm start needs starts >= 1 (got {starts}) and training slides of both classes"

@@ -220,3 +220,76 @@ def test_context_map_shows_the_tumour_scorer_and_the_genes_keep_the_second() -> 
         log2fc=torch.zeros(2, 2), classes=torch.ones(2, 2, dtype=torch.long), categories=None,
     )  # fmt: skip
     assert {"tumour", "negatives", "fraction"} <= set(module.losses(batch, module(x, mask)))
+
+
+def test_relative_scorer_reads_only_the_slide_relative_columns() -> None:
+    """``tumour_relative``: the tumour scorer reads ``[x − med, m − med]`` (the last 2D of the
+    context features), so what a whole slide shares moves nothing; it is on the card."""
+    from histcode.finetune.module import MILModule
+
+    with pytest.raises(ValueError, match="tumour_context"):
+        ModelOptions(tumour_pooling="top_share", tumour_relative=True)
+    with pytest.raises(ValueError, match="tumour_context"):
+        build_slide_model("abmil", 8, tumour_pooling="top_share", tumour_relative=True)
+    torch.manual_seed(0)
+    options = ModelOptions(hidden=16, tumour_pooling="top_share", tumour_context=True,
+                           tumour_relative=True)  # fmt: skip
+    module = MILModule(8, genes=["A"], model=options)
+    assert module.model_arguments()["tumour_relative"] is True
+    plain = ModelOptions(hidden=16, tumour_pooling="top_share", tumour_context=True)
+    assert "tumour_relative" not in MILModule(8, genes=["A"], model=plain).model_arguments()
+    model = module.model.eval()
+    path = model.tumour_path
+    assert path.linear.in_features == 16 and path.skip == 16
+    x = torch.randn(2, 30, 32)
+    absolute = x.clone()
+    absolute[..., :16] += torch.randn(2, 30, 16)
+    assert torch.equal(model(absolute).tumour_logit, model(x).tumour_logit)
+    relative = x.clone()
+    relative[..., 16:] += torch.randn(2, 30, 16)
+    assert not torch.allclose(model(relative).tumour_logit, model(x).tumour_logit)
+
+
+def _site_confounded_slides(
+    seed: int, n: int, confounded: bool
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Context features of ``n`` slides of 100 tiles (own D = 4): a tumour slide has 5
+    neighbouring tiles shifted along dim 1; every tile of a slide from site "B" is shifted
+    along dim 0. ``confounded``: every normal slide is from site B, every tumour slide from
+    site A (as when a cohort's normals come from one site); else sites are drawn at random."""
+    rng = np.random.default_rng(seed)
+    coords = 64 * np.array([(i, j) for i in range(10) for j in range(10)])
+    bags, labels = [], np.arange(n) % 2
+    for y in labels:
+        x = rng.normal(size=(100, 4)).astype(np.float32)
+        if y:
+            x[[44, 45, 54, 55, 46], 1] += 2.5
+        site_b = (y == 0) if confounded else rng.random() < 0.5
+        x[:, 0] += 2.0 * site_b
+        bags.append(context_features(x, coords))
+    return bags, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_relative_scorer_does_not_learn_the_site_of_the_normal_slides(seed: int) -> None:
+    """Trained where every normal slide comes from one site, a warm-started scorer on all the
+    context features scores the site (held-out slides of random sites: near chance), while
+    one on the slide-relative half finds the tumour tiles."""
+    from sklearn.metrics import roc_auc_score
+
+    from histcode.finetune.heads import TopShareTumourPath
+    from histcode.finetune.warmstart import warm_start
+
+    train, y_train = _site_confounded_slides(seed, 24, confounded=True)
+    test, y_test = _site_confounded_slides(seed + 100, 40, confounded=False)
+    auc = {}
+    for name, skip in (("all", 0), ("relative", 8)):
+        torch.manual_seed(seed)
+        path = TopShareTumourPath(16 - skip, share=0.05, skip=skip)
+        warm_start(path, train, y_train, starts=3, epochs=30, seed=seed)
+        every = torch.ones(1, 100, dtype=torch.bool)
+        with torch.no_grad():
+            scores = [float(path(torch.from_numpy(b)[None], every)[0]) for b in test]
+        auc[name] = roc_auc_score(y_test, scores)
+    assert auc["relative"] >= 0.9, auc
+    assert auc["all"] <= auc["relative"] - 0.2, auc

@@ -74,6 +74,7 @@ def test_demo_recipe_top_share_tumour_and_retrained_folds(demo_run: tuple[Path, 
     config = (out / "configs" / "finetune.yaml").read_text()
     assert "tumour_pooling: top_share" in config and "retrain: true" in config
     assert "tumour_context: true" in config and "tumour_map: context" in config
+    assert "tumour_relative: true" in config
     registry = Registry(out / "registry")
     for arm, pooling in (("simclr", "top_share"), ("naive", None)):
         cards = registry.list(f"demo-{arm}")
@@ -83,6 +84,7 @@ def test_demo_recipe_top_share_tumour_and_retrained_folds(demo_run: tuple[Path, 
             assert card.arguments.get("tumour_fraction_genes") == (True if pooling else None)
             assert card.arguments.get("tumour_context") == (True if pooling else None)
             assert card.arguments.get("tumour_map") == ("context" if pooling else None)
+            assert card.arguments.get("tumour_relative") == (True if pooling else None)
             assert card.extra["retrained_with_validation"] is True
             assert set(card.extra["validation_slide_ids"]) <= set(card.extra["trained_slide_ids"])
         folds = json.loads((out / "finetune" / arm / "folds.json").read_text())
