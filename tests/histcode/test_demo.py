@@ -74,7 +74,7 @@ def test_demo_recipe_top_share_tumour_and_retrained_folds(demo_run: tuple[Path, 
     config = (out / "configs" / "finetune.yaml").read_text()
     assert "tumour_pooling: top_share" in config and "retrain: true" in config
     assert "tumour_context: true" in config and "tumour_map: context" in config
-    assert "tumour_relative: true" in config
+    assert "tumour_relative" not in config  # an option, off (RESULTS.md, "Site confounding")
     registry = Registry(out / "registry")
     for arm, pooling in (("simclr", "top_share"), ("naive", None)):
         cards = registry.list(f"demo-{arm}")
@@ -84,7 +84,7 @@ def test_demo_recipe_top_share_tumour_and_retrained_folds(demo_run: tuple[Path, 
             assert card.arguments.get("tumour_fraction_genes") == (True if pooling else None)
             assert card.arguments.get("tumour_context") == (True if pooling else None)
             assert card.arguments.get("tumour_map") == ("context" if pooling else None)
-            assert card.arguments.get("tumour_relative") == (True if pooling else None)
+            assert "tumour_relative" not in card.arguments
             assert card.extra["retrained_with_validation"] is True
             assert set(card.extra["validation_slide_ids"]) <= set(card.extra["trained_slide_ids"])
         folds = json.loads((out / "finetune" / arm / "folds.json").read_text())
@@ -374,3 +374,24 @@ def test_results_table_names_the_scorer_that_drew_the_tumour_map() -> None:
         table = results_table({"simclr": arm}, {"tumour": 1}, "abmil", "top_share", True,
                               tumour_map=shown)  # fmt: skip
         assert f"| {title}{words} | 0.80 |" in table
+
+
+def test_demo_tumour_relative_is_an_option_of_the_context_scorer() -> None:
+    """``--tumour_relative true`` puts ``tumour_relative`` in the pipeline's finetune config
+    (only with tile context); the default recipe leaves it out, and the naive arm's
+    overrides switch it off."""
+    from dataclasses import replace
+
+    from histcode.demo import BASELINE_MODEL, DemoOptions, _finetune_config
+
+    options = DemoOptions(
+        patients=30, difficulty="hard", slide_mm=(2.5, 2.0), mpp=1.0, tile_size=64,
+        pretrain_steps=10, batch_size=32, epochs=2, folds=3, baseline_encoder="tiny",
+        aggregator="abmil", seed=0,
+    )  # fmt: skip
+    assert "tumour_relative" not in _finetune_config(options)["model"]
+    on = _finetune_config(replace(options, tumour_relative=True))["model"]
+    assert on["tumour_relative"] is True and on["tumour_context"] is True
+    off = replace(options, tumour_relative=True, tumour_context=False)
+    assert "tumour_relative" not in _finetune_config(off)["model"]
+    assert BASELINE_MODEL[BASELINE_MODEL.index("--model.tumour_relative") + 1] == "false"
