@@ -657,12 +657,24 @@ def features_of(demo: Path, arm: str) -> Path:
     return demo / "features" / f"{ARM_FEATURES[arm]}.zarr"
 
 
+def cohort_of(demo: Path) -> Path:
+    """The cohort folder a demo ran on: ``--cohort`` as its ``demo.json`` records it, else the
+    ``cohort/`` it synthesised inside ``demo``."""
+    record = demo / "demo.json"
+    if record.is_file():
+        named = (json.loads(record.read_text()).get("options") or {}).get("cohort")
+        if named:
+            return Path(named)
+    return demo / "cohort"
+
+
 def load_demo(demo: Path, arm: str = "simclr") -> DemoData:
     """Read a finished demo's tile features, truth-mask tile labels and the arm's folds.
 
     Args:
-        demo: a ``histcode demo`` output folder (``cohort/truth``, ``tiles.zarr``,
-            ``features/*.zarr``, ``finetune/<arm>/predictions.csv``).
+        demo: a ``histcode demo`` output folder (``tiles.zarr``, ``features/*.zarr``,
+            ``finetune/<arm>/predictions.csv``) on a synthetic cohort with ``truth`` masks:
+            its own ``cohort/`` or the ``--cohort`` it was given.
         arm: ``simclr`` or ``naive``.
 
     Raises:
@@ -674,12 +686,13 @@ def load_demo(demo: Path, arm: str = "simclr") -> DemoData:
 
     predictions = demo / "finetune" / arm / "predictions.csv"
     features = features_of(demo, arm)
-    for need in (predictions, features, demo / "tiles.zarr", demo / "cohort" / "truth"):
+    cohort = cohort_of(demo)
+    for need in (predictions, features, demo / "tiles.zarr", cohort / "truth"):
         if not need.exists():
             raise FileNotFoundError(f"{need}: missing; {demo} is not a finished histcode demo")
     with predictions.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    labels = label_tiles(demo / "cohort", demo / "tiles.zarr")
+    labels = label_tiles(cohort, demo / "tiles.zarr")
     where = {sid: s for s, sid in enumerate(labels.slide_ids)}
     store = FeatureStore(features)
     rows = [r for r in rows if r["slide_id"] in where]

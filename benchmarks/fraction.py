@@ -55,6 +55,7 @@ from benchmarks.aggregation import (
     FEATURE_VIEWS,
     _pm,
     _standardiser,
+    cohort_of,
     feature_view,
     load_demo,
     make_demos,
@@ -185,16 +186,17 @@ def demo_inputs(demo: Path, arm: str) -> tuple[np.ndarray, dict[str, np.ndarray]
 
     from histcode.synth.cohort import read_gene_roles
 
+    cohort = cohort_of(demo)
     for need in ("cohort.csv", "genes.json"):
-        if not (demo / "cohort" / need).is_file():
+        if not (cohort / need).is_file():
             raise FileNotFoundError(
-                f"{demo / 'cohort' / need}: missing; the tumour-fraction benchmark needs a "
+                f"{cohort / need}: missing; the tumour-fraction benchmark needs a "
                 "synthetic demo (true fractions and gene roles)"
             )
     predictions = pd.read_csv(demo / "finetune" / arm / "predictions.csv")
-    truth = pd.read_csv(demo / "cohort" / "cohort.csv").set_index("slide_id")
+    truth = pd.read_csv(cohort / "cohort.csv").set_index("slide_id")
     fraction = truth.loc[predictions.slide_id, "tumour_fraction"].to_numpy(np.float64)
-    roles = read_gene_roles(demo / "cohort" / "genes.json")
+    roles = read_gene_roles(cohort / "genes.json")
     named = [g for g, r in roles.items() if r == "tumour" and f"{g}_log2fc_true" in predictions]
     if not named:
         raise ValueError(f"{demo}: no tumour-burden gene (genes.json role 'tumour') was predicted")

@@ -280,3 +280,18 @@ def test_without_demos_the_benchmark_makes_them_and_reuses_finished_ones(
         c[c.index("--out") + 1] == str(tmp_path / f"demo-hard-30p-s{c[c.index('--seed') + 1]}")
         for c in calls
     )
+
+
+def test_a_demo_on_a_given_cohort_reads_that_cohorts_truth(tmp_path: Path) -> None:
+    """A demo run with ``--cohort DIR`` has no ``cohort/`` of its own: the benchmarks read the
+    truth from the folder its ``demo.json`` names; a demo that synthesised reads its own."""
+    given = tmp_path / "my-cohort"
+    ran = tmp_path / "demo-on-mine"
+    ran.mkdir()
+    (ran / "demo.json").write_text(json.dumps({"options": {"cohort": str(given), "seed": 0}}))
+    assert agg.cohort_of(ran) == given
+    made = tmp_path / "demo-synth"
+    made.mkdir()
+    (made / "demo.json").write_text(json.dumps({"options": {"cohort": None}}))
+    assert agg.cohort_of(made) == made / "cohort"
+    assert agg.cohort_of(tmp_path / "older-demo") == tmp_path / "older-demo" / "cohort"
