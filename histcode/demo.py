@@ -835,8 +835,10 @@ def _report(
     pretraining's collapse checks said (:func:`encoder_health`); with ``fallback`` the
     pipeline arm read the naive arm's random-weight features (``--on_collapse random``)."""
     arms: dict[str, dict[str, Any]] = {}
+    confounding: dict[str, Any] = {}
     for arm in (PIPELINE, BASELINE):
         metrics = json.loads((out / "finetune" / arm / "metrics.json").read_text())
+        confounding = confounding or metrics.get("tumour", {}).get("site_confounding", {})
         arms[arm] = {
             "tumour_auc": finetuned[arm].get("tumour_auc"),
             "tumour_auc_sd": finetuned[arm].get("tumour_auc_sd"),
@@ -862,6 +864,7 @@ def _report(
     health, warning = encoder_health(
         pretrained, f"the naive arm's {random} features" if fallback else None
     )
+    site_warning = confounding.get("warning")  # finetune's (histcode.finetune.metrics)
     minutes = (time.perf_counter() - start) / 60
     plots = out / "finetune" / PIPELINE / "plots"
     paths = {
@@ -876,6 +879,7 @@ def _report(
             f"# histcode demo — {_cohort_title(options, out)}",
             "",
             *([warning, ""] if warning else []),
+            *([f"**Warning:** {site_warning}", ""] if site_warning else []),
             "Every figure is on test folds (patient-grouped CV; each slide's maps come from "
             "the model of the fold that held it out). Genes: one value per patient (its slides "
             "averaged); each fold's model is tested on its own test patients (one-sided "
@@ -905,6 +909,13 @@ def _report(
             "warning": warning,
             "pipeline_features": "random" if fallback else "encoder",
         },
+        "site_confounding": {
+            k: confounding.get(k)
+            for k in ("site_only_auc", "chance_auc", "p_value", "confounded", "rule")
+        }
+        if confounding
+        else None,
+        "site_warning": site_warning,
         "results_md": str(out / "results.md"),
         "paths": paths,
     }

@@ -181,6 +181,13 @@ def prepare_labels(
                 " Add normal slides (TCGA sample types 10–19, or tumour=0), or use --data.tasks "
                 "[genes]."
             )
+    if "tumour" in tasks:
+        from histcode.finetune.metrics import site_confounding, site_confounding_warning
+
+        confounding = site_confounding(built.sites, built.tumour)
+        warning = site_confounding_warning(confounding, store.attrs.get("stain_norm"))
+        if warning:
+            log.warning("%s", warning)
     if "genes" in tasks and not built.gene_mask.any():
         raise ValueError("the genes task has no target on any slide with features")
     if "tumour" not in tasks:  # without the tumour task, slides without targets teach nothing
@@ -256,6 +263,9 @@ class FinetuneRun:
                 "tumour_auc_sd": auc.get("sd"),
                 "tumour_auc_within_site": within.get("auc"),
                 "within_site_sites": within.get("sites"),
+                "site_only_auc": m.get("tumour", {})
+                .get("site_confounding", {})
+                .get("site_only_auc"),
                 "cv_group": m.get("cv_group"),
                 "genes_evaluated": len(self.labels.genes),
                 "mean_gene_auc_up": m.get("mean_gene_auc_up"),
@@ -304,7 +314,7 @@ def run_finetune(
     """
     from histcode.finetune import cv as cvmod
     from histcode.finetune.bags import FeatureBags
-    from histcode.finetune.metrics import compute_metrics
+    from histcode.finetune.metrics import compute_metrics, site_confounding_warning
     from histcode.finetune.module import MILModule
     from histcode.finetune.options import TRAINER_DEFAULTS
     from histcode.registry import check_name
@@ -353,6 +363,9 @@ def run_finetune(
     metrics = compute_metrics(
         result.predictions, genes, tumour, cv.alpha, cv.group, built.categories
     )
+    if "site_confounding" in metrics.get("tumour", {}):  # the demo's results.md repeats it
+        found = metrics["tumour"]["site_confounding"]
+        found["warning"] = site_confounding_warning(found, attrs.get("stain_norm"))
 
     refitted = None
     if cv.register == "refit":  # every process trains (distributed strategies need all)
@@ -510,7 +523,7 @@ def _card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     card: dict[str, Any] = {"cv_folds": metrics.get("folds"), "slides": metrics.get("slides")}
     card["cv_group"] = metrics.get("cv_group")
     for m, v in metrics.get("tumour", {}).items():
-        if m not in ("pooled", "within_site_auc"):
+        if m not in ("pooled", "within_site_auc", "site_confounding"):
             card[f"tumour_{m}"] = {"mean": v["mean"], "sd": v["sd"]}
     if "within_site_auc" in metrics.get("tumour", {}):
         within = metrics["tumour"]["within_site_auc"]
@@ -519,6 +532,9 @@ def _card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             "sites": within["sites"],
             "per_site": {s: v["auc"] for s, v in within.get("per_site", {}).items()},
         }
+    if "site_confounding" in metrics.get("tumour", {}):
+        found = metrics["tumour"]["site_confounding"]
+        card["site_only_auc"] = {k: found.get(k) for k in ("site_only_auc", "confounded")}
     for task, m in metrics.get("categories", {}).items():
         card[f"{task}_macro_auc"] = {"mean": m["macro_auc"]["mean"], "sd": m["macro_auc"]["sd"]}
     if "genes" in metrics:

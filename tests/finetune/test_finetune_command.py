@@ -150,14 +150,53 @@ def test_site_grouped_known_signal_end_to_end(
     within = metrics["tumour"]["within_site_auc"]
     assert metrics["cv_group"] == "site" and within["auc"] == result["tumour_auc_within_site"]
     assert all(len(v["folds"]) == 1 for v in within["per_site"].values())  # one model a site
+    confounding = metrics["tumour"]["site_confounding"]  # each site has tumours and normals
+    assert confounding["confounded"] is False and confounding["warning"] is None
     assert "group: site" in (out / "config.yaml").read_text()
     card = Registry(registry).card("by-site@1")
     assert card.metrics["cv_group"] == "site"
     assert card.metrics["tumour_auc_within_site"]["sites"] == 3
+    assert card.metrics["site_only_auc"]["confounded"] is False
 
     assert cli.main([*argv, "--cv.folds", "4", "--out", str(tmp_path / "four")]) == 2
     err = capsys.readouterr().err
     assert "4 folds need at least 4 sites; the cohort has 3" in err and "--cv.folds 3" in err
+
+
+def test_a_cohort_whose_normals_come_from_one_site_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every normal slide in site NA (its patients' tumour slides too), the other patients'
+    tumour slides in TB: the site alone tells tumour from normal (AUC 0.75), so finetune warns
+    before training, names the sites and the fix, and metrics.json keeps the warning."""
+    from tests.finetune.finetune_cohort import write_signal_cohort
+
+    c = write_signal_cohort(tmp_path / "cohort", n_patients=30, dim=8, tiles=(8, 16))
+    labels = pd.read_csv(c.labels)
+    has_normal = set(labels.loc[labels["tumour"] == 0, "patient_id"])
+    labels["site"] = ["NA" if p in has_normal else "TB" for p in labels["patient_id"]]
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    argv = [
+        "finetune",
+        "--config", str(CONFIGS / "tumour.yaml"),
+        "--config", str(CONFIGS / "cpu_smoke.yaml"),
+        "--features", str(c.features),
+        "--labels", str(tmp_path / "labels.csv"),
+        "--name", "one-site-normals",
+        "--out", str(tmp_path / "run"),
+        "--model.aggregator", "mean",
+        "--trainer.max_epochs", "2",
+        "--cv.register", "none",
+    ]  # fmt: skip
+    with caplog.at_level("WARNING", logger="histcode.finetune"):
+        assert cli.main(argv) == 0
+    err = caplog.text
+    assert "tumour labels follow the tissue source site" in err and "AUC 0.75" in err
+    assert "NA 15" in err and "TB" in err and "--stain_norm macenko" in err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    found = metrics["tumour"]["site_confounding"]
+    assert found["confounded"] is True and found["tumour_only_sites"] == ["TB"]
+    assert found["warning"].startswith("tumour labels follow the tissue source site")
 
 
 def test_missing_features_exit_1_and_bad_arguments_exit_2(

@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from histcode.cli import main
-from histcode.demo import _gene_summary, encoder_health, results_table
+from histcode.demo import DemoOptions, _gene_summary, _report, encoder_health, results_table
 
 TINY = [
     "--patients", "6", "--slide_mm", "[1.2, 1.0]", "--pretrain_steps", "4", "--epochs", "2",
@@ -395,3 +395,36 @@ def test_demo_tumour_relative_is_an_option_of_the_context_scorer() -> None:
     off = replace(options, tumour_relative=True, tumour_context=False)
     assert "tumour_relative" not in _finetune_config(off)["model"]
     assert BASELINE_MODEL[BASELINE_MODEL.index("--model.tumour_relative") + 1] == "false"
+
+
+def test_results_warn_when_tumour_labels_follow_the_sites(tmp_path: Path) -> None:
+    """finetune's site-confounding warning (metrics.json) heads results.md and is in
+    results.json; a cohort without it has neither."""
+    import time
+
+    options = DemoOptions(
+        patients=30, difficulty="hard", slide_mm=(2.5, 2.0), mpp=1.0, tile_size=64,
+        pretrain_steps=10, batch_size=32, epochs=2, folds=3, baseline_encoder="tiny",
+        aggregator="abmil", seed=0,
+    )  # fmt: skip
+    said = "tumour labels follow the tissue source site: the site alone tells …"
+    found = {"site_only_auc": 0.83, "chance_auc": 0.6, "p_value": 0.001, "confounded": True}
+    for arm in ("simclr", "naive"):
+        (tmp_path / "finetune" / arm).mkdir(parents=True)
+        metrics = {"folds": 3, "tumour": {"site_confounding": {**found, "warning": said}}}
+        (tmp_path / "finetune" / arm / "metrics.json").write_text(json.dumps(metrics))
+    arms = {a: {"tumour_auc": 0.8} for a in ("simclr", "naive")}
+    maps = {a: {} for a in arms}
+    with contextlib.redirect_stderr(io.StringIO()):
+        result = _report(tmp_path, options, arms, maps, {}, "registry", time.perf_counter())
+    assert f"**Warning:** {said}" in (tmp_path / "results.md").read_text()
+    assert result["site_warning"] == said and result["site_confounding"]["site_only_auc"] == 0.83
+    for arm in ("simclr", "naive"):
+        metrics = {
+            "folds": 3,
+            "tumour": {"site_confounding": {"confounded": False, "warning": None}},
+        }
+        (tmp_path / "finetune" / arm / "metrics.json").write_text(json.dumps(metrics))
+    with contextlib.redirect_stderr(io.StringIO()):
+        result = _report(tmp_path, options, arms, maps, {}, "registry", time.perf_counter())
+    assert "Warning" not in (tmp_path / "results.md").read_text() and result["site_warning"] is None
