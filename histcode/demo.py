@@ -246,11 +246,16 @@ class _Runner:
                 "on_collapse": "keep", "tumour_warm_start": 0, "tumour_relative": False,
                 **old.get("options", {}),
             }  # fmt: skip
-            if old.get("options") != json.loads(json.dumps(asdict(options))):
+            now = json.loads(json.dumps(asdict(options)))
+            if old.get("options") != now:
+                differ = [
+                    f"{k}: {old['options'].get(k)!r} there, {now.get(k)!r} now"
+                    for k in sorted(set(now) | set(old["options"]))
+                    if old["options"].get(k) != now.get(k)
+                ]
                 raise ValueError(
-                    f"{out} holds a demo run with other options ({old.get('options')}); "
-                    "rerun with those, pass --restart true to start it again, or choose "
-                    "another --out"
+                    f"{out} holds a demo run with other options ({'; '.join(differ)}); rerun "
+                    "with those, pass --restart true to start it again, or choose another --out"
                 )
             self.state = old
 
@@ -524,7 +529,7 @@ def demo(
     seed: int = 0,
     cohort: Path | None = None,
     genes: list[str] | None = None,
-    stain_norm: Literal["none", "macenko"] = "none",
+    stain_norm: Literal["none", "macenko"] = "macenko",
     tumour_pooling: Literal["top_share", "attention"] = "top_share",
     tumour_context: bool = True,
     on_collapse: Literal["random", "keep"] = "random",
@@ -566,9 +571,15 @@ def demo(
         cohort: A cohort folder to run the recipe on instead of a synthetic one (see above);
             ``--patients``, ``--difficulty`` and ``--slide_mm`` are then not used.
         genes: Genes to predict (default: the driver genes found in the expression matrix).
-        stain_norm: Stain normalisation of the tiles, passed to ``histcode tile``: 'none', or
-            'macenko' (each slide's stains estimated and mapped to a reference; both arms
-            then see normalised tiles).
+        stain_norm: Stain normalisation of the tiles, passed to ``histcode tile``: 'macenko'
+            (default: each slide's stains estimated from its tissue and mapped to a reference
+            before pretraining; both arms see normalised tiles) or 'none'. Where normal slides
+            come from some sites only, as in TCGA, a model on raw tiles learns the site's stain
+            instead of tumour: on such synthetic cohorts Macenko lifted the within-site tumour
+            AUC from 0.48 to 0.81, and on cohorts without that confounding it kept the tumour
+            AUC and gene figures and lowered the hard cohort's tumour map (0.80 → 0.68;
+            ``benchmarks/RESULTS.md``, "Stain normalisation by default"). A slide with too
+            little tissue to estimate its stains fails tiling and is left out, named.
         tumour_pooling: How the pipeline's tumour logit pools the tiles: 'top_share' (each
             tile scored on its own, the slide's logit the mean of its top 5 %, every tile of
             a normal training slide a known negative; finds foci of a few per cent of the

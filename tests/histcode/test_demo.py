@@ -91,6 +91,25 @@ def test_demo_recipe_top_share_tumour_and_retrained_folds(demo_run: tuple[Path, 
         assert all(f["retrained_with_validation"] for f in folds)
 
 
+def test_demo_normalises_stains_by_default(demo_run: tuple[Path, dict, str]) -> None:
+    """Macenko at tiling is the recipe (RESULTS.md, "Stain normalisation by default"): the
+    tile store, both feature stores and the encoder's card say so."""
+    import zarr
+
+    from histcode.registry import Registry
+
+    out, _, stderr = demo_run
+    state = json.loads((out / "demo.json").read_text())
+    assert state["options"]["stain_norm"] == "macenko"
+    assert "--stain_norm macenko" in stderr  # the tile command as printed
+    assert zarr.open_group(str(out / "tiles.zarr"), mode="r").attrs["stain_norm"] == "macenko"
+    for name in ("simclr", "random"):
+        features = zarr.open_group(str(out / "features" / f"{name}.zarr"), mode="r")
+        assert features.attrs["stain_norm"] == "macenko", name
+    card = Registry(out / "registry").card("demo-encoder@1")
+    assert card.extra["stain_norm"] == "macenko"
+
+
 def test_demo_results_table(demo_run: tuple[Path, dict, str]) -> None:
     out, result, _ = demo_run
     table = (out / "results.md").read_text()
@@ -166,6 +185,7 @@ def test_demo_rerun_resumes_and_refuses_other_options(
     code, _, stderr = _run(["demo", "--out", str(out), *TINY[:-2], "--workers", "1", "--seed", "3"])
     assert code == 2
     assert "other options" in stderr and "--restart true" in stderr
+    assert "seed: 0 there, 3 now" in stderr  # names what differs
 
 
 def test_demo_pipeline_reads_random_features_when_simclr_collapsed(
