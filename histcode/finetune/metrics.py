@@ -460,10 +460,14 @@ def _site_only_auc(y: np.ndarray, codes: np.ndarray, axis: int = -1) -> np.ndarr
 
     y, codes = np.moveaxis(y, axis, -1), np.moveaxis(codes, axis, -1)
     y, codes = np.broadcast_arrays(y, codes)
+    shape, n = y.shape, y.shape[-1]
     k = int(codes.max()) + 1
-    onehot = codes[..., None, :] == np.arange(k)[:, None]  # (..., k, n)
-    share = (onehot * y[..., None, :]).sum(-1) / np.maximum(onehot.sum(-1), 1)  # (..., k)
-    score = np.take_along_axis(share, codes, axis=-1)  # (..., n)
+    rows = np.arange(int(np.prod(shape[:-1], dtype=np.int64)))[:, None]
+    where = (codes.reshape(-1, n) + k * rows).ravel()  # one site bin per row and site
+    tumours = np.bincount(where, weights=y.reshape(-1).astype(np.float64), minlength=rows.size * k)
+    slides = np.bincount(where, minlength=rows.size * k)
+    share = tumours / np.maximum(slides, 1)  # each row's sites' tumour shares
+    score = share[where].reshape(shape)  # (..., n)
     ranks = rankdata(score, axis=-1)
     n1 = y.sum(-1)
     n0 = y.shape[-1] - n1
@@ -532,7 +536,7 @@ def site_confounding(
         vectorized=True,
         n_resamples=resamples,
         alternative="greater",
-        batch=max(1, 4_000_000 // (len(names) * len(y))),
+        batch=max(1, 4_000_000 // len(y)),
         rng=np.random.default_rng(0),
     )
     auc, p = float(test.statistic), float(test.pvalue)
