@@ -369,12 +369,12 @@ def test_demo_passes_stain_norm_to_tiling(monkeypatch, tmp_path: Path) -> None:
 
     monkeypatch.setattr(demo._Runner, "step", step)
     with pytest.raises(Stop):
-        demo.demo(out=tmp_path / "d", patients=6, folds=2, stain_norm="macenko")
+        demo.demo(out=tmp_path / "d", patients=6, folds=2)  # Macenko is the demo's default
     assert calls[-1][:1] == ["tile"] and calls[-1][-2:] == ["--stain_norm", "macenko"]
     calls.clear()
     with pytest.raises(Stop):
-        demo.demo(out=tmp_path / "e", patients=6, folds=2)
-    assert "--stain_norm" not in calls[-1]  # the default prints the command as before
+        demo.demo(out=tmp_path / "e", patients=6, folds=2, stain_norm="none")
+    assert "--stain_norm" not in calls[-1]  # tile's own default: the command as before
 
 
 def test_a_demo_folder_from_before_the_option_resumes(tmp_path: Path) -> None:
