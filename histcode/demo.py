@@ -537,7 +537,7 @@ def demo(
     tumour_relative: bool = False,
     restart: bool = False,
 ) -> Any:
-    """Run the whole pipeline on a small synthetic cohort (about 3 minutes on 2 idle CPU cores),
+    """Run the whole pipeline on a small synthetic cohort (about 4 minutes on 2 idle CPU cores),
     or with ``--cohort DIR`` the same recipe on a cohort of your own.
 
     Prints each step's command as it runs it (they are the commands of the README), then a
