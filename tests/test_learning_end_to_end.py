@@ -4,7 +4,7 @@
 model): synthesise → tile → pretrain → embed → finetune with patient-grouped folds → maps of
 every tumour slide by the fold model that held it out. Figures are recomputed here from the
 run's out-of-fold predictions where they can be, so a reporting bug cannot hide a model that
-does not learn. About 3 minutes on 2 idle cores.
+does not learn. About 4 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
