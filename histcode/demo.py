@@ -292,8 +292,10 @@ class _Runner:
         self._save()
         return result
 
-    def step(self, key: str, title: str, argv: list[str]) -> dict[str, Any]:
-        """Run ``histcode *argv`` as step ``key`` unless done; return its final JSON line."""
+    def step(self, key: str, title: str, argv: list[str], hint: str = "") -> dict[str, Any]:
+        """Run ``histcode *argv`` as step ``key`` unless done; return its final JSON line.
+
+        ``hint`` ends the error message when the step fails (what else to try)."""
         from histcode.cli import run_captured
 
         shown = " ".join(a if " " not in a else repr(a) for a in argv)
@@ -306,7 +308,7 @@ class _Runner:
             raise DemoStepError(
                 f"step {self.k} ({title}) failed: `histcode {shown}` exited {code}; its "
                 "message is above. Fix it and rerun the same `histcode demo` command: finished "
-                "steps are skipped."
+                f"steps are skipped.{hint}"
             )
         result["_seconds"] = round(time.perf_counter() - t0, 1)
         return self.finish(key, result, t0)
@@ -690,6 +692,12 @@ def demo(
             "--workers", str(workers), *progress,
             *(["--stain_norm", stain_norm] if stain_norm != "none" else []),
         ],
+        hint=" With --stain_norm macenko (the default), a slide whose stains cannot be "
+        "estimated (too little tissue, or one stain only: not H&E) fails tiling: move it out "
+        "of the cohort folder, or run the recipe on raw tiles with --stain_norm none "
+        "--restart true."
+        if stain_norm == "macenko"
+        else "",
     )  # fmt: skip
     encoder = run.step(
         "pretrain",

@@ -359,7 +359,7 @@ def test_demo_passes_stain_norm_to_tiling(monkeypatch, tmp_path: Path) -> None:
     class Stop(Exception):
         pass
 
-    def step(self, key: str, title: str, argv: list[str]) -> dict:
+    def step(self, key: str, title: str, argv: list[str], hint: str = "") -> dict:
         calls.append(argv)
         if key == "tile":
             told = argv[argv.index("--stain_norm") + 1] if "--stain_norm" in argv else "none"
@@ -387,3 +387,23 @@ def test_a_demo_folder_from_before_the_option_resumes(tmp_path: Path) -> None:
     assert _Runner(tmp_path, options, 8).state["steps"] == {"synth": {}}
     with pytest.raises(ValueError, match="other options"):
         _Runner(tmp_path, DemoOptions(**{**asdict(options), "stain_norm": "macenko"}), 8)
+
+
+def test_a_failed_tiling_under_the_demos_macenko_says_how_to_go_on(
+    monkeypatch, tmp_path: Path
+) -> None:
+    """Macenko is the demo's default, so a cohort slide whose stains cannot be estimated stops
+    it at tiling; the error says to move the slide out or to run on raw tiles."""
+    from histcode import cli, demo
+
+    cohort = tmp_path / "mine"
+    (cohort / "slides").mkdir(parents=True)
+    (cohort / "expression.tsv").write_text("gene\tTCGA-AA-0001-01A\n")
+    monkeypatch.setattr(cli, "run_captured", lambda argv, quiet=False: (1, None))
+    with pytest.raises(demo.DemoStepError) as failed:
+        demo.demo(out=tmp_path / "d", cohort=cohort)
+    said = str(failed.value)
+    assert "tissue segmentation and tiling" in said and "--stain_norm none --restart true" in said
+    with pytest.raises(demo.DemoStepError) as failed:
+        demo.demo(out=tmp_path / "e", cohort=cohort, stain_norm="none")
+    assert "--stain_norm none" not in str(failed.value)
