@@ -345,6 +345,37 @@ def _own_cohort(cohort: Path) -> tuple[Path, Path]:
     return (slides if slides.is_dir() else cohort), expression
 
 
+def _check_sites(run: _Runner, slides: Path, stain_norm: str) -> dict[str, Any] | None:
+    """Warn before tiling when the cohort's tumour labels follow its tissue source sites.
+
+    Reads only the slide file names (TCGA barcodes: site and sample type), so a cohort whose
+    normal slides all come from a few sites is named before hours of tiling and pretraining;
+    ``histcode finetune`` checks again on the slides it trains on, and ``results.md`` opens
+    with its warning. Slides without a TCGA barcode are left to the steps that need one.
+
+    Returns:
+        :func:`histcode.siteconfounding.site_confounding`'s result, None without TCGA slides.
+    """
+    from histcode.barcodes import is_tcga, parse_barcode
+    from histcode.siteconfounding import site_confounding, site_confounding_warning
+    from histcode.slide import slide_id
+    from histcode.tiling import discover_slides
+
+    try:
+        ids = [slide_id(p) for p in discover_slides([str(slides)])]
+    except (FileNotFoundError, ValueError):  # the tile step names what is wrong
+        return None
+    codes = [parse_barcode(i) for i in ids if is_tcga(i)]
+    codes = [c for c in codes if c.kind != "control"]
+    if not codes:
+        return None
+    found = site_confounding([c.site for c in codes], [float(c.is_tumour) for c in codes])
+    warning = site_confounding_warning(found, stain_norm)
+    if warning:
+        run.say(f"\nWarning (from the slide file names, before tiling): {warning}")
+    return found
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return round(statistics.mean(values), 3) if values else None
 
@@ -683,6 +714,7 @@ def demo(
                 "--seed", str(seed), "--workers", str(workers), *progress,
             ],
         )  # fmt: skip
+    _check_sites(run, slides, stain_norm)
     run.step(
         "tile",
         "tissue segmentation and tiling",

@@ -9,9 +9,13 @@ and ends with its traceback.
   ``KeyError`` for callers that catch one, but a bare ``KeyError`` (a missing dict key, a
   bug) is *not* a usage error.
 - :class:`OutputBusyError`: another run is writing the same output (it holds the lock).
+
+:func:`preview` shortens a list of ids for a message.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 
 class NotFoundError(KeyError):
@@ -23,3 +27,10 @@ class NotFoundError(KeyError):
 
 class OutputBusyError(RuntimeError):
     """An output is being written by another run (it holds the lock): exit 2, message only."""
+
+
+def preview(items: Iterable[object], n: int = 8) -> str:
+    """``a, b, c … (12 in all)``: a short list of ids for error messages."""
+    items = [str(i) for i in items]
+    shown = ", ".join(items[:n])
+    return f"{shown} … ({len(items)} in all)" if len(items) > n else shown

@@ -43,8 +43,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from histcode.barcodes import SAMPLE_TYPES, SLIDE_KINDS, parse_barcode, slide_kind
 from histcode.commandkit import EXIT_OK, EXIT_PARTIAL, CommandResult
-from histcode.finetune.barcodes import SAMPLE_TYPES, SLIDE_KINDS, parse_barcode, slide_kind
 from histcode.finetune.expression import (
     DUPLICATE_RULE,
     GDC_COLUMNS,

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histcode.finetune.barcodes import is_tcga, parse_barcode
+from histcode.barcodes import is_tcga, parse_barcode
 from histcode.finetune.h5ad import SYMBOL_COLUMNS, UNITS_KEY, require_anndata
 from histcode.finetune.tables import leading_comments, preview, read_table
 

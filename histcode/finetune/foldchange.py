@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from histcode.finetune.barcodes import SAMPLE_TYPES, is_tcga, parse_barcode
+from histcode.barcodes import SAMPLE_TYPES, is_tcga, parse_barcode
 from histcode.finetune.expression import UNITS, cpm, to_linear
 from histcode.finetune.tables import preview
 

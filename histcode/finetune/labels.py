@@ -8,7 +8,7 @@ Two sources, which combine:
   ``site``, ``<GENE>_log2fc`` columns (ready-made regression targets) and any other column
   (``subtype``, ``msi``, ``stage``: classification tasks when asked for). Without a CSV the
   slides of the feature store are the rows and TCGA barcodes give patient, site and tumour
-  status (:mod:`histcode.finetune.barcodes`).
+  status (:mod:`histcode.barcodes`).
 * **An expression matrix** (genes × samples, TPM or raw counts;
   :mod:`histcode.finetune.expression`): each tumour sample's log2 fold change against the
   normal reference (:mod:`histcode.finetune.foldchange`).

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from histcode.finetune.barcodes import is_tcga, parse_barcode
+from histcode.barcodes import is_tcga, parse_barcode
 from histcode.finetune.context import context_features
 
 TileScoreKind = Literal["exact", "approximate", "own", "top_share", "tile_scorer"]

@@ -12,14 +12,15 @@ from __future__ import annotations
 import csv
 import gzip
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 import pandas as pd
 
-from histcode.finetune.barcodes import is_tcga, parse_barcode
+from histcode.barcodes import is_tcga, parse_barcode
+from histcode.errors import preview
 from histcode.slide import is_safe_slide_id
 
 #: Column-name aliases accepted in a labels CSV (lower case) → canonical name.
@@ -43,13 +44,6 @@ _TRUE = {"1", "1.0", "true", "yes", "tumour", "tumor", "cancer", "t"}
 _FALSE = {"0", "0.0", "false", "no", "normal", "n"}
 #: Suffix of the ready-made regression targets of a labels CSV (``TP53_log2fc``).
 LOG2FC_SUFFIX = "_log2fc"
-
-
-def preview(items: Iterable[object], n: int = 8) -> str:
-    """``a, b, c … (12 in all)``: a short list of ids for error messages."""
-    items = [str(i) for i in items]
-    shown = ", ".join(items[:n])
-    return f"{shown} … ({len(items)} in all)" if len(items) > n else shown
 
 
 def at_lines(values: pd.Series, line: pd.Series) -> list[str]:

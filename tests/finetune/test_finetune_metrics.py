@@ -14,8 +14,6 @@ from histcode.finetune.metrics import (
     compute_metrics,
     correlation,
     jsonable,
-    site_confounding,
-    site_confounding_warning,
     summarise,
     within_site_auc,
 )
@@ -303,37 +301,6 @@ def test_within_site_auc_reads_tcga_barcodes_or_says_why_not() -> None:
     plain = within_site_auc(_site_table(rows).drop(columns="site"))
     assert plain["available"] is False and "'site' column" in plain["reason"]
     assert math.isnan(plain["auc"]) and plain["sites"] == 0
-
-
-def test_site_confounding_names_the_shortcut_and_stays_quiet_on_chance() -> None:
-    """Every normal slide from site S1 of three (as ``histcode synth --normal_sites 1``): the
-    site alone ranks tumour above normal at AUC 0.83 (S1's tumour share 0.5, the others' 1;
-    hand count: 20 of 30 tumours above every normal, 10 tied), far above what shuffled labels
-    give. Sites holding tumour and normal in like shares, or drawn at random, do not warn."""
-    sites = ["S1"] * 20 + ["S2"] * 10 + ["S3"] * 10
-    tumour = [1.0] * 10 + [0.0] * 10 + [1.0] * 20
-    found = site_confounding(sites, tumour)
-    assert math.isclose(found["site_only_auc"], (20 * 10 + 0.5 * 10 * 10) / 300)
-    assert found["confounded"] and found["p_value"] < 0.01 and found["chance_auc"] < 0.7
-    assert found["tumour_only_sites"] == ["S2", "S3"] and found["normal_by_site"]["S1"] == 10
-    warning = site_confounding_warning(found)
-    assert "AUC 0.83" in warning and "S1 10" in warning and "S2, S3" in warning
-    assert "--stain_norm macenko" in warning and "within-site" in warning
-    normalised = site_confounding_warning(found, "macenko")
-    assert "stain-normalised (macenko)" in normalised and "--stain_norm macenko" not in normalised
-
-    balanced = site_confounding(sites, [1.0, 0.0] * 20)
-    assert balanced["site_only_auc"] == 0.5 and not balanced["confounded"]
-    assert site_confounding_warning(balanced) is None
-    rng = np.random.default_rng(0)
-    alarms = [
-        site_confounding(rng.choice(["A", "B", "C"], 45), rng.permutation([1.0] * 30 + [0.0] * 15),
-                         resamples=500)["confounded"]
-        for _ in range(40)
-    ]  # fmt: skip
-    assert sum(alarms) <= 2  # the test's 1 % (random site-only AUCs reach 0.7 one time in 20)
-    unknown = site_confounding(["", "", "A", "A"], [1.0, 0.0, 1.0, float("nan")])
-    assert not unknown["available"] and math.isnan(unknown["site_only_auc"])
 
 
 def test_metrics_record_site_confounding_where_sites_are_known() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from histcode.finetune.barcodes import is_tcga, parse_barcode
+from histcode.barcodes import is_tcga, parse_barcode
 
 
 @pytest.mark.parametrize(
