@@ -16,10 +16,11 @@ decay on weights only and lightly's warm-up + cosine schedule, from the module's
 ``histcode.demo._pretrain_config``: the tiny CNN, 64-d, width 16, projection 32, lr 2e-3,
 weight decay 1e-4, 10 warm-up steps, batch 32; with SimCLR's temperature 0.1 and default
 augmentations, which the demo used until 2026-11-30) with a variant's overrides
-(:data:`VARIANTS`; ``demo`` is what the demo uses now: temperature 0.5, no colour jitter or
-grayscale). The only difference from the pipeline is the data path: each step draws
-its batch uniformly from all tiles of the store (with replacement) instead of an epoch's
-shuffle.
+(:data:`VARIANTS`; ``demo`` is what the demo uses now: temperature 0.5, no colour jitter,
+grayscale or blur; the demo trains it for 2,000 steps on Macenko-normalised tiles,
+``demo_macenko`` with ``--steps 2000``). The only difference from the pipeline is the data
+path: each step draws its batch uniformly from all tiles of the store (with replacement)
+instead of an epoch's shuffle.
 
 Each run is probed like :mod:`benchmarks.ceiling` probes an encoder (its
 :func:`~benchmarks.ceiling.probe_features` and :func:`~benchmarks.ceiling.feature_stats` on
@@ -83,7 +84,22 @@ from benchmarks.spec import Benchmark, Section, last_json, tail
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
     # what histcode demo trains with (a test holds this to histcode.demo._pretrain_config)
-    "demo": {"temperature": 0.5, "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0}},
+    "demo": {
+        "temperature": 0.5,
+        "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
+    },
+    # the demo tiles with Macenko normalisation by default: its recipe on normalised tiles
+    "demo_macenko": {
+        "temperature": 0.5,
+        "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
+        "stain": "macenko",
+    },
+    # the demo's recipe until session 12 (with SimCLR's Gaussian blur), on normalised tiles
+    "nocolour_macenko": {
+        "temperature": 0.5,
+        "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0},
+        "stain": "macenko",
+    },
     "temp05": {"temperature": 0.5},
     "temp1": {"temperature": 1.0},
     "lr2e-4": {"lr": 2e-4},
@@ -93,10 +109,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "temp05_nocolour": {"temperature": 0.5, "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0}},
     "temp05_macenko": {"temperature": 0.5, "stain": "macenko"},
 }
-#: The variants of a full run (the runner's): the base and the one-change A/Bs (``demo`` is
-#: ``temp05_nocolour``).
+#: The variants of a full run (the runner's): the base, the one-change A/Bs and the demo's
+#: recipe on raw and on Macenko-normalised tiles (``demo`` is ``temp05_nocolour`` without blur).
 FULL_VARIANTS = (
     "base", "temp05", "temp1", "lr2e-4", "nocolour", "temp05_nocolour", "temp05_macenko",
+    "demo", "nocolour_macenko", "demo_macenko",
 )  # fmt: skip
 #: Override keys that are not :class:`ContrastiveModule` arguments.
 RECIPE_KEYS = ("batch_size", "augmentation", "stain")
