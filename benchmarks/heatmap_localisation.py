@@ -7,7 +7,7 @@ the true tumour mask, and each lymphocyte gene's log2FC map vs the true lymphocy
 same for the naive baseline (random encoder, mean pooling, linear model). Prints one JSON line
 with the means over tumour slides. Goal: ≥ 0.85 each.
 
-    python -m benchmarks.heatmap_localisation [--patients 30] [--steps 1000] [--epochs 100]
+    python -m benchmarks.heatmap_localisation [--patients 30] [--steps 2000] [--epochs 100]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def run(
     work: Path,
     difficulty: str = "easy",
     patients: int = 30,
-    steps: int = 1000,
+    steps: int = 2000,
     epochs: int = 100,
     aggregator: str = "abmil",
     seed: int = 0,
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/localisation"))
     parser.add_argument("--difficulty", default="easy", choices=["easy", "hard"])
     parser.add_argument("--patients", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=1000, help="pretraining steps")
+    parser.add_argument("--steps", type=int, default=2000, help="pretraining steps (the demo's)")
     parser.add_argument("--epochs", type=int, default=100, help="most finetuning epochs")
     parser.add_argument("--aggregator", default="abmil")
     parser.add_argument("--seed", type=int, default=0)
