@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histcode.siteconfounding import site_confounding, site_confounding_warning
+from histcode.siteconfounding import site_confounding
 
 
 def _finite(x: float) -> float | None:
@@ -622,8 +622,6 @@ __all__ = [
     "prediction_sites",
     "sample_level",
     "significance_label",
-    "site_confounding",
-    "site_confounding_warning",
     "summarise",
     "within_site_auc",
 ]

@@ -182,7 +182,7 @@ def prepare_labels(
                 "[genes]."
             )
     if "tumour" in tasks:
-        from histcode.finetune.metrics import site_confounding, site_confounding_warning
+        from histcode.siteconfounding import site_confounding, site_confounding_warning
 
         confounding = site_confounding(built.sites, built.tumour)
         warning = site_confounding_warning(confounding, store.attrs.get("stain_norm"))
@@ -314,10 +314,11 @@ def run_finetune(
     """
     from histcode.finetune import cv as cvmod
     from histcode.finetune.bags import FeatureBags
-    from histcode.finetune.metrics import compute_metrics, site_confounding_warning
+    from histcode.finetune.metrics import compute_metrics
     from histcode.finetune.module import MILModule
     from histcode.finetune.options import TRAINER_DEFAULTS
     from histcode.registry import check_name
+    from histcode.siteconfounding import site_confounding_warning
 
     data, model = data or DataOptions(), model or ModelOptions()
     loss, optim, cv = loss or LossOptions(), optim or OptimOptions(), cv or CVOptions()
