@@ -378,7 +378,7 @@ def _check_sites(run: _Runner, slides: Path, stain_norm: str) -> dict[str, Any] 
     found = site_confounding([c.site for c in codes], [float(c.is_tumour) for c in codes])
     warning = site_confounding_warning(found, stain_norm)
     if warning:
-        run.say(f"\nWarning (from the slide file names, before tiling): {warning}")
+        run.say(f"\nWarning (from the slide file names): {warning}")
     return found
 
 

@@ -162,28 +162,50 @@ class ResNetEncoder(Encoder):
 
 
 class TinyEncoder(Encoder):
-    """Three strided 3×3 convolutions and a global average pool: fast on CPU, for tests.
+    """Strided 3×3 convolutions and a global average pool: fast on CPU, for tests and demos.
+
+    With the defaults (three convolutions, no activation after the last) the pooled embedding
+    is a linear map of the mean of the second layer's features over the tile: a texture
+    average with a 15 px receptive field. ``final_relu`` rectifies the last convolution before
+    the pool, so that a channel can count *where* a pattern occurs (e.g. the share of a tile's
+    positions with a large, dark nucleus) instead of averaging it away; ``depth`` 4 adds a
+    fourth convolution (31 px receptive field). Neither adds parameters' names that the
+    three-layer weights lack: old weights files load into the default architecture unchanged.
 
     Args:
         embed_dim: size of the embeddings.
-        width: channels of the first convolution (the second has ``2 * width``).
+        width: channels of the first convolution (each further one doubles them; the last
+            has ``embed_dim``).
         input_spec: what the encoder expects of its input tiles.
+        depth: number of strided convolutions, ≥ 2.
+        final_relu: a ReLU after the last convolution, before the pool.
 
     Shapes:
         ``(B, 3, H, W)`` → ``(B, embed_dim)``, any ``H, W`` ≥ 1.
     """
 
-    def __init__(self, embed_dim: int, width: int, input_spec: InputSpec) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        width: int,
+        input_spec: InputSpec,
+        depth: int = 3,
+        final_relu: bool = False,
+    ) -> None:
         if embed_dim < 1 or width < 1:
             raise ValueError(f"embed_dim and width must be positive, got {embed_dim}, {width}")
+        if depth < 2:
+            raise ValueError(f"depth must be at least 2 convolutions, got {depth}")
         super().__init__(embed_dim, input_spec)
-        self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, stride=2, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(2 * width, embed_dim, 3, stride=2, padding=1),
-        )
+        channels = [3] + [width * 2**i for i in range(depth - 1)] + [embed_dim]
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1))
+            if i < depth - 1 or final_relu:
+                layers.append(nn.ReLU(inplace=True))
+        self.features = nn.Sequential(*layers)
+        self.depth = depth
+        self.final_relu = final_relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed tiles.
@@ -478,13 +500,16 @@ def tiny(
     *,
     embed_dim: int = 32,
     width: int = 16,
+    depth: int = 3,
+    final_relu: bool = False,
     mpp: float = 0.5,
     tile_size: int = 224,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> Encoder:
-    """Three strided convolutions, ``embed_dim``-d (32 by default): for tests and CPU demos."""
-    return TinyEncoder(embed_dim, width, _spec(mpp, tile_size, mean, std))
+    """Strided convolutions (``depth``, 3 by default), ``embed_dim``-d (32 by default): for
+    tests and CPU demos; ``final_relu`` rectifies the last one (:class:`TinyEncoder`)."""
+    return TinyEncoder(embed_dim, width, _spec(mpp, tile_size, mean, std), depth, final_relu)
 
 
 @_register("timm")

@@ -87,7 +87,28 @@ def test_unknown_encoder_and_argument() -> None:
     with pytest.raises(UnknownNameError, match="Did you mean 'resnet50'"):
         create_encoder("resnet05")
     with pytest.raises(ValueError, match="it takes weights, embed_dim"):
-        create_encoder("tiny", depth=3)
+        create_encoder("tiny", layers=3)
+
+
+def test_tiny_depth_and_final_relu() -> None:
+    """The default tiny CNN is the three-layer one old weights were saved from; ``final_relu``
+    adds no parameter (old weights load) but makes the pooled features non-negative counts,
+    and ``depth`` adds convolutions."""
+    torch.manual_seed(0)
+    plain = create_encoder("tiny", embed_dim=8, width=4, mpp=1.0, tile_size=64)
+    rectified = create_encoder("tiny", embed_dim=8, width=4, final_relu=True, mpp=1.0, tile_size=64)
+    assert list(plain.state_dict()) == list(rectified.state_dict())
+    rectified.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 3, 64, 64)
+    a, b = plain(x), rectified(x)
+    assert a.shape == b.shape == (5, 8)
+    assert (a < 0).any() and (b >= 0).all()  # the pool of a rectified map is never negative
+    assert not torch.allclose(a, b)
+    deep = create_encoder("tiny", embed_dim=8, width=4, depth=4, mpp=1.0, tile_size=64)
+    convs = [m for m in deep.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8, 16, 8] and deep(x).shape == (5, 8)
+    with pytest.raises(ValueError, match="depth must be at least 2"):
+        create_encoder("tiny", depth=1)
 
 
 def test_timm_missing_says_how_to_install() -> None:

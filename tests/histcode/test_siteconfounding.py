@@ -73,7 +73,7 @@ def test_demo_warns_from_the_slide_names_before_tiling(tmp_path: Path) -> None:
     said = _Said()
     found = _check_sites(said, confounded, "macenko")
     assert found is not None and found["confounded"] and found["slides"] == 40
-    assert len(said.lines) == 1 and "before tiling" in said.lines[0]
+    assert len(said.lines) == 1 and "from the slide file names" in said.lines[0]
     assert "S1 10" in said.lines[0] and "stain-normalised (macenko)" in said.lines[0]
     said = _Said()
     found = _check_sites(said, balanced, "none")
