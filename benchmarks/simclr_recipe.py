@@ -13,7 +13,8 @@ ContrastiveModule` (the encoder from the zoo, lightly's SimCLR projection head a
 loss, the batched :class:`~histcode.pretrain.augment.TileAugmentation`, AdamW with weight
 decay on weights only and lightly's warm-up + cosine schedule, from the module's own
 ``configure_optimizers``), built from a base recipe (the demo's encoder and optimiser from
-``histcode.demo._pretrain_config``: the tiny CNN, 64-d, width 16, projection 32, lr 2e-3,
+``histcode.demo._pretrain_config``: the tiny CNN, 64-d, width 16 with a ReLU before the pool
+(without it until session 13: ``norelu_macenko``), projection 32, lr 2e-3,
 weight decay 1e-4, 10 warm-up steps, batch 32; with SimCLR's temperature 0.1 and default
 augmentations, which the demo used until 2026-11-30) with a variant's overrides
 (:data:`VARIANTS`; ``demo`` is what the demo uses now: temperature 0.5, no colour jitter,
@@ -94,6 +95,26 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
         "stain": "macenko",
     },
+    # session 12's demo encoder (no ReLU before the pool; the demo has one since session 13)
+    # and the architecture A/Bs of session 13 (a fourth convolution, width 32), normalised tiles
+    "norelu_macenko": {
+        "temperature": 0.5,
+        "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
+        "stain": "macenko",
+        "encoder_kwargs": {"final_relu": False},
+    },
+    "depth4_macenko": {
+        "temperature": 0.5,
+        "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
+        "stain": "macenko",
+        "encoder_kwargs": {"depth": 4},
+    },
+    "width32_macenko": {
+        "temperature": 0.5,
+        "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
+        "stain": "macenko",
+        "encoder_kwargs": {"width": 32},
+    },
     # the demo's recipe until session 12 (with SimCLR's Gaussian blur), on normalised tiles
     "nocolour_macenko": {
         "temperature": 0.5,
@@ -113,7 +134,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 #: recipe on raw and on Macenko-normalised tiles (``demo`` is ``temp05_nocolour`` without blur).
 FULL_VARIANTS = (
     "base", "temp05", "temp1", "lr2e-4", "nocolour", "temp05_nocolour", "temp05_macenko",
-    "demo", "nocolour_macenko", "demo_macenko",
+    "demo", "nocolour_macenko", "demo_macenko", "norelu_macenko", "depth4_macenko",
+    "width32_macenko",
 )  # fmt: skip
 #: Override keys that are not :class:`ContrastiveModule` arguments.
 RECIPE_KEYS = ("batch_size", "augmentation", "stain")
@@ -192,7 +214,6 @@ def recipe_for(overrides: dict[str, Any], base: dict[str, Any] | None = None) ->
     base = base or demo_recipe()
     allowed = set(inspect.signature(ContrastiveModule).parameters) - {
         "augmentation", "mpp", "tile_size", "init_from", "registry", "method", "encoder",
-        "encoder_kwargs",
     }  # fmt: skip
     unknown = set(overrides) - allowed - set(RECIPE_KEYS)
     if unknown:
@@ -212,6 +233,11 @@ def recipe_for(overrides: dict[str, Any], base: dict[str, Any] | None = None) ->
     if batch_size < 2:
         raise ValueError(f"batch_size {batch_size}: NT-Xent needs at least 2 tiles a step")
     model = {**base["model"], **{k: v for k, v in overrides.items() if k not in RECIPE_KEYS}}
+    if "encoder_kwargs" in overrides:  # an architecture change: on top of the demo's encoder's
+        model["encoder_kwargs"] = {
+            **(base["model"].get("encoder_kwargs") or {}),
+            **overrides["encoder_kwargs"],
+        }
     return {
         "model": model,
         "augmentation": augmentation,
@@ -557,6 +583,12 @@ def mean_sd(values: list[float | None]) -> dict[str, Any]:
     }
 
 
+def _arch(encoder_kwargs: dict[str, Any] | None) -> str:
+    """An encoder's arguments as a key (runs pair with the initial weights of the same
+    architecture)."""
+    return json.dumps(encoder_kwargs or {}, sort_keys=True)
+
+
 def summarise(
     runs: list[dict[str, Any]], random_init: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -564,7 +596,7 @@ def summarise(
     weights: mean ± sd over seeds of every figure; for variants, the difference from the
     random init of the same seed and tiles (paired)."""
     baseline = {
-        (r["cohort"], r["stain"], r["seed"]): r["probe"]
+        (r["cohort"], r["stain"], _arch(r.get("encoder_kwargs")), r["seed"]): r["probe"]
         for r in random_init
         if r.get("status") == "ok"
     }
@@ -572,17 +604,20 @@ def summarise(
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in random_init:
         if r.get("status") == "ok":
-            groups.setdefault((r["cohort"], "random init", r["stain"], 0), []).append(r)
+            key = (r["cohort"], "random init", r["stain"], 0, _arch(r.get("encoder_kwargs")))
+            groups.setdefault(key, []).append(r)
     for r in runs:
         if r.get("status") == "ok":
-            key = (r["cohort"], r["variant"], r["recipe"].get("stain"), r["steps"])
+            arch = _arch(r["recipe"]["model"].get("encoder_kwargs"))
+            key = (r["cohort"], r["variant"], r["recipe"].get("stain"), r["steps"], arch)
             groups.setdefault(key, []).append(r)
-    for (cohort, variant, stain, steps), entries in groups.items():
+    for (cohort, variant, stain, steps, arch), entries in groups.items():
         row: dict[str, Any] = {
             "cohort": cohort,
             "variant": variant,
             "stain": stain,
             "steps": steps,
+            "encoder_kwargs": json.loads(arch),
             "seeds": sorted(e["seed"] for e in entries),
         }
         for figure in FIGURES:
@@ -595,7 +630,7 @@ def summarise(
             for figure in ("tumour_tile_auc", "tumour_slide_auc"):
                 deltas = []
                 for e in entries:
-                    base = baseline.get((cohort, stain, e["seed"]))
+                    base = baseline.get((cohort, stain, arch, e["seed"]))
                     mine = e["probe"].get(figure)
                     ok = base is not None and mine is not None and base.get(figure) is not None
                     deltas.append(mine - base[figure] if ok else None)  # type: ignore[index]
@@ -693,7 +728,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 pixels = pixels_of[stain]
                 init_key = {**common, "seed": seed, "stain": stain, "model": recipe["model"]}
-                if not any(r["seed"] == seed and r["stain"] == stain for r in random_init):
+                arch = recipe["model"].get("encoder_kwargs")
+                if not any(
+                    r["seed"] == seed and r["stain"] == stain and r.get("encoder_kwargs") == arch
+                    for r in random_init
+                ):
                     entry = _cached(
                         args.work / "runs" / f"init-{_key(init_key)}.json",
                         args.fresh,
@@ -876,7 +915,11 @@ def _pm(stat: dict[str, Any] | None, digits: int = 3, signed: bool = False) -> s
 
 def _row_name(row: dict[str, Any]) -> str:
     if row["variant"] == "random init":
-        return "random init (step 0)" + (f", {row['stain'].capitalize()}" if row["stain"] else "")
+        stain = f", {row['stain'].capitalize()}" if row["stain"] else ""
+        base = demo_recipe()["model"].get("encoder_kwargs") or {}
+        kwargs = row.get("encoder_kwargs") or base
+        arch = ", ".join(f"{k} {v}" for k, v in kwargs.items() if base.get(k) != v)
+        return "random init (step 0)" + stain + (f", {arch}" if arch else "")
     return f"{row['variant']} ({describe(row.get('overrides') or {})})"
 
 

@@ -27,15 +27,15 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """An easy 4-patient cohort of 0.8 × 0.6 mm slides tiled at 1 µm/px (64 px), and the
-    arguments of a run of two variants on it."""
+    arguments of a run of three variants on it (one with another encoder architecture)."""
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("simclr_recipe")
     cohort = ceiling.make_cohort(work, "easy", 4, (0.8, 0.6))
     tiles = ceiling.make_tiles(work, cohort, "easy", 4, 1.0)
     argv = [
         "--tiles", str(tiles), "--cohort", str(cohort), "--work", str(work / "bench"),
-        "--variants", "base", "temp05_macenko", "--seeds", "0", "--steps", str(STEPS),
-        "--tiles-per-slide", "60", "--label", "tiny",
+        "--variants", "base", "temp05_macenko", "norelu_macenko", "--seeds", "0",
+        "--steps", str(STEPS), "--tiles-per-slide", "60", "--label", "tiny",
     ]  # fmt: skip
     return {"work": work, "cohort": cohort, "tiles": tiles, "argv": argv}
 
@@ -48,7 +48,7 @@ def result(tiny: dict[str, Any]) -> dict[str, Any]:
 def test_a_run_gives_every_run_its_random_init_and_a_summary(result: dict[str, Any]) -> None:
     assert result["benchmark"] == "simclr_recipe" and result["seeds"] == [0]
     runs = {r["variant"]: r for r in result["runs"]}
-    assert set(runs) == {"base", "temp05_macenko"}
+    assert set(runs) == {"base", "temp05_macenko", "norelu_macenko"}
     for r in runs.values():
         assert r["status"] == "ok", r.get("error")
         assert r["steps"] == STEPS and r["pretrain"]["steps"] == STEPS
@@ -58,13 +58,32 @@ def test_a_run_gives_every_run_its_random_init_and_a_summary(result: dict[str, A
         for figure in ("tumour_tile_auc", "tumour_slide_auc", "lymphocyte_tile_auc"):
             assert 0 <= p[figure] <= 1
         assert 0 < p["effective_rank"] <= p["dim"] == 64
-    assert {(r["stain"], r["seed"]) for r in result["random_init"]} == {(None, 0), ("macenko", 0)}
-    rows = {(row["variant"], row["stain"]): row for row in result["summary"]}
-    assert set(rows) == {
-        ("random init", None), ("random init", "macenko"), ("base", None),
-        ("temp05_macenko", "macenko"),
+    # each architecture is paired with its own initial weights: the demo's tiny CNN (a ReLU
+    # before the pool) and session 12's (without it)
+    assert recipe.demo_recipe()["model"]["encoder_kwargs"]["final_relu"] is True
+    assert runs["norelu_macenko"]["recipe"]["model"]["encoder_kwargs"] == {
+        "embed_dim": 64, "width": 16, "final_relu": False,
     }  # fmt: skip
-    demo, init = rows[("base", None)], rows[("random init", None)]
+    inits = {(r["stain"], r["encoder_kwargs"]["final_relu"]) for r in result["random_init"]}
+    assert inits == {(None, True), ("macenko", True), ("macenko", False)}
+    rows = {
+        (row["variant"], row["stain"], row["encoder_kwargs"]["final_relu"]): row
+        for row in result["summary"]
+    }
+    assert set(rows) == {
+        ("random init", None, True), ("random init", "macenko", True),
+        ("random init", "macenko", False), ("base", None, True),
+        ("temp05_macenko", "macenko", True), ("norelu_macenko", "macenko", False),
+    }  # fmt: skip
+    old, old_init = (
+        rows[("norelu_macenko", "macenko", False)],
+        rows[("random init", "macenko", False)],
+    )
+    expected = (
+        runs["norelu_macenko"]["probe"]["tumour_tile_auc"] - old_init["tumour_tile_auc"]["mean"]
+    )
+    assert old["tumour_tile_auc_vs_random"]["mean"] == pytest.approx(expected, abs=1e-4)
+    demo, init = rows[("base", None, True)], rows[("random init", None, True)]
     assert demo["tumour_tile_auc"]["mean"] == runs["base"]["probe"]["tumour_tile_auc"]
     # the paired difference is against the random init of the same seed and tiles
     expected = runs["base"]["probe"]["tumour_tile_auc"] - init["tumour_tile_auc"]["mean"]
@@ -87,10 +106,12 @@ def test_random_init_probe_is_a_probe_of_a_freshly_built_encoder(
     dataset = TileDataset(labels.index)
     pixels = np.stack([dataset[int(i)].numpy() for i in sampled])
     torch.manual_seed(0)
-    encoder = create_encoder("tiny", embed_dim=64, width=16, mpp=1.0, tile_size=64)
+    kwargs = recipe.demo_recipe()["model"]["encoder_kwargs"]
+    encoder = create_encoder("tiny", **kwargs, mpp=1.0, tile_size=64)
     x = ceiling.embed(encoder, pixels)
     direct = ceiling.probe_features(x, labels, sampled, 3, 0.1, 0.02)
     init = next(r for r in result["random_init"] if r["stain"] is None)
+    assert init["encoder_kwargs"] == kwargs
     assert init["probe"]["tumour_tile_auc"] == direct["tumour"]["tile_auc"]
     assert init["probe"]["tumour_slide_auc"] == direct["tumour"]["slide_auc_top"]
     assert init["probe"]["lymphocyte_tile_auc"] == direct["lymphocyte"]["tile_auc"]
@@ -189,7 +210,8 @@ def test_the_section_renders_the_table_next_to_random_init(result: dict[str, Any
     assert init < demo
     assert "temp05_macenko (temperature 0.5, Macenko-normalised tiles), 3 steps" in md
     assert "| tiny | temp1, seed 1 | failed: X |" in md
-    assert "random init (step 0), Macenko" in md
+    assert "random init (step 0), Macenko |" in md
+    assert "random init (step 0), Macenko, final_relu False |" in md
     report = {"machine": {}, "results": {"simclr_recipe": entry}}
     assert "## SimCLR recipes: what pretraining adds" in runner.render_markdown(report)
     assert "simclr_recipe" in runner.NAMES
