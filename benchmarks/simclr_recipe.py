@@ -589,6 +589,11 @@ def _arch(encoder_kwargs: dict[str, Any] | None) -> str:
     return json.dumps(encoder_kwargs or {}, sort_keys=True)
 
 
+def _init_id(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies a random-init probe: cohort, stain, seed and architecture."""
+    return (entry["cohort"], entry["stain"], entry["seed"], _arch(entry.get("encoder_kwargs")))
+
+
 def summarise(
     runs: list[dict[str, Any]], random_init: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -769,10 +774,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs += [
             r for r in old["runs"] if (r["cohort"], r["variant"], r["seed"], r["steps"]) not in seen
         ]
-        seen_init = {(r["cohort"], r["stain"], r["seed"]) for r in random_init}
-        random_init += [
-            r for r in old["random_init"] if (r["cohort"], r["stain"], r["seed"]) not in seen_init
-        ]
+        seen_init = {_init_id(r) for r in random_init}
+        random_init += [r for r in old["random_init"] if _init_id(r) not in seen_init]
         for name, info in old.get("cohorts", {}).items():
             cohorts.setdefault(name, info)
         for name, overrides in old.get("variants", {}).items():
