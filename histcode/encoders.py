@@ -14,7 +14,7 @@ resnet50       torchvision ResNet-50, global average pool                     20
 resnet50_trunc torchvision ResNet-50 through layer3, global average pool      1024
                (as CLAM and the original HistCode use)
 tiny           three strided convolutions, for tests and CPU demos            32 (any)
-               (``depth``, ``final_relu``: the demo's has a ReLU before the pool)
+               (options ``depth``, ``final_relu``: a ReLU before the pool)
 timm           any timm model (``model_name=…``), when timm is installed      the model's
 ============== ============================================================== ==========
 
