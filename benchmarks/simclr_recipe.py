@@ -82,6 +82,13 @@ from benchmarks.spec import Benchmark, Section, last_json, tail
 #: (any :class:`ContrastiveModule` argument), ``batch_size``, ``augmentation`` (a dict of
 #: :class:`AugmentConfig` fields) and ``stain`` (``"macenko"``). The encoder is the demo's in
 #: every recipe (the random-init rows are its initial weights).
+#: The demo's recipe on Macenko-normalised tiles (``demo_macenko``), which the architecture
+#: variants change only in the encoder.
+_DEMO_MACENKO: dict[str, Any] = {
+    "temperature": 0.5,
+    "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
+    "stain": "macenko",
+}
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
     # what histcode demo trains with (a test holds this to histcode.demo._pretrain_config)
@@ -90,31 +97,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
     },
     # the demo tiles with Macenko normalisation by default: its recipe on normalised tiles
-    "demo_macenko": {
-        "temperature": 0.5,
-        "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
-        "stain": "macenko",
-    },
+    "demo_macenko": _DEMO_MACENKO,
     # session 13's architecture A/Bs on normalised tiles: a ReLU before the pool, with a
     # fourth convolution or width 32 as well (the demo keeps the three-layer CNN without it)
-    "relu_macenko": {
-        "temperature": 0.5,
-        "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
-        "stain": "macenko",
-        "encoder_kwargs": {"final_relu": True},
-    },
-    "relu_depth4_macenko": {
-        "temperature": 0.5,
-        "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
-        "stain": "macenko",
-        "encoder_kwargs": {"final_relu": True, "depth": 4},
-    },
-    "relu_width32_macenko": {
-        "temperature": 0.5,
-        "augmentation": {"jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0},
-        "stain": "macenko",
-        "encoder_kwargs": {"final_relu": True, "width": 32},
-    },
+    "relu_macenko": {**_DEMO_MACENKO, "encoder_kwargs": {"final_relu": True}},
+    "relu_depth4_macenko": {**_DEMO_MACENKO, "encoder_kwargs": {"final_relu": True, "depth": 4}},
+    "relu_width32_macenko": {**_DEMO_MACENKO, "encoder_kwargs": {"final_relu": True, "width": 32}},
     # the demo's recipe until session 12 (with SimCLR's Gaussian blur), on normalised tiles
     "nocolour_macenko": {
         "temperature": 0.5,

@@ -205,8 +205,6 @@ class TinyEncoder(Encoder):
             if i < depth - 1 or final_relu:
                 layers.append(nn.ReLU(inplace=True))
         self.features = nn.Sequential(*layers)
-        self.depth = depth
-        self.final_relu = final_relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed tiles.
