@@ -13,8 +13,8 @@ ContrastiveModule` (the encoder from the zoo, lightly's SimCLR projection head a
 loss, the batched :class:`~histcode.pretrain.augment.TileAugmentation`, AdamW with weight
 decay on weights only and lightly's warm-up + cosine schedule, from the module's own
 ``configure_optimizers``), built from a base recipe (the demo's encoder and optimiser from
-``histcode.demo._pretrain_config``: the tiny CNN, 64-d, width 16 (with a ReLU before the pool:
-``relu_macenko``), projection 32, lr 2e-3,
+``histcode.demo._pretrain_config``: the tiny CNN, 64-d, width 16, with a ReLU before the pool
+since session 14 (without it: ``norelu_macenko``), projection 32, lr 2e-3,
 weight decay 1e-4, 10 warm-up steps, batch 32; with SimCLR's temperature 0.1 and default
 augmentations, which the demo used until 2026-11-30) with a variant's overrides
 (:data:`VARIANTS`; ``demo`` is what the demo uses now: temperature 0.5, no colour jitter,
@@ -98,8 +98,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     # the demo tiles with Macenko normalisation by default: its recipe on normalised tiles
     "demo_macenko": _DEMO_MACENKO,
-    # session 13's architecture A/Bs on normalised tiles: a ReLU before the pool, with a
-    # fourth convolution or width 32 as well (the demo keeps the three-layer CNN without it)
+    # session 13's architecture A/Bs on normalised tiles: a ReLU before the pool (the demo's
+    # since session 14; without it, the demo's encoder until then), with a fourth convolution
+    # or width 32 as well
+    "norelu_macenko": {**_DEMO_MACENKO, "encoder_kwargs": {"final_relu": False}},
     "relu_macenko": {**_DEMO_MACENKO, "encoder_kwargs": {"final_relu": True}},
     "relu_depth4_macenko": {**_DEMO_MACENKO, "encoder_kwargs": {"final_relu": True, "depth": 4}},
     "relu_width32_macenko": {**_DEMO_MACENKO, "encoder_kwargs": {"final_relu": True, "width": 32}},
@@ -122,7 +124,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 #: recipe on raw and on Macenko-normalised tiles (``demo`` is ``temp05_nocolour`` without blur).
 FULL_VARIANTS = (
     "base", "temp05", "temp1", "lr2e-4", "nocolour", "temp05_nocolour", "temp05_macenko",
-    "demo", "nocolour_macenko", "demo_macenko", "relu_macenko", "relu_depth4_macenko",
+    "demo", "nocolour_macenko", "demo_macenko", "norelu_macenko", "relu_depth4_macenko",
     "relu_width32_macenko",
 )  # fmt: skip
 #: Override keys that are not :class:`ContrastiveModule` arguments.

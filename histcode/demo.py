@@ -110,11 +110,15 @@ def _pretrain_config(o: DemoOptions) -> dict[str, Any]:
         },
         "model": {
             "encoder": "tiny",
-            # Not tiny's ``final_relu`` (a ReLU before the pool), measured in session 13: lab
-            # slide ceiling 0.89 -> 0.92 and hard-demo tumour map 0.81 -> 0.93, but in CI's run
-            # of the easy demo (seed 0) one fold's tumour-burden genes fell to r 0.25 where our
-            # own run of the same seed gave 0.64 (RESULTS.md, "A tiny CNN that counts").
-            "encoder_kwargs": {"embed_dim": 64, "width": 16},
+            # A ReLU before the pool (``final_relu``): without it conv + mean pool is linear and
+            # a tile's embedding cannot say how much of the tile holds a pattern. Lab (hard,
+            # seeds 0-2): slide ceiling 0.89 -> 0.92; hard demo (30 patients, seeds 0-2): tumour
+            # map 0.81 ± 0.11 -> 0.93 ± 0.03 (RESULTS.md, "A tiny CNN that counts"). Session 13
+            # kept it out after CI's easy demo lost one fold's tumour-burden genes (r 0.25 vs
+            # 0.64 in our run of the seed); session 14 traced that to CI running the demo on one
+            # torch thread (a test left the count at 1): the same seed on one thread reproduces
+            # 0.25, so it was a different float draw, not a different model.
+            "encoder_kwargs": {"embed_dim": 64, "width": 16, "final_relu": True},
             "projection_dim": 32,
             # Temperature 0.5, not simclr.yaml's 0.1 (tuned there for thousands of negatives):
             # with 63 negatives a low temperature puts nearly all the loss on the few most
@@ -927,6 +931,11 @@ def _report(
         pretrained, f"the naive arm's {random} features" if fallback else None
     )
     site_warning = confounding.get("warning")  # finetune's (histcode.finetune.metrics)
+    selection = [  # folds whose validation chose an early epoch for all tasks (finetune's)
+        f"**Warning ({arm} arm, {fold}):** {text}"
+        for arm in (PIPELINE, BASELINE)
+        for fold, text in (finetuned[arm].get("selection_warnings") or {}).items()
+    ]
     minutes = (time.perf_counter() - start) / 60
     plots = out / "finetune" / PIPELINE / "plots"
     paths = {
@@ -942,6 +951,7 @@ def _report(
             "",
             *([warning, ""] if warning else []),
             *([f"**Warning:** {site_warning}", ""] if site_warning else []),
+            *(line for w in selection for line in (w, "")),
             "Every figure is on test folds (patient-grouped CV; each slide's maps come from "
             "the model of the fold that held it out). Genes: one value per patient (its slides "
             "averaged); each fold's model is tested on its own test patients (one-sided "
@@ -961,10 +971,17 @@ def _report(
             "",
         ]
     )
+    made_by = _environment()
+    text += (
+        f"\nMade by histcode {made_by['histcode']} with torch {made_by['torch']} on "
+        f"{made_by['torch_threads']} CPU thread(s): the same seed reproduces these figures "
+        "with the same thread count on the same kind of CPU (float sums depend on both).\n"
+    )
     (out / "results.md").write_text(text)
     result = {
         "out": str(out),
         "minutes": round(minutes, 1),
+        "environment": made_by,
         "results": arms,
         "encoder": {
             **{k: pretrained.get(k) for k in ("ref", "final_loss", "collapse")},
@@ -978,12 +995,28 @@ def _report(
         if confounding
         else None,
         "site_warning": site_warning,
+        "selection_warnings": {a: finetuned[a].get("selection_warnings") or {} for a in arms},
         "results_md": str(out / "results.md"),
         "paths": paths,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print("\n" + text, file=sys.stderr)
     return result
+
+
+def _environment() -> dict[str, Any]:
+    """What made the figures: package versions and torch's CPU thread count (a run's floats
+    depend on it, so a rerun of the same seed matches only on as many threads)."""
+    import torch
+
+    from histcode import __version__
+
+    return {
+        "histcode": __version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+    }
 
 
 def _heatmaps(

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from histcode.tiling import TilingParams, tile_slides
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads_unchanged() -> Iterator[None]:
+    """Fail a test module that leaves torch's thread count changed.
+
+    Float reductions depend on the number of threads, so a count one module left at 1 would
+    change the figures of every later test: CI's end-to-end demo ran on 1 thread for this
+    reason (session 14) and its pretraining differed from a user's run of the same seed.
+    """
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        after = torch.get_num_threads()
+        torch.set_num_threads(before)
+        pytest.fail(f"the module left torch on {after} thread(s) (was {before}); restore it")
 
 
 @pytest.fixture(scope="session")

@@ -273,6 +273,7 @@ class FinetuneRun:
                 "significant": m.get("significant_genes", [])[:20],
                 "registered": self.registered,
                 "failed_slides": self.selection.failed(),
+                "selection_warnings": m.get("selection_warnings", {}),
             }
         )
 
@@ -367,6 +368,10 @@ def run_finetune(
     if "site_confounding" in metrics.get("tumour", {}):  # the demo's results.md repeats it
         found = metrics["tumour"]["site_confounding"]
         found["warning"] = site_confounding_warning(found, attrs.get("stain_norm"))
+    # folds whose validation chose an early epoch for every task (cv.BestState.warning)
+    metrics["selection_warnings"] = {
+        f"fold {r.fold.index + 1}": r.selection_warning for r in result.folds if r.selection_warning
+    }
 
     refitted = None
     if cv.register == "refit":  # every process trains (distributed strategies need all)
@@ -422,6 +427,7 @@ def _write_outputs(
             "retrained_with_validation": r.retrained,
             "best_val": r.best_score,
             "val_history": r.history,
+            "selection_warning": r.selection_warning,
             "slides": {k: len(getattr(r.fold, k)) for k in ("train", "val", "test")},
             "patients": r.fold.patients(labels),
             "group": r.fold.group,

@@ -40,6 +40,10 @@ FOLDS = 3
 def default_run(signal_cohort: SignalCohort, tmp_path_factory: pytest.TempPathFactory):
     """The default model, cross-validated on the 30-patient cohort, one model per fold."""
     root = tmp_path_factory.mktemp("default_run")
+    # One thread for the module's runs, then back: a count left at 1 would also change the
+    # float reductions (and so the results) of every later test in the session, e.g. the
+    # end-to-end demo of tests/test_learning_end_to_end.py.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     run = run_finetune(
         signal_cohort.features,
@@ -53,7 +57,8 @@ def default_run(signal_cohort: SignalCohort, tmp_path_factory: pytest.TempPathFa
         cv=CVOptions(folds=FOLDS, register="folds"),
         trainer={**TRAINER_DEFAULTS, "accelerator": "cpu"},
     )
-    return run, Registry(root / "registry")
+    yield run, Registry(root / "registry")
+    torch.set_num_threads(threads)
 
 
 def _predictions(run: FinetuneRun) -> list[dict[str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -87,3 +88,38 @@ def test_smoothed_validation_chooses_past_a_single_noisy_dip() -> None:
     assert chosen[3] == (7, pytest.approx((1.4 + 1.4 + 1.3) / 3))
     with pytest.raises(ValueError, match=r"cv\.smooth"):
         CVOptions(smooth=0)
+
+
+def test_validation_says_when_one_task_chose_an_early_epoch_for_all() -> None:
+    """The total validation loss chose epoch 0 because the tumour task's loss only rose, while
+    the genes' kept falling: the fold's record names both; an ordinary curve gets no warning."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from histcode.finetune.cv import BestState
+
+    def run(tumour: list[float], log2fc: list[float]) -> BestState:
+        best, layer = BestState("val/loss"), torch.nn.Linear(1, 1)
+        for epoch, (t, g) in enumerate(zip(tumour, log2fc, strict=True)):
+            metrics = {"val/loss": t + g, "val/tumour": t, "val/log2fc": g}
+            trainer = SimpleNamespace(
+                sanity_checking=False, current_epoch=epoch,
+                callback_metrics={k: torch.tensor(v) for k, v in metrics.items()},
+            )  # fmt: skip
+            best.on_validation_end(trainer, layer)
+        return best
+
+    epochs = np.arange(40)
+    rising = list(3.0 + 0.05 * epochs)  # a validation slide wrong from the warm start on
+    falling = list(0.44 * np.exp(-epochs / 10) + 0.05)
+    best = run(rising, falling)
+    assert best.best_epoch == 0 and best.tasks["val/log2fc"] == pytest.approx(falling)
+    warning = best.warning()
+    assert warning is not None
+    assert "chose 1 of 40 epochs" in warning and "val/log2fc 0.49 → 0.0" in warning
+    assert "val/tumour 3 → 4.95 rose" in warning and "--cv.monitor" in warning
+    # both falling: the epoch is late, nothing to say
+    assert run(list(1.0 * np.exp(-epochs / 20)), falling).warning() is None
+    # early epoch, but no other task fell by half after it: nothing to say either
+    assert run(rising, list(0.3 + 0.001 * epochs)).warning() is None

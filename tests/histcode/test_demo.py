@@ -125,6 +125,12 @@ def test_demo_results_table(demo_run: tuple[Path, dict, str]) -> None:
     assert result["encoder"]["collapse"] == collapse
     assert f"collapse verdict **{collapse['verdict']}**" in table
     assert (result["encoder"]["warning"] is None) == (collapse["verdict"] == "ok")
+    # what made the figures, threads included (a rerun of the seed matches only on as many)
+    import torch
+
+    assert result["environment"]["torch_threads"] == torch.get_num_threads()
+    assert result["environment"]["torch"] == torch.__version__
+    assert f"on {torch.get_num_threads()} CPU thread(s)" in table
     arms = result["results"]
     assert set(arms) == {"simclr", "naive"}
     for name, arm in arms.items():  # the table's AUC is the mean over the held-out folds
