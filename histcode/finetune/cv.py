@@ -400,7 +400,7 @@ class BestState(pl.Callback):
             raw values, ``best`` the smoothed one.
     """
 
-    def __init__(self, monitor: str = "val/loss", smooth: int = 1) -> None:
+    def __init__(self, monitor: str | dict[str, float] = "val/loss", smooth: int = 1) -> None:
         self.monitor = monitor
         self.smooth = max(1, int(smooth))
         self.best: float = math.inf
@@ -416,7 +416,7 @@ class BestState(pl.Callback):
         for name, logged in trainer.callback_metrics.items():
             if name.startswith("val/") and name != "val/loss":
                 self.tasks.setdefault(name, []).append(float(logged))
-        value = trainer.callback_metrics.get(self.monitor)
+        value = self._value(trainer.callback_metrics)
         if value is None:
             raise ValueError(
                 f"monitor {self.monitor!r} was not logged (logged: "
@@ -428,6 +428,20 @@ class BestState(pl.Callback):
         if value < self.best or self.state is None:
             self.best, self.best_epoch = value, trainer.current_epoch
             self.state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+
+    def _value(self, logged: Any) -> float | None:
+        """The monitor's value: one logged metric, or the weighted sum of those logged of a
+        ``{metric: weight}`` monitor (a task whose loss had no labelled slide this epoch is
+        left out); None when nothing of it was logged."""
+        if isinstance(self.monitor, str):
+            value = logged.get(self.monitor)
+            return None if value is None else float(value)
+        found = [(float(logged[k]), w) for k, w in self.monitor.items() if k in logged]
+        return sum(v * w for v, w in found) if found else None
+
+    def stalled(self, patience: int) -> bool:
+        """``patience`` validation epochs or more since the best one."""
+        return len(self.history) - 1 - self.best_epoch >= patience
 
     def warning(self) -> str | None:
         """Say so when one task's validation loss chose an early epoch for every task.
@@ -462,8 +476,9 @@ class BestState(pl.Callback):
             f"but after epoch {at} {listing(fell)} kept falling"
             + (f" while {listing(rose)} rose" if rose else "")
             + ": one task's validation slides decided for all. A few validation patients "
-            "can do this; more patients, or --cv.monitor set to the task you care about "
-            "(e.g. val/log2fc), choose better"
+            "can do this; more patients, --cv.select per_task (each part of the model at "
+            "its own epoch) or --cv.monitor set to the task you care about (e.g. "
+            "val/log2fc) choose better"
         )
 
 
@@ -483,6 +498,8 @@ class FoldResult:
             ``best_epoch + 1`` epochs (``cv.retrain``).
         selection_warning: :meth:`BestState.warning` (one task's validation chose an early
             epoch while another's kept falling), or None.
+        part_epochs: with ``cv.select per_task``, the epoch (0-based) each part of the model
+            was taken from (:func:`selection_parts`); ``best_epoch`` is then the genes'.
     """
 
     fold: Fold
@@ -493,6 +510,7 @@ class FoldResult:
     predictions: dict[str, Any] = field(default_factory=dict)
     retrained: bool = False
     selection_warning: str | None = None
+    part_epochs: dict[str, int] | None = None
 
 
 def train_fold(
@@ -533,9 +551,15 @@ def train_fold(
 
     module = fresh(fold.train)
     best = BestState(cv.monitor, cv.smooth)
-    stopper = EarlyStopping(monitor=cv.monitor, mode="min", patience=cv.patience)
+    parts = selection_parts(module) if cv.select == "per_task" else None
     kwargs = dict(trainer_kwargs)
-    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), best, stopper]
+    if parts is None:
+        trackers: dict[str, BestState] = {}
+        stop: pl.Callback = EarlyStopping(monitor=cv.monitor, mode="min", patience=cv.patience)
+    else:
+        trackers = {name: BestState(part.monitor, cv.smooth) for name, part in parts.items()}
+        stop = _StopWhenAllStall(list(trackers.values()), cv.patience)
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), best, *trackers.values(), stop]
     with quiet_lightning():
         trainer = pl.Trainer(**kwargs)
 
@@ -543,6 +567,7 @@ def train_fold(
         dataset = BagDataset(bags, labels.subset(rows), data.max_tiles if train else None)
         return bag_loader(dataset, data.batch_size, train, data.num_workers, seed)
 
+    part_epochs = {name: t.best_epoch for name, t in trackers.items()} or None
     with quiet_lightning():
         trainer.fit(module, loader(fold.train, True), loader(fold.val, False))
         if best.state is None:
@@ -550,32 +575,127 @@ def train_fold(
                 f"fold {fold.index}: no validation epoch ran; check --trainer.max_epochs and "
                 "--trainer.limit_val_batches"
             )
-        module.load_state_dict(best.state)
+        part_epochs = {name: t.best_epoch for name, t in trackers.items()} or None
+        if parts is None:
+            module.load_state_dict(best.state)
+        else:
+            module.load_state_dict(_merge_parts(parts, {n: t.state for n, t in trackers.items()}))
         retrained = bool(cv.retrain and len(fold.val))
         if retrained:
             # the chosen weights only chose the epoch count: a fresh module learns from all
-            module, trainer = _retrain(fold, fresh, loader, best, trainer_kwargs)
+            epochs = part_epochs or {"all": best.best_epoch}
+            module, trainer = _retrain(fold, fresh, loader, epochs, parts, trainer_kwargs)
         predictions: dict[str, Any] = {}
         if len(fold.test):
             predictions = predict(module, loader(fold.test, False), trainer)
     module.cpu().eval()
-    warning = best.warning()
+    warning = best.warning() if parts is None else None
     if warning:
         log.warning("fold %d: %s", fold.index + 1, warning)
+    chosen = part_epochs["genes"] if part_epochs else best.best_epoch
+    score = trackers["genes"].best if parts is not None else best.best
     return FoldResult(
-        fold, best.best_epoch, best.best, best.history, module, predictions, retrained, warning
+        fold, chosen, score, best.history, module, predictions, retrained, warning, part_epochs
     )
+
+
+@dataclass(frozen=True)
+class SelectionPart:
+    """A part of the slide model whose epoch its own validation losses choose.
+
+    Attributes:
+        monitor: ``{val/<term>: loss weight}``, summed.
+        prefix: the part's parameter names start with it; None: every parameter no other
+            part claims.
+    """
+
+    monitor: dict[str, float]
+    prefix: str | None
+
+
+def selection_parts(module: MILModule) -> dict[str, SelectionPart] | None:
+    """The parts ``cv.select per_task`` chooses an epoch for, or None where the model has
+    only one.
+
+    With top-share tumour pooling the tumour logit and map come from their own scorer
+    (``model.tumour_path``), trained by the tumour and known-negative losses; the gene and
+    categorical heads (and the second scorer whose tumour fraction the genes read) are the
+    rest. Validation of 2-3 patients can hold a slide the tumour scorer gets wrong from the
+    start, whose loss then only rises; summed, it stops the gene heads after an epoch or two
+    while their own loss keeps falling (RESULTS.md, "One thread, one validation slide").
+    When the genes read the tumour scorer itself (``tumour_fraction_genes`` without tile
+    context) the parts are not separable, and None is returned.
+    """
+    model = module.model
+    if getattr(model, "tumour_path", None) is None:
+        return None
+    if getattr(model, "fraction", None) is not None and model.fraction_scorer is None:
+        return None
+    w = module.loss_options
+    rest = {f"val/{t}": float(getattr(w, t)) for t in ("log2fc", "classes", "categorical")}
+    rest = {k: v for k, v in rest.items() if v > 0}
+    if not (model.head.n_genes or model.head.n_classes) or not rest:
+        return None
+    tumour = {"val/tumour": float(w.tumour), "val/negatives": float(w.negatives)}
+    return {
+        "tumour": SelectionPart({k: v for k, v in tumour.items() if v > 0}, "model.tumour_path."),
+        "genes": SelectionPart(rest, None),
+    }
+
+
+def _merge_parts(
+    parts: dict[str, SelectionPart], states: dict[str, dict[str, torch.Tensor] | None]
+) -> dict[str, torch.Tensor]:
+    """One state dict: each prefixed part's parameters from its own state, the rest from the
+    part without a prefix."""
+    rest = next(n for n, p in parts.items() if p.prefix is None)
+    merged = dict(states[rest] or {})
+    for name, part in parts.items():
+        if part.prefix is not None and states[name] is not None:
+            merged.update({k: v for k, v in states[name].items() if k.startswith(part.prefix)})
+    return merged
+
+
+class _StopWhenAllStall(pl.Callback):
+    """Early stopping for ``cv.select per_task``: stop once every part has gone
+    ``patience`` validation epochs without improving."""
+
+    def __init__(self, trackers: list[BestState], patience: int) -> None:
+        self.trackers, self.patience = trackers, patience
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if all(t.history and t.stalled(self.patience) for t in self.trackers):
+            trainer.should_stop = True
+
+
+class _Snapshots(pl.Callback):
+    """The module's weights at the end of the given training epochs (0-based)."""
+
+    def __init__(self, epochs: set[int]) -> None:
+        self.epochs = epochs
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch in self.epochs:
+            self.states[trainer.current_epoch] = {
+                k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()
+            }
 
 
 def _retrain(
     fold: Fold,
     fresh: Callable[[np.ndarray], MILModule],
     loader: Callable[[np.ndarray, bool], Any],
-    best: BestState,
+    epochs: dict[str, int],
+    parts: dict[str, SelectionPart] | None,
     trainer_kwargs: dict[str, Any],
 ) -> tuple[MILModule, pl.Trainer]:
     """A fresh module trained on the fold's training *and* validation slides for the number
-    of epochs validation chose (``cv.retrain``); the test slides stay untouched.
+    of epochs validation chose (``cv.retrain``); the test slides stay untouched. With
+    ``parts`` (``cv.select per_task``) it trains for the most any part chose and takes each
+    part's weights at the end of its own epoch.
 
     With ~30 patients, a fifth of each training part set aside to choose the epoch is a
     fifth less to learn from: on the 30-patient hard demo cohort a linear top-share tumour
@@ -585,15 +705,19 @@ def _retrain(
     rows = np.sort(np.concatenate([fold.train, fold.val]))
     module = fresh(rows)
     kwargs = dict(trainer_kwargs)
-    kwargs["max_epochs"] = best.best_epoch + 1
+    kwargs["max_epochs"] = max(epochs.values()) + 1
     kwargs.pop("max_steps", None)
     kwargs["limit_val_batches"] = 0
-    kwargs["callbacks"] = list(kwargs.get("callbacks") or [])
+    snapshots = _Snapshots(set(epochs.values())) if parts is not None else None
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *([snapshots] if snapshots else [])]
     with quiet_lightning(), warnings.catch_warnings():
         # no validation loop here on purpose: the epoch count is already chosen
         warnings.filterwarnings("ignore", message=".*no `val_dataloader`")
         trainer = pl.Trainer(**kwargs)
         trainer.fit(module, loader(rows, True))
+    if parts is not None and snapshots is not None:
+        states = {name: snapshots.states.get(epochs[name]) for name in parts}
+        module.load_state_dict(_merge_parts(parts, states))
     return module, trainer
 
 
@@ -712,9 +836,15 @@ def run_cv(
             len(fold.val),
             len(fold.test),
             result.best_epoch,
-            cv.monitor,
+            cv.monitor if result.part_epochs is None else "genes' val",
             result.best_score,
         )
+        if result.part_epochs:
+            log.info(
+                "fold %d: epoch of each part (cv.select per_task): %s",
+                fold.index + 1,
+                result.part_epochs,
+            )
         results.append(result)
     return CVResult(results, predictions_frame(labels, results, tumour))
 

@@ -287,6 +287,22 @@ class CVOptions:
             ``val/loss`` (weighted total), ``val/tumour``, ``val/log2fc``, ``val/classes`` or
             ``val/categorical``.
         patience: epochs without improvement of ``monitor`` before stopping.
+        select: how validation chooses the epoch. ``total``: one epoch for the whole model,
+            on ``monitor``. ``per_task``: with top-share tumour pooling, the tumour scorer
+            (the tumour logit and map) is taken at the epoch of its own validation losses
+            (tumour + known negatives) and the rest of the model (gene and categorical heads,
+            the scorer the genes read) at the epoch of the gene and categorical losses;
+            training stops once both have gone ``patience`` epochs without improving, and
+            ``retrain`` trains for the later of the two and keeps each part's weights at its
+            own epoch. A validation part of 2-3 patients can hold a slide the tumour scorer
+            gets wrong from the start, whose loss only rises and, summed, stops the gene
+            heads after an epoch (RESULTS.md, "One thread, one validation slide"). Models
+            with one part (attention pooling for the tumour, genes reading the tumour scorer
+            itself) use ``total``. Not the demo's: measured on 7 demo runs it mended the one
+            fold the summed loss stopped after an epoch (tumour-burden genes 0.25 → 0.66), but
+            the genes' loss alone is noisier on 2-3 validation patients and chose epoch 2 and
+            6 in two other folds (lymphocyte genes 0.92 → 0.87 and 0.86 → 0.61 in those
+            runs); use it where finetune warns that one task chose the epoch for all.
         smooth: epochs the ``monitor`` is averaged over when choosing the best epoch (that
             epoch and the ones before it; 1: each epoch's own value). A validation part of a
             few patients gives a noisy curve whose lowest single epoch is often a dip of noise.
@@ -311,6 +327,7 @@ class CVOptions:
         "val/loss"
     )
     patience: int = 30
+    select: Literal["total", "per_task"] = "total"
     smooth: int = 1
     retrain: bool = False
     alpha: float = 0.05
@@ -320,6 +337,8 @@ class CVOptions:
     def __post_init__(self) -> None:
         if self.smooth < 1:
             raise ValueError(f"cv.smooth must be 1 or more epochs, not {self.smooth}")
+        if self.select not in ("total", "per_task"):
+            raise ValueError(f"cv.select must be 'total' or 'per_task', not {self.select!r}")
         if self.group not in ("patient", "site"):
             raise ValueError(f"cv.group must be 'patient' or 'site', not {self.group!r}")
         if self.anndata:

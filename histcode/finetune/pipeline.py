@@ -428,6 +428,7 @@ def _write_outputs(
             "best_val": r.best_score,
             "val_history": r.history,
             "selection_warning": r.selection_warning,
+            "part_epochs": r.part_epochs,
             "slides": {k: len(getattr(r.fold, k)) for k in ("train", "val", "test")},
             "patients": r.fold.patients(labels),
             "group": r.fold.group,

@@ -119,7 +119,78 @@ def test_validation_says_when_one_task_chose_an_early_epoch_for_all() -> None:
     assert warning is not None
     assert "chose 1 of 40 epochs" in warning and "val/log2fc 0.49 → 0.0" in warning
     assert "val/tumour 3 → 4.95 rose" in warning and "--cv.monitor" in warning
+    assert "--cv.select per_task" in warning
     # both falling: the epoch is late, nothing to say
     assert run(list(1.0 * np.exp(-epochs / 20)), falling).warning() is None
     # early epoch, but no other task fell by half after it: nothing to say either
     assert run(rising, list(0.3 + 0.001 * epochs)).warning() is None
+
+
+def test_per_task_selection_parts_and_merge() -> None:
+    """``cv.select per_task`` splits a top-share model into its tumour scorer and the rest
+    (the genes' heads and the scorer they read); a model with one part is left alone; the
+    merged weights take each part from its own epoch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from histcode.finetune.cv import _merge_parts, selection_parts
+    from histcode.finetune.heads import build_slide_model
+    from histcode.finetune.options import LossOptions
+
+    def module(**kwargs):
+        model = build_slide_model("abmil", 8, 16, n_genes=2, **kwargs)
+        return SimpleNamespace(model=model, loss_options=LossOptions())
+
+    parts = selection_parts(
+        module(tumour_pooling="top_share", tumour_context=True, tumour_fraction_genes=True)
+    )
+    assert parts is not None and set(parts) == {"tumour", "genes"}
+    assert parts["tumour"].prefix == "model.tumour_path."
+    assert parts["tumour"].monitor == {"val/tumour": 1.0, "val/negatives": 1.0}
+    assert parts["genes"].monitor == {"val/log2fc": 1.0, "val/classes": 0.5, "val/categorical": 1.0}
+    assert selection_parts(module()) is None  # attention pooling: the tumour logit is the head's
+    # the genes read the tumour scorer itself (no tile context): not separable
+    assert selection_parts(module(tumour_pooling="top_share", tumour_fraction_genes=True)) is None
+    states = {
+        "tumour": {"model.tumour_path.w": torch.tensor(1.0), "model.head.w": torch.tensor(1.0)},
+        "genes": {"model.tumour_path.w": torch.tensor(2.0), "model.head.w": torch.tensor(2.0)},
+    }
+    merged = _merge_parts(parts, states)
+    assert float(merged["model.tumour_path.w"]) == 1.0 and float(merged["model.head.w"]) == 2.0
+
+
+def test_per_task_selection_runs_and_records_each_parts_epoch(
+    small_signal_cohort: SignalCohort, tmp_path: Path
+) -> None:
+    """With retraining, each fold records the epoch of its tumour scorer and of the rest;
+    the fold's best epoch is the genes' and every test slide is predicted."""
+    run = run_finetune(
+        small_signal_cohort.features,
+        "per-task",
+        labels=small_signal_cohort.labels,
+        expression=small_signal_cohort.expression,
+        out=tmp_path / "run",
+        registry=tmp_path / "registry",
+        data=DataOptions(tasks=["tumour", "genes"], max_tiles=None),
+        model=ModelOptions(
+            hidden=16,
+            tumour_pooling="top_share",
+            tumour_context=True,
+            tumour_fraction_genes=True,
+            tumour_warm_start=0,
+        ),
+        cv=CVOptions(folds=3, register="none", retrain=True, patience=3, select="per_task"),
+        trainer={**TRAINER_DEFAULTS, "accelerator": "cpu", "max_epochs": 6},
+    )
+    folds = json.loads((run.out / "folds.json").read_text())
+    for fold in folds:
+        epochs = fold["part_epochs"]
+        assert set(epochs) == {"tumour", "genes"} and fold["best_epoch"] == epochs["genes"]
+        assert all(0 <= e < 6 for e in epochs.values())
+        assert fold["selection_warning"] is None
+    predictions = pd.read_csv(run.out / "predictions.csv")
+    assert set(predictions["slide_id"]) == set(small_signal_cohort.slides)
+    assert predictions["tumour_prob"].between(0, 1).all()
+    with pytest.raises(ValueError, match=r"cv\.select"):
+        CVOptions(select="each")
