@@ -567,7 +567,6 @@ def train_fold(
         dataset = BagDataset(bags, labels.subset(rows), data.max_tiles if train else None)
         return bag_loader(dataset, data.batch_size, train, data.num_workers, seed)
 
-    part_epochs = {name: t.best_epoch for name, t in trackers.items()} or None
     with quiet_lightning():
         trainer.fit(module, loader(fold.train, True), loader(fold.val, False))
         if best.state is None:
