@@ -390,6 +390,11 @@ def quiet_lightning() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _weights_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``module``'s state dict (kept in memory, no checkpoint file)."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
 class BestState(pl.Callback):
     """Keeps the weights of the best validation epoch in memory (no checkpoint files).
 
@@ -427,7 +432,7 @@ class BestState(pl.Callback):
         value = float(np.mean(self.history[-self.smooth :]))
         if value < self.best or self.state is None:
             self.best, self.best_epoch = value, trainer.current_epoch
-            self.state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+            self.state = _weights_copy(pl_module)
 
     def _value(self, logged: Any) -> float | None:
         """The monitor's value: one logged metric, or the weighted sum of those logged of a
@@ -678,9 +683,7 @@ class _Snapshots(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch in self.epochs:
-            self.states[trainer.current_epoch] = {
-                k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()
-            }
+            self.states[trainer.current_epoch] = _weights_copy(pl_module)
 
 
 def _retrain(
