@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
-from histcode.finetune.heads import TopShareTumourPath, known_negative_loss
+from histcode.finetune.heads import TopShareTumourPath
 
 log = logging.getLogger("histcode.finetune")
 
@@ -111,20 +111,55 @@ def _top_share_means(scores: np.ndarray, share: float) -> np.ndarray:
     return np.partition(scores, len(scores) - k, axis=0)[len(scores) - k :].mean(0)
 
 
-def _loss(path: TopShareTumourPath, bags: list[torch.Tensor], tumour: torch.Tensor) -> torch.Tensor:
-    """The scorer's training objective on ``bags`` (standardised): the slides' BCE on their
-    labels plus the mean over the normal slides of their tiles' BCE against 0 (the module's
-    ``tumour`` and ``negatives`` terms at weight 1)."""
-    slides, normals = [], []
-    for bag, y in zip(bags, tumour, strict=True):
-        logits = path.linear(bag).squeeze(-1)[None]
-        mask = torch.ones_like(logits, dtype=torch.bool)
-        slides.append((path.weights(logits, mask) * logits).sum())
-        negatives = known_negative_loss(logits, mask, y[None])
-        if negatives is not None:
-            normals.append(negatives)
-    loss = F.binary_cross_entropy_with_logits(torch.stack(slides), tumour)
-    return loss + torch.stack(normals).mean() if normals else loss
+def _padded(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slides ``(n_i, D)`` → zero-padded ``(B, N, D)`` and the valid-tile mask ``(B, N)``."""
+    x = torch.nn.utils.rnn.pad_sequence(list(bags), batch_first=True)
+    lengths = torch.tensor([len(b) for b in bags])
+    return x, torch.arange(x.shape[1])[None] < lengths[:, None]
+
+
+def _terms(
+    path: TopShareTumourPath,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    bags: Sequence[torch.Tensor],
+    tumour: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of the scorer's training objective for ``C`` scorers at once.
+
+    Args:
+        path: the top-share scorer (its ``weights`` pool the tiles).
+        weight: ``(C, D)`` the scorers' weights.
+        bias: ``(C,)`` their biases.
+        bags: ``B`` standardised slides, each ``(n_i, D)``.
+        tumour: ``(B,)`` their labels, 1 tumour, 0 normal.
+
+    Returns:
+        ``(B, C)`` each slide's BCE of its top-share logit on its label, and ``(B0, C)`` each
+        normal slide's mean tile BCE against 0 (the module's ``tumour`` and ``negatives``
+        terms; :func:`~histcode.finetune.heads.known_negative_loss` is the second for one
+        scorer, averaged over the batch, where each of the ``C`` needs its own).
+    """
+    x, mask = _padded(bags)
+    logits = torch.einsum("bnd,cd->bcn", x, weight) + bias[None, :, None]  # (B, C, N)
+    b, c, n = logits.shape
+    flat = logits.reshape(b * c, n)
+    valid = mask[:, None, :].expand(b, c, n).reshape(b * c, n)
+    slide = (path.weights(flat, valid) * flat.masked_fill(~valid, 0.0)).sum(1).reshape(b, c)
+    bce = F.binary_cross_entropy_with_logits(slide, tumour[:, None].expand(b, c), reduction="none")
+    normal = tumour == 0
+    per_tile = F.binary_cross_entropy_with_logits(
+        logits[normal], torch.zeros_like(logits[normal]), reduction="none"
+    )
+    m = mask[normal][:, None, :].to(per_tile.dtype)
+    return bce, (per_tile * m).sum(2) / m.sum(2)
+
+
+def _objective(bce: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` and ``(B0, C)`` terms → ``(C,)``: the slides' mean BCE plus, when the slides
+    hold a normal one, the normal slides' mean tile BCE (as :meth:`MILModule` weighs the
+    ``tumour`` and ``negatives`` losses at 1)."""
+    return bce.mean(0) + (negatives.mean(0) if len(negatives) else 0.0)
 
 
 def warm_start(
@@ -139,7 +174,9 @@ def warm_start(
     seed: int = 0,
 ) -> WarmStart:
     """Set ``path``'s scaler to the training tiles and its scorer to the best of ``starts``
-    exemplar starts, each fitted alone for ``epochs`` (see the module docstring).
+    exemplar starts, each fitted for ``epochs`` (see the module docstring). The starts are
+    fitted side by side as the rows of one weight matrix, each on its own loss: the fit of a
+    start does not depend on the others (the slides' order is shared).
 
     Args:
         path: the model's top-share tumour scorer (its scaler's statistics and its linear
@@ -177,32 +214,35 @@ def warm_start(
     directions, scored = exemplar_directions(z, tumour, starts, path.share, seed=seed)
     tensors = [torch.from_numpy(b) for b in z]
     target = torch.tensor(tumour, dtype=torch.float32)
-    every = np.concatenate(z)
+    projected = np.concatenate(z) @ directions.T  # (n_tiles, C)
+    gain = LOGIT_SD / np.where(projected.std(0) > 0, projected.std(0), 1.0)
+    # the starts are fitted together, as the C rows of one weight matrix: their losses are
+    # summed, so each row's gradient is its own start's, and AdamW's updates are element-wise
+    # (each start's fit is the one it would have alone; the slides' order is shared)
+    weight = torch.from_numpy((directions * gain[:, None]).astype(np.float32)).requires_grad_()
+    bias = torch.from_numpy(
+        -np.quantile(projected * gain, 0.99, axis=0).astype(np.float32)
+    ).requires_grad_()
+    opt = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
-    losses = []
-    for direction in directions:
-        projected = every @ direction
-        gain = LOGIT_SD / (float(projected.std()) or 1.0)
-        with torch.no_grad():
-            path.linear.weight.copy_(torch.from_numpy((direction * gain).astype(np.float32))[None])
-            path.linear.bias.fill_(-float(np.quantile(projected * gain, 0.99)))
-        opt = torch.optim.AdamW(path.linear.parameters(), lr=lr, weight_decay=weight_decay)
-        for _ in range(epochs):
-            order = rng.permutation(len(tensors))
-            for start in range(0, len(order), batch):
-                ids = order[start : start + batch]
-                opt.zero_grad()
-                _loss(path, [tensors[i] for i in ids], target[ids]).backward()
-                opt.step()
-        with torch.no_grad():
-            loss = float(_loss(path, tensors, target))
-        losses.append(round(loss, 4))
-        if best is None or loss < best[0]:
-            best = (loss, {k: v.detach().clone() for k, v in path.linear.state_dict().items()})
-    assert best is not None
-    path.linear.load_state_dict(best[1])
-    return WarmStart(loss=round(best[0], 4), losses=losses, candidates=scored)
+    for _ in range(epochs):
+        order = rng.permutation(len(tensors))
+        for start in range(0, len(order), batch):
+            ids = order[start : start + batch]
+            opt.zero_grad()
+            _objective(
+                *_terms(path, weight, bias, [tensors[i] for i in ids], target[ids])
+            ).sum().backward()
+            opt.step()
+    with torch.no_grad():  # every training slide, one at a time (bags can be large)
+        terms = [_terms(path, weight, bias, [t], target[i : i + 1]) for i, t in enumerate(tensors)]
+        losses_t = _objective(torch.cat([a for a, _ in terms]), torch.cat([b for _, b in terms]))
+    losses = [round(float(v), 4) for v in losses_t]
+    chosen = int(torch.argmin(losses_t))
+    with torch.no_grad():
+        path.linear.weight.copy_(weight[chosen][None])
+        path.linear.bias.copy_(bias[chosen : chosen + 1])
+    return WarmStart(loss=losses[chosen], losses=losses, candidates=scored)
 
 
 __all__ = ["WarmStart", "exemplar_directions", "warm_start"]

@@ -75,6 +75,17 @@ def test_warm_start_keeps_the_start_of_lowest_loss_and_finds_the_tiles() -> None
     assert roc_auc_score(c["y"][test], slide) == 1.0
 
 
+def test_starts_fitted_side_by_side_are_each_the_fit_it_would_be_alone() -> None:
+    """The starts are the rows of one weight matrix, fitted on the sum of their losses: a
+    start's fit (and loss) is the same whether 1 or 4 starts are fitted."""
+    c = _focal(2)
+    alone = warm_start(TopShareTumourPath(8), c["bags"], c["y"], starts=1, epochs=10)
+    together = warm_start(TopShareTumourPath(8), c["bags"], c["y"], starts=4, epochs=10)
+    assert len(together.losses) == 4
+    assert together.losses[0] == pytest.approx(alone.losses[0], abs=2e-4)
+    assert len(set(together.losses)) > 1  # the other starts went their own ways
+
+
 def test_options_refuse_a_warm_start_without_top_share() -> None:
     with pytest.raises(ValueError, match="tumour_warm_start"):
         ModelOptions(tumour_warm_start=5)
