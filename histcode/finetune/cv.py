@@ -434,6 +434,26 @@ class BestState(pl.Callback):
             self.best, self.best_epoch = value, trainer.current_epoch
             self.state = _weights_copy(pl_module)
 
+    @classmethod
+    def averaged(cls, states: list[BestState]) -> BestState:
+        """The mean of several runs' validation curves, epoch by epoch, and its best epoch
+        (``cv.inner``): the curves of models validated on different patients, averaged over
+        the epochs every run reached. It holds no weights."""
+        first = states[0]
+        out = cls(first.monitor, first.smooth)
+        run = min(len(s.history) for s in states)
+        out.history = np.mean([s.history[:run] for s in states], axis=0).tolist()
+        names = set.intersection(*(set(s.tasks) for s in states))
+        out.tasks = {
+            k: np.mean([s.tasks[k][:run] for s in states], axis=0).tolist()
+            for k in sorted(names)
+            if all(len(s.tasks[k]) >= run for s in states)
+        }
+        smoothed = [np.mean(out.history[max(0, e - out.smooth + 1) : e + 1]) for e in range(run)]
+        out.best_epoch = int(np.argmin(smoothed))
+        out.best = float(smoothed[out.best_epoch])
+        return out
+
     def _value(self, logged: Any) -> float | None:
         """The monitor's value: one logged metric, or the weighted sum of those logged of a
         ``{metric: weight}`` monitor (a task whose loss had no labelled slide this epoch is
@@ -481,9 +501,9 @@ class BestState(pl.Callback):
             f"but after epoch {at} {listing(fell)} kept falling"
             + (f" while {listing(rose)} rose" if rose else "")
             + ": one task's validation slides decided for all. A few validation patients "
-            "can do this; more patients, --cv.select per_task (each part of the model at "
-            "its own epoch) or --cv.monitor set to the task you care about (e.g. "
-            "val/log2fc) choose better"
+            "can do this; more of them (--cv.inner 5: every training patient validates "
+            "once), --cv.select per_task (each part of the model at its own epoch) or "
+            "--cv.monitor set to the task you care about (e.g. val/log2fc) choose better"
         )
 
 
@@ -505,6 +525,8 @@ class FoldResult:
             epoch while another's kept falling), or None.
         part_epochs: with ``cv.select per_task``, the epoch (0-based) each part of the model
             was taken from (:func:`selection_parts`); ``best_epoch`` is then the genes'.
+        inner: with ``cv.inner``, the inner folds whose averaged validation curves chose the
+            epoch (``history`` is that average); None otherwise.
     """
 
     fold: Fold
@@ -516,6 +538,7 @@ class FoldResult:
     retrained: bool = False
     selection_warning: str | None = None
     part_epochs: dict[str, int] | None = None
+    inner: list[Fold] | None = None
 
 
 def train_fold(
@@ -527,7 +550,8 @@ def train_fold(
     cv: CVOptions,
     trainer_kwargs: dict[str, Any],
 ) -> FoldResult:
-    """Train on ``fold.train``, choose the epoch on ``fold.val``, predict ``fold.test`` once.
+    """Train on ``fold.train``, choose the epoch on ``fold.val`` (or, with ``cv.inner``, on
+    inner folds of both), predict ``fold.test`` once.
 
     Args:
         fold: the split.
@@ -535,14 +559,12 @@ def train_fold(
         bags: the features.
         make_module: builds a fresh, untrained module.
         data: batch size, ``max_tiles``, workers.
-        cv: monitor, patience, seed.
+        cv: monitor, patience, seed, inner folds.
         trainer_kwargs: keyword arguments of ``pl.Trainer`` (``callbacks`` are added to).
 
     Returns:
         A :class:`FoldResult`.
     """
-    from pytorch_lightning.callbacks import EarlyStopping
-
     seed = cv.seed + 1000 * (fold.index + 1)
 
     def fresh(rows: np.ndarray) -> MILModule:
@@ -554,53 +576,138 @@ def train_fold(
             module.warm_start([bags[s] for s in part.slide_ids], part.tumour, seed)
         return module
 
-    module = fresh(fold.train)
-    best = BestState(cv.monitor, cv.smooth)
-    parts = selection_parts(module) if cv.select == "per_task" else None
-    kwargs = dict(trainer_kwargs)
-    if parts is None:
-        trackers: dict[str, BestState] = {}
-        stop: pl.Callback = EarlyStopping(monitor=cv.monitor, mode="min", patience=cv.patience)
-    else:
-        trackers = {name: BestState(part.monitor, cv.smooth) for name, part in parts.items()}
-        stop = _StopWhenAllStall(list(trackers.values()), cv.patience)
-    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), best, *trackers.values(), stop]
-    with quiet_lightning():
-        trainer = pl.Trainer(**kwargs)
-
     def loader(rows: np.ndarray, train: bool) -> Any:
         dataset = BagDataset(bags, labels.subset(rows), data.max_tiles if train else None)
         return bag_loader(dataset, data.batch_size, train, data.num_workers, seed)
 
-    with quiet_lightning():
-        trainer.fit(module, loader(fold.train, True), loader(fold.val, False))
-        if best.state is None:
-            raise RuntimeError(
-                f"fold {fold.index}: no validation epoch ran; check --trainer.max_epochs and "
-                "--trainer.limit_val_batches"
-            )
-        part_epochs = {name: t.best_epoch for name, t in trackers.items()} or None
-        if parts is None:
-            module.load_state_dict(best.state)
+    inner: list[Fold] | None = None
+    if cv.inner:
+        inner = inner_folds(fold, labels, cv.inner, seed, cv.group)
+        chosen = [
+            _fit(f.train, f.val, fresh, loader, cv, trainer_kwargs, stop=False)[2] for f in inner
+        ]
+        selection = _Selection(
+            BestState.averaged([c.best for c in chosen]),
+            {n: BestState.averaged([c.trackers[n] for c in chosen]) for n in chosen[0].trackers},
+            chosen[0].parts,
+        )
+    else:
+        module, trainer, selection = _fit(fold.train, fold.val, fresh, loader, cv, trainer_kwargs)
+        if selection.parts is None:
+            module.load_state_dict(selection.best.state or {})
         else:
-            module.load_state_dict(_merge_parts(parts, {n: t.state for n, t in trackers.items()}))
-        retrained = bool(cv.retrain and len(fold.val))
-        if retrained:
-            # the chosen weights only chose the epoch count: a fresh module learns from all
-            epochs = part_epochs or {"all": best.best_epoch}
-            module, trainer = _retrain(fold, fresh, loader, epochs, parts, trainer_kwargs)
-        predictions: dict[str, Any] = {}
-        if len(fold.test):
+            states = {n: t.state for n, t in selection.trackers.items()}
+            module.load_state_dict(_merge_parts(selection.parts, states))
+    best, trackers, parts = selection.best, selection.trackers, selection.parts
+    part_epochs = {name: t.best_epoch for name, t in trackers.items()} or None
+    retrained = bool(cv.inner or (cv.retrain and len(fold.val)))
+    if retrained:
+        # the chosen weights only chose the epoch count: a fresh module learns from all
+        epochs = part_epochs or {"all": best.best_epoch}
+        module, trainer = _retrain(fold, fresh, loader, epochs, parts, trainer_kwargs)
+    predictions: dict[str, Any] = {}
+    if len(fold.test):
+        with quiet_lightning():
             predictions = predict(module, loader(fold.test, False), trainer)
     module.cpu().eval()
     warning = best.warning() if parts is None else None
     if warning:
         log.warning("fold %d: %s", fold.index + 1, warning)
-    chosen = part_epochs["genes"] if part_epochs else best.best_epoch
+    chosen_epoch = part_epochs["genes"] if part_epochs else best.best_epoch
     score = trackers["genes"].best if parts is not None else best.best
     return FoldResult(
-        fold, chosen, score, best.history, module, predictions, retrained, warning, part_epochs
+        fold,
+        chosen_epoch,
+        score,
+        best.history,
+        module,
+        predictions,
+        retrained,
+        warning,
+        part_epochs,
+        inner,
     )
+
+
+def inner_folds(fold: Fold, labels: Labels, k: int, seed: int, group: Group) -> list[Fold]:
+    """``cv.inner``: ``k`` grouped, stratified folds of ``fold``'s training part (its training
+    and validation slides), each patient (or site) validating once; the test slides stay out.
+
+    Grouped like the validation split (:func:`validation_group`, with a validation share of
+    ``1 / k``); a training part with fewer patients, or a class with fewer slides, than ``k``
+    gets as many folds as it allows (at least 2).
+
+    Returns:
+        Folds whose ``train`` and ``val`` are the inner parts, ``test`` the outer fold's.
+
+    Raises:
+        LeakageError: never, unless the splitter breaks (each fold is checked).
+    """
+    rows = np.sort(np.concatenate([fold.train, fold.val]))
+    by = validation_group(rows, labels, 1 / k, group)
+    n_splits = k
+    if by == "patient":  # a tiny training part: fewer inner folds, not a failure
+        largest = np.unique(strata(labels)[rows], return_counts=True)[1].max()
+        n_patients = len(set(np.asarray(labels.patient_ids)[rows].tolist()))
+        n_splits = max(2, min(k, n_patients, int(largest)))
+    splits = _grouped_split(rows, labels, n_splits, seed, by, "inner validation folds")
+    out = [Fold(fold.index, np.sort(a), np.sort(b), fold.test, fold.group, by) for a, b in splits]
+    for f in out:
+        check_folds([Fold(-1, f.train, f.val, f.test, f.group, by)], labels)
+    return out
+
+
+@dataclass
+class _Selection:
+    """What validation chose: the monitor's tracker, each part's (``cv.select per_task``)."""
+
+    best: BestState
+    trackers: dict[str, BestState]
+    parts: dict[str, SelectionPart] | None
+
+
+def _fit(
+    train: np.ndarray,
+    val: np.ndarray,
+    fresh: Callable[[np.ndarray], MILModule],
+    loader: Callable[[np.ndarray, bool], Any],
+    cv: CVOptions,
+    trainer_kwargs: dict[str, Any],
+    stop: bool = True,
+) -> tuple[MILModule, pl.Trainer, _Selection]:
+    """Train a fresh module on ``train``, validating on ``val`` every epoch.
+
+    Args:
+        stop: stop early once the monitor (every part's, with ``cv.select per_task``) has
+            gone ``cv.patience`` epochs without improving; False: run every epoch (the inner
+            folds of ``cv.inner``, whose curves are averaged epoch by epoch).
+
+    Returns:
+        The module (its last epoch's weights), its trainer, and the trackers of the epochs.
+    """
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    module = fresh(train)
+    best = BestState(cv.monitor, cv.smooth)
+    parts = selection_parts(module) if cv.select == "per_task" else None
+    trackers = (
+        {} if parts is None else {n: BestState(p.monitor, cv.smooth) for n, p in parts.items()}
+    )
+    stopping: list[pl.Callback] = []
+    if stop and parts is None:
+        stopping = [EarlyStopping(monitor=cv.monitor, mode="min", patience=cv.patience)]
+    elif stop:
+        stopping = [_StopWhenAllStall(list(trackers.values()), cv.patience)]
+    kwargs = dict(trainer_kwargs)
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), best, *trackers.values(), *stopping]
+    with quiet_lightning():
+        trainer = pl.Trainer(**kwargs)
+        trainer.fit(module, loader(train, True), loader(val, False))
+    if best.state is None:
+        raise RuntimeError(
+            "no validation epoch ran; check --trainer.max_epochs and --trainer.limit_val_batches"
+        )
+    return module, trainer, _Selection(best, trackers, parts)
 
 
 @dataclass(frozen=True)
@@ -831,11 +938,11 @@ def run_cv(
         kwargs = trainer_kwargs() if callable(trainer_kwargs) else copy.copy(trainer_kwargs)
         result = train_fold(fold, labels, bags, make_module, data, cv, kwargs)
         log.info(
-            "fold %d/%d: %d train / %d val / %d test slides; best epoch %d (%s %.4f)",
+            "fold %d/%d: %d train / %s / %d test slides; best epoch %d (%s %.4f)",
             fold.index + 1,
             len(folds),
-            len(fold.train),
-            len(fold.val),
+            len(fold.train) if result.inner is None else len(fold.train) + len(fold.val),
+            f"{len(fold.val)} val" if result.inner is None else f"{len(result.inner)} inner folds",
             len(fold.test),
             result.best_epoch,
             cv.monitor if result.part_epochs is None else "genes' val",
@@ -881,6 +988,7 @@ __all__ = [
     "LeakageError",
     "check_folds",
     "check_sites",
+    "inner_folds",
     "make_folds",
     "predict",
     "predictions_frame",

@@ -303,6 +303,17 @@ class CVOptions:
             the genes' loss alone is noisier on 2-3 validation patients and chose epoch 2 and
             6 in two other folds (lymphocyte genes 0.92 → 0.87 and 0.86 → 0.61 in those
             runs); use it where finetune warns that one task chose the epoch for all.
+        inner: choose the epoch on this many inner folds instead of one validation split
+            (0: the ``val_fraction`` split). The training part (every patient not in the test
+            fold) is split into ``inner`` patient-grouped folds (site-grouped as the
+            validation split would be); a model is trained on each but one of them and
+            validated on the one left out, for every epoch of ``trainer.max_epochs`` (no early
+            stopping: the curves are averaged epoch by epoch); the epoch (each part's, with
+            ``select per_task``) is the best of the averaged curve, and the fold's model is
+            then trained on the whole training part for that many epochs (needs ``retrain``).
+            Every training patient validates once, where a ``val_fraction`` split has 2-3
+            patients at ~30 patients choose for all; costs ``inner`` trainings of
+            ``max_epochs`` per fold.
         smooth: epochs the ``monitor`` is averaged over when choosing the best epoch (that
             epoch and the ones before it; 1: each epoch's own value). A validation part of a
             few patients gives a noisy curve whose lowest single epoch is often a dip of noise.
@@ -328,6 +339,7 @@ class CVOptions:
     )
     patience: int = 30
     select: Literal["total", "per_task"] = "total"
+    inner: int = 0
     smooth: int = 1
     retrain: bool = False
     alpha: float = 0.05
@@ -337,6 +349,16 @@ class CVOptions:
     def __post_init__(self) -> None:
         if self.smooth < 1:
             raise ValueError(f"cv.smooth must be 1 or more epochs, not {self.smooth}")
+        if self.inner < 0 or self.inner == 1:
+            raise ValueError(
+                f"cv.inner must be 0 (one validation split) or 2 or more folds, not {self.inner}"
+            )
+        if self.inner and not self.retrain:
+            raise ValueError(
+                f"cv.inner {self.inner} chooses the epoch on inner folds, then trains the fold's "
+                "model on its whole training part for that many epochs: set --cv.retrain true "
+                "(or --cv.inner 0 for one validation split)"
+            )
         if self.select not in ("total", "per_task"):
             raise ValueError(f"cv.select must be 'total' or 'per_task', not {self.select!r}")
         if self.group not in ("patient", "site"):

@@ -194,3 +194,76 @@ def test_per_task_selection_runs_and_records_each_parts_epoch(
     assert predictions["tumour_prob"].between(0, 1).all()
     with pytest.raises(ValueError, match=r"cv\.select"):
         CVOptions(select="each")
+
+
+def test_inner_folds_average_the_curves_so_one_slide_does_not_choose() -> None:
+    """``cv.inner``: one inner fold's rising tumour loss (a validation slide wrong from the
+    start) no longer picks epoch 0 for all: averaged with the folds whose losses fall, the
+    curve is lowest late; runs of different lengths are averaged over the epochs all
+    reached; smoothing applies to the averaged curve."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from histcode.finetune.cv import BestState
+
+    def run(tumour: np.ndarray, log2fc: np.ndarray, smooth: int = 1) -> BestState:
+        best, layer = BestState("val/loss", smooth), torch.nn.Linear(1, 1)
+        for epoch, (t, g) in enumerate(zip(tumour, log2fc, strict=True)):
+            metrics = {"val/loss": t + g, "val/tumour": t, "val/log2fc": g}
+            trainer = SimpleNamespace(
+                sanity_checking=False, current_epoch=epoch,
+                callback_metrics={k: torch.tensor(float(v)) for k, v in metrics.items()},
+            )  # fmt: skip
+            best.on_validation_end(trainer, layer)
+        return best
+
+    epochs = np.arange(40)
+    falling = 0.44 * np.exp(-epochs / 10) + 0.05
+    bad = run(3.0 + 0.05 * epochs, falling)  # alone it chooses epoch 0
+    good = [run(0.5 * np.exp(-epochs / 15) + 0.2, falling) for _ in range(4)]
+    assert bad.best_epoch == 0
+    mean = BestState.averaged([bad, *good])
+    assert mean.best_epoch > 20 and mean.state is None
+    assert mean.history == pytest.approx(np.mean([b.history for b in (bad, *good)], axis=0))
+    assert mean.tasks["val/log2fc"] == pytest.approx(falling)
+    assert mean.warning() is None
+    short = run(3.0 + 0.05 * epochs[:25], falling[:25])
+    assert len(BestState.averaged([short, *good]).history) == 25
+    dip = np.r_[1.0, 0.1, np.full(38, 0.8)] - 0.01 * epochs  # a one-epoch dip, a slow fall
+    assert BestState.averaged([run(dip, 0 * epochs)]).best_epoch == 1
+    assert BestState.averaged([run(dip, 0 * epochs, smooth=3)]).best_epoch == 39
+
+
+def test_inner_folds_validate_every_training_patient_once(
+    small_signal_cohort: SignalCohort, tmp_path: Path
+) -> None:
+    """Each fold's inner validation parts partition its training patients (never a test
+    patient); the averaged curve covers every epoch (no early stopping); every slide is
+    tested once; ``cv.inner`` without ``cv.retrain`` is refused with the fix."""
+    run = run_finetune(
+        small_signal_cohort.features,
+        "inner",
+        labels=small_signal_cohort.labels,
+        expression=small_signal_cohort.expression,
+        out=tmp_path / "run",
+        registry=tmp_path / "registry",
+        data=DataOptions(tasks=["tumour", "genes"], max_tiles=None),
+        model=ModelOptions(hidden=16),
+        cv=CVOptions(folds=3, register="none", retrain=True, patience=1, inner=3),
+        trainer={**TRAINER_DEFAULTS, "accelerator": "cpu", "max_epochs": 4},
+    )
+    folds = json.loads((run.out / "folds.json").read_text())
+    for fold in folds:
+        inner = fold["inner_val_patients"]
+        training = fold["patients"]["train"] + fold["patients"]["val"]
+        assert len(inner) == 3 and sorted(sum(inner, [])) == sorted(training)
+        assert not set(sum(inner, [])) & set(fold["patients"]["test"])
+        assert len(fold["val_history"]) == 4 and fold["retrained_with_validation"]
+        assert 0 <= fold["best_epoch"] < 4
+    predictions = pd.read_csv(run.out / "predictions.csv")
+    assert sorted(predictions["slide_id"]) == sorted(small_signal_cohort.slides)
+    with pytest.raises(ValueError, match=r"--cv\.retrain true"):
+        CVOptions(inner=5)
+    with pytest.raises(ValueError, match=r"cv\.inner"):
+        CVOptions(inner=1, retrain=True)
