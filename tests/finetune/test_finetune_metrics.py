@@ -177,7 +177,7 @@ def test_undefined_gene_counts_as_one_in_bh() -> None:
             true = rng.normal(0, 1)
             for g in genes:
                 row[f"{g}_log2fc_true"] = true
-                row[f"{g}_log2fc_pred"] = 0.0 if g != "A" else true + rng.normal(0, 1.3)
+                row[f"{g}_log2fc_pred"] = 0.0 if g != "A" else true + rng.normal(0, 1.0)
                 row[f"{g}_up_prob"] = 0.5
                 row[f"{g}_class_true"] = "unchanged"
             rows.append(row)
@@ -199,17 +199,49 @@ def test_undefined_gene_counts_as_one_in_bh() -> None:
     assert metrics["fdr"]["genes_tested"] == 5 and "all 5 genes" in metrics["fdr"]["label"]
 
 
-def test_combine_folds_stouffer_weighted_and_one_sided() -> None:
-    from scipy.stats import combine_pvalues
+def test_combine_folds_stouffer_weighted_one_sided_and_correlated() -> None:
+    from scipy.stats import combine_pvalues, norm
 
-    out = combine_folds([0.01, 0.2, float("nan"), 0.03], [9, 16, 2, 4])
+    # independent folds (folds=1): scipy's weighted Stouffer
+    out = combine_folds([0.01, 0.2, float("nan"), 0.03], [9, 16, 2, 4], folds=1)
     ref = combine_pvalues([0.01, 0.2, 0.03], method="stouffer", weights=[3.0, 4.0, 2.0])
-    assert out["folds_used"] == 3 and math.isclose(out["p"], ref.pvalue)
+    assert out["folds_used"] == 3 and math.isclose(out["p"], ref.pvalue) and out["rho"] == 0
+    # 4 folds: their z-scores correlated 1/4, the combined z smaller by the variance it adds
+    out = combine_folds([0.01, 0.2, float("nan"), 0.03], [9, 16, 2, 4])
+    w, z = np.array([3.0, 4.0, 2.0]), norm.isf([0.01, 0.2, 0.03])
+    expected = w @ z / np.sqrt(w @ w + 0.25 * (w.sum() ** 2 - w @ w))
+    assert out["rho"] == 0.25 and math.isclose(out["z"], expected) and out["p"] > ref.pvalue
     none = combine_folds([float("nan"), 0.001], [5, 2])  # fold 2 has too few patients
     assert none["p"] == 1.0 and none["folds_used"] == 0 and math.isnan(none["z"])
     # a fold against the hypothesis pulls the combination down (Fisher would ignore it)
     assert combine_folds([0.01, 0.999], [10, 10])["p"] > 0.3
     assert math.isfinite(combine_folds([0.0, 0.5], [5, 5])["z"])  # r = 1 in a fold
+
+
+def test_combined_test_holds_its_level_on_noise_targets_under_cross_validation() -> None:
+    """Noise targets, a ridge model per fold trained on the other folds: each fold's
+    one-sided p-value is uniform, but the folds' tests are positively correlated (the
+    direction one fold's model learnt from the others' noise is what the next fold's test
+    rewards). Plain Stouffer then calls ~10 % significant at 0.05; the combination with the
+    folds correlated 1/k stays at the level."""
+    from scipy.stats import pearsonr
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold
+
+    rng = np.random.default_rng(0)
+    plain, corrected = [], []
+    for _ in range(600):
+        x, y = rng.normal(size=(30, 3)), rng.normal(size=30)
+        ps, ns = [], []
+        for train, test in KFold(3, shuffle=True, random_state=int(rng.integers(1 << 30))).split(x):
+            pred = Ridge(alpha=1.0).fit(x[train], y[train]).predict(x[test])
+            ps.append(pearsonr(pred, y[test], alternative="greater").pvalue)
+            ns.append(len(test))
+        plain.append(combine_folds(ps, ns, folds=1)["p"])
+        corrected.append(combine_folds(ps, ns)["p"])
+    assert np.mean(np.array(plain) < 0.05) > 0.08  # what the correction is for
+    assert np.mean(np.array(corrected) < 0.05) <= 0.06
+    assert np.mean(np.array(corrected) < 0.01) <= 0.015
 
 
 def test_mean_gene_auc_leaves_out_genes_missing_folds() -> None:
