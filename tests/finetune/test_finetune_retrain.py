@@ -256,9 +256,10 @@ def test_inner_folds_validate_every_training_patient_once(
     folds = json.loads((run.out / "folds.json").read_text())
     for fold in folds:
         inner = fold["inner_val_patients"]
+        validated = [p for part in inner for p in part]
         training = fold["patients"]["train"] + fold["patients"]["val"]
-        assert len(inner) == 3 and sorted(sum(inner, [])) == sorted(training)
-        assert not set(sum(inner, [])) & set(fold["patients"]["test"])
+        assert len(inner) == 3 and sorted(validated) == sorted(training)
+        assert not set(validated) & set(fold["patients"]["test"])
         assert len(fold["val_history"]) == 4 and fold["retrained_with_validation"]
         assert 0 <= fold["best_epoch"] < 4
     predictions = pd.read_csv(run.out / "predictions.csv")
