@@ -592,8 +592,8 @@ def demo(
     tumour_relative: bool = False,
     restart: bool = False,
 ) -> Any:
-    """Run the whole pipeline on a small synthetic cohort (about 5 minutes on 2 idle CPU
-    cores; a 30-patient hard cohort about 7), or with ``--cohort DIR`` the same recipe on a
+    """Run the whole pipeline on a small synthetic cohort (about 10 minutes on 2 idle CPU
+    cores; a 30-patient hard cohort about 14), or with ``--cohort DIR`` the same recipe on a
     cohort of your own.
 
     Prints each step's command as it runs it (they are the commands of the README), then a
