@@ -42,7 +42,8 @@ import torch
 
 from histcode.finetune.bags import BagDataset, FeatureBags, bag_loader
 from histcode.finetune.labels import Labels, preview
-from histcode.finetune.module import MILModule, stack_predictions
+from histcode.finetune.metrics import gene_rank_loss
+from histcode.finetune.module import TERMS, MILModule, stack_predictions
 from histcode.finetune.options import CVOptions, DataOptions
 
 log = logging.getLogger(__name__)
@@ -414,6 +415,8 @@ class BestState(pl.Callback):
         self.history: list[float] = []
         #: every logged validation metric (``val/<task>``) per epoch, for :meth:`warning`
         self.tasks: dict[str, list[float]] = {}
+        #: each epoch's logged validation metrics, for :meth:`averaged` with pooled curves
+        self.logged: list[dict[str, float]] = []
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -421,6 +424,9 @@ class BestState(pl.Callback):
         for name, logged in trainer.callback_metrics.items():
             if name.startswith("val/") and name != "val/loss":
                 self.tasks.setdefault(name, []).append(float(logged))
+        self.logged.append(
+            {n: float(v) for n, v in trainer.callback_metrics.items() if n.startswith("val/")}
+        )
         value = self._value(trainer.callback_metrics)
         if value is None:
             raise ValueError(
@@ -435,20 +441,46 @@ class BestState(pl.Callback):
             self.state = _weights_copy(pl_module)
 
     @classmethod
-    def averaged(cls, states: list[BestState]) -> BestState:
+    def averaged(
+        cls, states: list[BestState], pooled: dict[str, list[float]] | None = None
+    ) -> BestState:
         """The mean of several runs' validation curves, epoch by epoch, and its best epoch
         (``cv.inner``): the curves of models validated on different patients, averaged over
-        the epochs every run reached. It holds no weights."""
+        the epochs every run reached. It holds no weights.
+
+        Args:
+            states: the runs' trackers, same monitor.
+            pooled: metrics computed once per epoch on all runs' validation slides together
+                (``val/genes_rank`` on every inner fold's predictions), which replace the
+                runs' own values of them in the monitor and the curves.
+        """
         first = states[0]
         out = cls(first.monitor, first.smooth)
         run = min(len(s.history) for s in states)
-        out.history = np.mean([s.history[:run] for s in states], axis=0).tolist()
+        pooled = {k: v[:run] for k, v in (pooled or {}).items() if len(v) >= run}
+        monitor = first.monitor
+        if isinstance(monitor, dict) and set(pooled) & set(monitor):
+
+            def rest(s: BestState, e: int) -> float:
+                value = s._value({k: v for k, v in s.logged[e].items() if k not in pooled})
+                return value or 0.0
+
+            out.history = [
+                float(np.mean([rest(s, e) for s in states]))
+                + sum(w * pooled[k][e] for k, w in monitor.items() if k in pooled)
+                for e in range(run)
+            ]
+        elif isinstance(monitor, str) and monitor in pooled:
+            out.history = list(pooled[monitor])
+        else:
+            out.history = np.mean([s.history[:run] for s in states], axis=0).tolist()
         names = set.intersection(*(set(s.tasks) for s in states))
         out.tasks = {
             k: np.mean([s.tasks[k][:run] for s in states], axis=0).tolist()
             for k in sorted(names)
             if all(len(s.tasks[k]) >= run for s in states)
         }
+        out.tasks.update(pooled)
         smoothed = [np.mean(out.history[max(0, e - out.smooth + 1) : e + 1]) for e in range(run)]
         out.best_epoch = int(np.argmin(smoothed))
         out.best = float(smoothed[out.best_epoch])
@@ -527,6 +559,11 @@ class FoldResult:
             was taken from (:func:`selection_parts`); ``best_epoch`` is then the genes'.
         inner: with ``cv.inner``, the inner folds whose averaged validation curves chose the
             epoch (``history`` is that average); None otherwise.
+        monitor: what chose the epoch (``history``'s metric): a logged metric, or
+            ``{metric: weight}`` summed (``cv.genes_metric rank``); with ``per_task`` each
+            part's.
+        curves: every validation metric per epoch (``val/<term>``; with ``cv.inner`` the
+            inner folds' mean, ``val/genes_rank`` ranked on their pooled slides).
     """
 
     fold: Fold
@@ -539,6 +576,8 @@ class FoldResult:
     selection_warning: str | None = None
     part_epochs: dict[str, int] | None = None
     inner: list[Fold] | None = None
+    monitor: Any = None
+    curves: dict[str, list[float]] = field(default_factory=dict)
 
 
 def train_fold(
@@ -583,12 +622,16 @@ def train_fold(
     inner: list[Fold] | None = None
     if cv.inner:
         inner = inner_folds(fold, labels, cv.inner, seed, cv.group)
-        chosen = [
-            _fit(f.train, f.val, fresh, loader, cv, trainer_kwargs, stop=False)[2] for f in inner
-        ]
+        fits = [_fit(f.train, f.val, fresh, loader, cv, trainer_kwargs, stop=False) for f in inner]
+        chosen = [c for _, _, c in fits]
+        pooled = pooled_gene_rank([m for m, _, _ in fits]) if cv.genes_metric == "rank" else None
+        del fits
         selection = _Selection(
-            BestState.averaged([c.best for c in chosen]),
-            {n: BestState.averaged([c.trackers[n] for c in chosen]) for n in chosen[0].trackers},
+            BestState.averaged([c.best for c in chosen], pooled),
+            {
+                n: BestState.averaged([c.trackers[n] for c in chosen], pooled)
+                for n in chosen[0].trackers
+            },
             chosen[0].parts,
         )
     else:
@@ -626,7 +669,57 @@ def train_fold(
         warning,
         part_epochs,
         inner,
+        best.monitor if parts is None else {n: p.monitor for n, p in parts.items()},
+        best.tasks,
     )
+
+
+#: the gene terms of the validation loss, which ``cv.genes_metric rank`` replaces by
+#: :data:`GENES_RANK`
+GENE_LOSSES = ("val/log2fc", "val/classes")
+GENES_RANK = "val/genes_rank"
+
+
+def _rank_genes(monitor: dict[str, float], module: MILModule) -> dict[str, float]:
+    """``monitor`` with the genes' losses replaced by ``val/genes_rank`` (weighted as the
+    log2fc loss, or as the class loss when log2fc has no weight)."""
+    w = module.loss_options
+    out = {k: v for k, v in monitor.items() if k not in GENE_LOSSES}
+    out[GENES_RANK] = float(w.log2fc or w.classes or 1.0)
+    return out
+
+
+def selection_monitor(module: MILModule, cv: CVOptions) -> str | dict[str, float]:
+    """The metric that chooses the whole model's epoch: ``cv.monitor``, or with
+    ``cv.genes_metric rank`` and the total loss as monitor, the weighted loss terms with the
+    genes' losses replaced by ``val/genes_rank`` (1 − mean Spearman of the genes)."""
+    if cv.genes_metric != "rank" or cv.monitor != "val/loss" or not module.genes:
+        return cv.monitor
+    w = module.loss_options
+    terms = {f"val/{t}": float(getattr(w, t)) for t in TERMS if getattr(w, t) > 0}
+    return _rank_genes(terms, module)
+
+
+def pooled_gene_rank(modules: list[MILModule]) -> dict[str, list[float]] | None:
+    """``val/genes_rank`` of each epoch on the inner folds' validation slides pooled: every
+    training patient's out-of-fold prediction at that epoch, ranked once per gene (the
+    inner folds hold 2-5 patients each, too few to rank on their own).
+
+    Returns:
+        ``{"val/genes_rank": [one value per epoch every module ran]}`` (1.0, chance, where no
+        gene could be ranked), or None without gene predictions.
+    """
+    runs = [m.val_gene_predictions for m in modules]
+    epochs = min(len(r) for r in runs)
+    if not epochs:
+        return None
+    curve = []
+    for e in range(epochs):
+        pred = np.concatenate([r[e][0] for r in runs])
+        true = np.concatenate([r[e][1] for r in runs])
+        value = gene_rank_loss(pred, true)
+        curve.append(1.0 if value is None else value)
+    return {GENES_RANK: curve}
 
 
 def inner_folds(fold: Fold, labels: Labels, k: int, seed: int, group: Group) -> list[Fold]:
@@ -688,14 +781,17 @@ def _fit(
     from pytorch_lightning.callbacks import EarlyStopping
 
     module = fresh(train)
-    best = BestState(cv.monitor, cv.smooth)
-    parts = selection_parts(module) if cv.select == "per_task" else None
+    monitor = selection_monitor(module, cv)
+    best = BestState(monitor, cv.smooth)
+    parts = selection_parts(module, cv.genes_metric) if cv.select == "per_task" else None
     trackers = (
         {} if parts is None else {n: BestState(p.monitor, cv.smooth) for n, p in parts.items()}
     )
     stopping: list[pl.Callback] = []
-    if stop and parts is None:
-        stopping = [EarlyStopping(monitor=cv.monitor, mode="min", patience=cv.patience)]
+    if stop and parts is None and isinstance(monitor, str):
+        stopping = [EarlyStopping(monitor=monitor, mode="min", patience=cv.patience)]
+    elif stop and parts is None:
+        stopping = [_StopWhenAllStall([best], cv.patience)]
     elif stop:
         stopping = [_StopWhenAllStall(list(trackers.values()), cv.patience)]
     kwargs = dict(trainer_kwargs)
@@ -724,7 +820,9 @@ class SelectionPart:
     prefix: str | None
 
 
-def selection_parts(module: MILModule) -> dict[str, SelectionPart] | None:
+def selection_parts(
+    module: MILModule, genes_metric: str = "loss"
+) -> dict[str, SelectionPart] | None:
     """The parts ``cv.select per_task`` chooses an epoch for, or None where the model has
     only one.
 
@@ -735,7 +833,8 @@ def selection_parts(module: MILModule) -> dict[str, SelectionPart] | None:
     start, whose loss then only rises; summed, it stops the gene heads after an epoch or two
     while their own loss keeps falling (RESULTS.md, "One thread, one validation slide").
     When the genes read the tumour scorer itself (``tumour_fraction_genes`` without tile
-    context) the parts are not separable, and None is returned.
+    context) the parts are not separable, and None is returned. With ``genes_metric``
+    ``rank`` the genes' part is chosen on ``val/genes_rank`` instead of their losses.
     """
     model = module.model
     if getattr(model, "tumour_path", None) is None:
@@ -747,6 +846,8 @@ def selection_parts(module: MILModule) -> dict[str, SelectionPart] | None:
     rest = {k: v for k, v in rest.items() if v > 0}
     if not (model.head.n_genes or model.head.n_classes) or not rest:
         return None
+    if genes_metric == "rank" and module.genes:
+        rest = _rank_genes(rest, module)
     tumour = {"val/tumour": float(w.tumour), "val/negatives": float(w.negatives)}
     return {
         "tumour": SelectionPart({k: v for k, v in tumour.items() if v > 0}, "model.tumour_path."),
@@ -945,7 +1046,7 @@ def run_cv(
             f"{len(fold.val)} val" if result.inner is None else f"{len(result.inner)} inner folds",
             len(fold.test),
             result.best_epoch,
-            cv.monitor if result.part_epochs is None else "genes' val",
+            _monitor_name(result.monitor) if result.part_epochs is None else "genes' val",
             result.best_score,
         )
         if result.part_epochs:
@@ -956,6 +1057,13 @@ def run_cv(
             )
         results.append(result)
     return CVResult(results, predictions_frame(labels, results, tumour))
+
+
+def _monitor_name(monitor: str | dict[str, float]) -> str:
+    """``val/loss`` or ``0.5 val/tumour + 1 val/genes_rank + …`` for the log."""
+    if isinstance(monitor, str):
+        return monitor
+    return " + ".join(f"{w:g} {k}" for k, w in monitor.items())
 
 
 def refit(

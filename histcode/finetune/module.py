@@ -14,7 +14,9 @@ Losses (each masked to the slides that have the target, weighted by :class:`Loss
   cross-entropy.
 
 Validation accumulates each loss over the whole validation set and logs ``val/loss`` (the
-weighted total) and ``val/<task>`` once per epoch; these alone choose the epoch.
+weighted total) and ``val/<task>`` once per epoch, and with genes ``val/genes_rank`` (one minus
+the genes' mean Spearman correlation on the validation slides,
+:func:`~histcode.finetune.metrics.gene_rank_loss`); these alone choose the epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import Tensor
 
 from histcode.finetune.bags import IGNORE_CLASS, BagBatch
 from histcode.finetune.heads import SlideModel, SlideOutput, build_slide_model, known_negative_loss
+from histcode.finetune.metrics import gene_rank_loss
 from histcode.finetune.options import LossOptions, ModelOptions, OptimOptions
 
 log = logging.getLogger("histcode.finetune")
@@ -69,6 +72,10 @@ class MILModule(pl.LightningModule):
         self.optim_options = optim or OptimOptions()
         self.model: SlideModel = build_slide_model(**self.model_arguments())
         self._val_sums: dict[str, float] = {}
+        self._val_genes: list[tuple[np.ndarray, np.ndarray]] = []
+        #: each validation epoch's predicted and true log2 fold changes, (S, G) each, of the
+        #: validation slides (``cv.inner`` pools them over inner folds: ``val/genes_rank``)
+        self.val_gene_predictions: list[tuple[np.ndarray, np.ndarray]] = []
 
     def model_arguments(self) -> dict[str, Any]:
         """Arguments of :func:`build_slide_model` (the registry card's ``architecture`` and
@@ -244,12 +251,17 @@ class MILModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = {}
+        self._val_genes = []
 
     def validation_step(self, batch: BagBatch, batch_idx: int) -> None:
         out = self(batch.features, batch.mask)
         for name, (value, count) in self.losses(batch, out).items():
             s, n = self._val_sums.get(name, (0.0, 0))
             self._val_sums[name] = (s + float(value) * count, n + count)
+        if out.log2fc is not None:
+            self._val_genes.append(
+                (out.log2fc.detach().float().cpu().numpy(), batch.log2fc.float().cpu().numpy())
+            )
 
     def on_validation_epoch_end(self) -> None:
         means = {k: s / n for k, (s, n) in self._val_sums.items() if n}
@@ -258,6 +270,13 @@ class MILModule(pl.LightningModule):
         self.log("val/loss", float(total), prog_bar=True, sync_dist=True)
         for k, v in means.items():
             self.log(f"val/{k}", float(v), sync_dist=True)
+        if self._val_genes and not self.trainer.sanity_checking:
+            pred = np.concatenate([p for p, _ in self._val_genes])
+            true = np.concatenate([t for _, t in self._val_genes])
+            self.val_gene_predictions.append((pred, true))
+            rank = gene_rank_loss(pred, true)
+            if rank is not None:  # under DDP each process ranks its own slides
+                self.log("val/genes_rank", rank, sync_dist=True)
 
     def predict_step(self, batch: BagBatch, batch_idx: int = 0) -> dict[str, Any]:
         """Predictions of a batch as numpy arrays (``tumour_prob`` (B,), ``log2fc`` (B, G),

@@ -284,8 +284,9 @@ class CVOptions:
             alone chooses the epoch (early stopping and best weights).
         seed: seed of the splits, the initialisation and the shuffling.
         monitor: validation metric that selects the epoch (lower is better):
-            ``val/loss`` (weighted total), ``val/tumour``, ``val/log2fc``, ``val/classes`` or
-            ``val/categorical``.
+            ``val/loss`` (weighted total), ``val/tumour``, ``val/log2fc``, ``val/classes``,
+            ``val/categorical`` or ``val/genes_rank`` (1 − the genes' mean Spearman
+            correlation on the validation slides).
         patience: epochs without improvement of ``monitor`` before stopping.
         select: how validation chooses the epoch. ``total``: one epoch for the whole model,
             on ``monitor``. ``per_task``: with top-share tumour pooling, the tumour scorer
@@ -303,6 +304,17 @@ class CVOptions:
             the genes' loss alone is noisier on 2-3 validation patients and chose epoch 2 and
             6 in two other folds (lymphocyte genes 0.92 → 0.87 and 0.86 → 0.61 in those
             runs); use it where finetune warns that one task chose the epoch for all.
+        genes_metric: what chooses the genes' epoch. ``loss``: their validation losses
+            (log2fc and class), in the total or in their part's (``select per_task``).
+            ``rank``: ``val/genes_rank``, one minus the mean over genes of the Spearman
+            correlation of predicted and true log2FC on the validation slides, replaces
+            those losses (weighted as the log2fc loss); with ``inner`` it is ranked once per
+            epoch on all inner folds' slides together (every training patient's out-of-fold
+            prediction). A gene head that fits noise swings wider every epoch: its squared
+            error rises and pulls the summed loss's epoch early although the other genes
+            still improve, while its rank correlation stays near 0 at any amplitude. Needs
+            enough validation tumour slides to rank (``inner``; a validation split of 2-3
+            patients gives a coarse curve).
         inner: choose the epoch on this many inner folds instead of one validation split
             (0: the ``val_fraction`` split). The training part (every patient not in the test
             fold) is split into ``inner`` patient-grouped folds (site-grouped as the
@@ -334,11 +346,12 @@ class CVOptions:
     group: Literal["patient", "site"] = "patient"
     val_fraction: float = 0.2
     seed: int = 0
-    monitor: Literal["val/loss", "val/tumour", "val/log2fc", "val/classes", "val/categorical"] = (
-        "val/loss"
-    )
+    monitor: Literal[
+        "val/loss", "val/tumour", "val/log2fc", "val/classes", "val/categorical", "val/genes_rank"
+    ] = "val/loss"
     patience: int = 30
     select: Literal["total", "per_task"] = "total"
+    genes_metric: Literal["loss", "rank"] = "loss"
     inner: int = 0
     smooth: int = 1
     retrain: bool = False
@@ -359,6 +372,8 @@ class CVOptions:
                 "model on its whole training part for that many epochs: set --cv.retrain true "
                 "(or --cv.inner 0 for one validation split)"
             )
+        if self.genes_metric not in ("loss", "rank"):
+            raise ValueError(f"cv.genes_metric must be 'loss' or 'rank', not {self.genes_metric!r}")
         if self.select not in ("total", "per_task"):
             raise ValueError(f"cv.select must be 'total' or 'per_task', not {self.select!r}")
         if self.group not in ("patient", "site"):

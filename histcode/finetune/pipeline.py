@@ -429,6 +429,9 @@ def _write_outputs(
             "val_history": r.history,
             "selection_warning": r.selection_warning,
             "part_epochs": r.part_epochs,
+            # what chose the epoch (val_history's metric) and every validation curve
+            "selection_monitor": r.monitor,
+            "val_curves": r.curves,
             # cv.inner: the patients each inner fold validated on (val_history is the mean
             # of their curves; the fold's model trained on train + val)
             "inner_val_patients": [f.patients(labels)["val"] for f in r.inner] if r.inner else None,
