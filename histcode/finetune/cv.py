@@ -432,7 +432,8 @@ class BestState(pl.Callback):
             raise ValueError(
                 f"monitor {self.monitor!r} was not logged (logged: "
                 f"{', '.join(sorted(trainer.callback_metrics))}); choose a metric of the tasks "
-                "being trained"
+                "being trained (val/genes_rank needs 3 or more validation slides with fold "
+                "changes)"
             )
         self.history.append(float(value))
         value = float(np.mean(self.history[-self.smooth :]))
@@ -635,6 +636,7 @@ def train_fold(
             chosen[0].parts,
         )
     else:
+        _check_rankable(fold, labels, cv)
         module, trainer, selection = _fit(fold.train, fold.val, fresh, loader, cv, trainer_kwargs)
         if selection.parts is None:
             module.load_state_dict(selection.best.state or {})
@@ -698,6 +700,26 @@ def selection_monitor(module: MILModule, cv: CVOptions) -> str | dict[str, float
     w = module.loss_options
     terms = {f"val/{t}": float(getattr(w, t)) for t in TERMS if getattr(w, t) > 0}
     return _rank_genes(terms, module)
+
+
+#: fewest validation slides with fold changes for ``val/genes_rank`` to be more than coarse
+MIN_RANKED = 8
+
+
+def _check_rankable(fold: Fold, labels: Labels, cv: CVOptions) -> None:
+    """Warn when ``cv.genes_metric rank`` ranks a one-split validation of few tumour slides
+    (no value at all below 3: the epoch is then chosen without the genes)."""
+    if cv.genes_metric != "rank" or labels.log2fc is None:
+        return
+    n = int(np.isfinite(labels.log2fc[fold.val]).any(axis=1).sum())
+    if n < MIN_RANKED:
+        log.warning(
+            "fold %d: --cv.genes_metric rank ranks the genes on %d validation slide(s) with "
+            "fold changes (%s); --cv.inner 5 ranks every training patient once",
+            fold.index + 1,
+            n,
+            "too few to rank: the genes choose nothing" if n < 3 else "a coarse curve",
+        )
 
 
 def pooled_gene_rank(modules: list[MILModule]) -> dict[str, list[float]] | None:

@@ -139,3 +139,25 @@ def test_rank_selection_runs_and_says_what_chose(
     assert sorted(predictions["slide_id"]) == sorted(small_signal_cohort.slides)
     with pytest.raises(ValueError, match=r"cv\.genes_metric"):
         CVOptions(genes_metric="pearson")  # type: ignore[arg-type]
+
+
+def test_rank_on_a_small_validation_split_says_so(
+    small_signal_cohort: SignalCohort, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One validation split of a 12-patient cohort holds a few tumour slides: ranking the
+    genes on them is coarse or impossible, and finetune says so and how to fix it."""
+    with caplog.at_level("WARNING", logger="histcode.finetune"):
+        run_finetune(
+            small_signal_cohort.features,
+            "rank-split",
+            labels=small_signal_cohort.labels,
+            expression=small_signal_cohort.expression,
+            out=tmp_path / "run",
+            registry=tmp_path / "registry",
+            data=DataOptions(tasks=["tumour", "genes"], max_tiles=None),
+            model=ModelOptions(hidden=16),
+            cv=CVOptions(folds=3, register="none", genes_metric="rank", patience=2),
+            trainer={**TRAINER_DEFAULTS, "accelerator": "cpu", "max_epochs": 3},
+        )
+    warned = [r.getMessage() for r in caplog.records if "genes_metric rank" in r.getMessage()]
+    assert len(warned) == 3 and all("--cv.inner 5" in m for m in warned)
