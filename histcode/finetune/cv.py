@@ -404,10 +404,19 @@ class BestState(pl.Callback):
         smooth: epochs the metric is averaged over before the best is chosen (the epoch and
             the ``smooth - 1`` before it; 1: each epoch's own value). ``history`` keeps the
             raw values, ``best`` the smoothed one.
+        missing_ok: an epoch whose monitor was not logged gets NaN in ``history`` instead of
+            an error (an inner fold too small to rank the genes: :meth:`averaged` ranks them
+            on the pooled folds).
     """
 
-    def __init__(self, monitor: str | dict[str, float] = "val/loss", smooth: int = 1) -> None:
+    def __init__(
+        self,
+        monitor: str | dict[str, float] = "val/loss",
+        smooth: int = 1,
+        missing_ok: bool = False,
+    ) -> None:
         self.monitor = monitor
+        self.missing_ok = missing_ok
         self.smooth = max(1, int(smooth))
         self.best: float = math.inf
         self.best_epoch: int = -1
@@ -428,6 +437,9 @@ class BestState(pl.Callback):
             {n: float(v) for n, v in trainer.callback_metrics.items() if n.startswith("val/")}
         )
         value = self._value(trainer.callback_metrics)
+        if value is None and self.missing_ok:
+            self.history.append(math.nan)
+            return
         if value is None:
             raise ValueError(
                 f"monitor {self.monitor!r} was not logged (logged: "
@@ -623,7 +635,7 @@ def train_fold(
     inner: list[Fold] | None = None
     if cv.inner:
         inner = inner_folds(fold, labels, cv.inner, seed, cv.group)
-        fits = [_fit(f.train, f.val, fresh, loader, cv, trainer_kwargs, stop=False) for f in inner]
+        fits = [_fit(f.train, f.val, fresh, loader, cv, trainer_kwargs, inner=True) for f in inner]
         chosen = [c for _, _, c in fits]
         pooled = pooled_gene_rank([m for m, _, _ in fits]) if cv.genes_metric == "rank" else None
         del fits
@@ -707,18 +719,30 @@ MIN_RANKED = 8
 
 
 def _check_rankable(fold: Fold, labels: Labels, cv: CVOptions) -> None:
-    """Warn when ``cv.genes_metric rank`` ranks a one-split validation of few tumour slides
-    (no value at all below 3: the epoch is then chosen without the genes)."""
+    """``cv.genes_metric rank`` on one validation split: refuse fewer than 3 validation
+    slides with fold changes (nothing to rank), warn below :data:`MIN_RANKED` (a coarse
+    curve).
+
+    Raises:
+        ValueError: fewer than 3 such slides, with the fix.
+    """
     if cv.genes_metric != "rank" or labels.log2fc is None:
         return
     n = int(np.isfinite(labels.log2fc[fold.val]).any(axis=1).sum())
+    fix = "--cv.inner 5 ranks every training patient once"
+    if n < 3:
+        raise ValueError(
+            f"fold {fold.index + 1}: --cv.genes_metric rank needs 3 or more validation slides "
+            f"with fold changes to rank the genes on; this fold's validation split has {n}. "
+            f"{fix} (with --cv.retrain true), or use --cv.genes_metric loss"
+        )
     if n < MIN_RANKED:
         log.warning(
-            "fold %d: --cv.genes_metric rank ranks the genes on %d validation slide(s) with "
-            "fold changes (%s); --cv.inner 5 ranks every training patient once",
+            "fold %d: --cv.genes_metric rank ranks the genes on %d validation slides with "
+            "fold changes, a coarse curve; %s",
             fold.index + 1,
             n,
-            "too few to rank: the genes choose nothing" if n < 3 else "a coarse curve",
+            fix,
         )
 
 
@@ -788,14 +812,16 @@ def _fit(
     loader: Callable[[np.ndarray, bool], Any],
     cv: CVOptions,
     trainer_kwargs: dict[str, Any],
-    stop: bool = True,
+    inner: bool = False,
 ) -> tuple[MILModule, pl.Trainer, _Selection]:
     """Train a fresh module on ``train``, validating on ``val`` every epoch.
 
     Args:
-        stop: stop early once the monitor (every part's, with ``cv.select per_task``) has
-            gone ``cv.patience`` epochs without improving; False: run every epoch (the inner
-            folds of ``cv.inner``, whose curves are averaged epoch by epoch).
+        inner: an inner fold of ``cv.inner``: every epoch runs (the curves are averaged epoch
+            by epoch), and ``val/genes_rank`` may be missing (its fold's 0-2 tumour slides:
+            it is ranked on the folds' pooled slides). False: stop early once the monitor
+            (every part's, with ``cv.select per_task``) has gone ``cv.patience`` epochs without
+            improving.
 
     Returns:
         The module (its last epoch's weights), its trainer, and the trackers of the epochs.
@@ -804,11 +830,14 @@ def _fit(
 
     module = fresh(train)
     monitor = selection_monitor(module, cv)
-    best = BestState(monitor, cv.smooth)
+    best = BestState(monitor, cv.smooth, missing_ok=inner)
     parts = selection_parts(module, cv.genes_metric) if cv.select == "per_task" else None
     trackers = (
-        {} if parts is None else {n: BestState(p.monitor, cv.smooth) for n, p in parts.items()}
+        {}
+        if parts is None
+        else {n: BestState(p.monitor, cv.smooth, missing_ok=inner) for n, p in parts.items()}
     )
+    stop = not inner
     stopping: list[pl.Callback] = []
     if stop and parts is None and isinstance(monitor, str):
         stopping = [EarlyStopping(monitor=monitor, mode="min", patience=cv.patience)]
@@ -821,7 +850,7 @@ def _fit(
     with quiet_lightning():
         trainer = pl.Trainer(**kwargs)
         trainer.fit(module, loader(train, True), loader(val, False))
-    if best.state is None:
+    if not best.history:
         raise RuntimeError(
             "no validation epoch ran; check --trainer.max_epochs and --trainer.limit_val_batches"
         )

@@ -43,9 +43,11 @@ def test_gene_rank_loss_does_not_see_how_wide_a_noise_head_swings() -> None:
     assert gene_rank_loss(pred[:2], true[:2]) is None
 
 
-def _tracker(monitor: dict[str, float], logged: list[dict[str, float]]) -> BestState:
+def _tracker(
+    monitor: dict[str, float], logged: list[dict[str, float]], missing_ok: bool = False
+) -> BestState:
     """A :class:`BestState` fed ``logged`` as Lightning would, one dict per epoch."""
-    best, layer = BestState(monitor), torch.nn.Linear(1, 1)
+    best, layer = BestState(monitor, missing_ok=missing_ok), torch.nn.Linear(1, 1)
     for epoch, metrics in enumerate(logged):
         trainer = SimpleNamespace(
             sanity_checking=False, current_epoch=epoch,
@@ -60,7 +62,9 @@ def test_pooled_rank_finds_the_epoch_the_summed_gene_loss_misses() -> None:
     epochs, 6 whose heads fit noise ever wider. The summed squared error is lowest early
     (the noise heads' error grows faster than the signal genes' falls); the rank pooled
     over the 15 slides keeps improving with the signal genes, and its curve is what the
-    averaged tracker chooses on (the other terms, here the tumour loss, still count)."""
+    averaged tracker chooses on (the other terms, here the tumour loss, still count). An
+    inner fold too small to rank on its own (no ``val/genes_rank`` logged) is no error
+    there: the pooled rank stands in for it."""
     rng = np.random.default_rng(1)
     folds, slides, epochs = 5, 3, 40
     true = rng.normal(size=(folds, slides, 8))
@@ -91,7 +95,11 @@ def test_pooled_rank_finds_the_epoch_the_summed_gene_loss_misses() -> None:
     pooled = pooled_gene_rank(modules)  # type: ignore[arg-type]
     assert pooled is not None and len(pooled["val/genes_rank"]) == epochs
     monitor = {"val/tumour": 1.0, "val/genes_rank": 1.0}
-    by_rank = BestState.averaged([_tracker(monitor, t) for t in trackers], pooled)
+    trackers[0] = [{"val/tumour": 0.3}] * epochs  # a fold too small to rank alone
+    with pytest.raises(ValueError, match="val/genes_rank needs 3"):
+        _tracker({"val/genes_rank": 1.0}, trackers[0])
+    assert np.isnan(_tracker({"val/genes_rank": 1.0}, trackers[0], True).history).all()
+    by_rank = BestState.averaged([_tracker(monitor, t, True) for t in trackers], pooled)
     assert by_rank.best_epoch > 30
     assert by_rank.history == pytest.approx(0.3 + np.asarray(pooled["val/genes_rank"]))
     assert by_rank.tasks["val/genes_rank"] == pooled["val/genes_rank"]
@@ -144,20 +152,28 @@ def test_rank_selection_runs_and_says_what_chose(
 def test_rank_on_a_small_validation_split_says_so(
     small_signal_cohort: SignalCohort, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """One validation split of a 12-patient cohort holds a few tumour slides: ranking the
-    genes on them is coarse or impossible, and finetune says so and how to fix it."""
-    with caplog.at_level("WARNING", logger="histcode.finetune"):
+    """One validation split holds a few tumour slides: ranking the genes on them is coarse
+    (a warning naming ``--cv.inner 5``) or, below 3, impossible (refused with the fix)."""
+
+    def run(val_fraction: float) -> None:
         run_finetune(
             small_signal_cohort.features,
             "rank-split",
             labels=small_signal_cohort.labels,
             expression=small_signal_cohort.expression,
-            out=tmp_path / "run",
+            out=tmp_path / f"run{val_fraction}",
             registry=tmp_path / "registry",
             data=DataOptions(tasks=["tumour", "genes"], max_tiles=None),
             model=ModelOptions(hidden=16),
-            cv=CVOptions(folds=3, register="none", genes_metric="rank", patience=2),
+            cv=CVOptions(
+                folds=2, register="none", genes_metric="rank", patience=2, val_fraction=val_fraction
+            ),
             trainer={**TRAINER_DEFAULTS, "accelerator": "cpu", "max_epochs": 3},
         )
+
+    with caplog.at_level("WARNING", logger="histcode.finetune"):
+        run(0.5)
     warned = [r.getMessage() for r in caplog.records if "genes_metric rank" in r.getMessage()]
-    assert len(warned) == 3 and all("--cv.inner 5" in m for m in warned)
+    assert len(warned) == 2 and all("coarse" in m and "--cv.inner 5" in m for m in warned)
+    with pytest.raises(ValueError, match=r"needs 3 or more validation slides.*--cv\.inner 5"):
+        run(0.1)
