@@ -407,6 +407,8 @@ class BestState(pl.Callback):
         missing_ok: an epoch whose monitor was not logged gets NaN in ``history`` instead of
             an error (an inner fold too small to rank the genes: :meth:`averaged` ranks them
             on the pooled folds).
+        keep_weights: copy the weights at each new best (False where only the epoch
+            matters: inner folds, the total under ``select per_task``).
     """
 
     def __init__(
@@ -414,9 +416,11 @@ class BestState(pl.Callback):
         monitor: str | dict[str, float] = "val/loss",
         smooth: int = 1,
         missing_ok: bool = False,
+        keep_weights: bool = True,
     ) -> None:
         self.monitor = monitor
         self.missing_ok = missing_ok
+        self.keep_weights = keep_weights
         self.smooth = max(1, int(smooth))
         self.best: float = math.inf
         self.best_epoch: int = -1
@@ -449,9 +453,10 @@ class BestState(pl.Callback):
             )
         self.history.append(float(value))
         value = float(np.mean(self.history[-self.smooth :]))
-        if value < self.best or self.state is None:
+        if value < self.best or self.best_epoch < 0:
             self.best, self.best_epoch = value, trainer.current_epoch
-            self.state = _weights_copy(pl_module)
+            if self.keep_weights:
+                self.state = _weights_copy(pl_module)
 
     @classmethod
     def averaged(
@@ -830,12 +835,13 @@ def _fit(
 
     module = fresh(train)
     monitor = selection_monitor(module, cv)
-    best = BestState(monitor, cv.smooth, missing_ok=inner)
     parts = selection_parts(module, cv.genes_metric) if cv.select == "per_task" else None
+    # weights are kept only where they are used: the best epoch's of one validation split
+    best = BestState(monitor, cv.smooth, inner, keep_weights=parts is None and not inner)
     trackers = (
         {}
         if parts is None
-        else {n: BestState(p.monitor, cv.smooth, missing_ok=inner) for n, p in parts.items()}
+        else {n: BestState(p.monitor, cv.smooth, inner, not inner) for n, p in parts.items()}
     )
     stop = not inner
     stopping: list[pl.Callback] = []
