@@ -318,7 +318,7 @@ class CVOptions:
             with ``inner 5`` and ``select per_task`` on 7 demo runs it mended the two easy
             folds the summed loss stopped early (lymphocyte genes 0.81 → 0.89, 0.72 → 0.87)
             but on hard cohorts, where most genes carry no signal a model can learn, the mean
-            rank is flat and chose epochs 2-19 in five of nine folds (hard lymphocyte genes
+            rank is flat and chose epochs 2-22 in five of nine folds (hard lymphocyte genes
             0.90 → 0.84; RESULTS.md, "Choosing the genes' epoch by their rank").
         inner: choose the epoch on this many inner folds instead of one validation split
             (0: the ``val_fraction`` split). The training part (every patient not in the test
