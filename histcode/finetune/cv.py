@@ -42,7 +42,7 @@ import torch
 
 from histcode.finetune.bags import BagDataset, FeatureBags, bag_loader
 from histcode.finetune.labels import Labels, preview
-from histcode.finetune.metrics import gene_rank_loss
+from histcode.finetune.metrics import gene_spearman
 from histcode.finetune.module import TERMS, MILModule, stack_predictions
 from histcode.finetune.options import CVOptions, DataOptions
 
@@ -642,7 +642,11 @@ def train_fold(
         inner = inner_folds(fold, labels, cv.inner, seed, cv.group)
         fits = [_fit(f.train, f.val, fresh, loader, cv, trainer_kwargs, inner=True) for f in inner]
         chosen = [c for _, _, c in fits]
-        pooled = pooled_gene_rank([m for m, _, _ in fits]) if cv.genes_metric == "rank" else None
+        pooled = (
+            pooled_gene_rank([m for m, _, _ in fits], cv.genes_metric == "rank_signal")
+            if cv.genes_metric != "loss"
+            else None
+        )
         del fits
         selection = _Selection(
             BestState.averaged([c.best for c in chosen], pooled),
@@ -712,12 +716,16 @@ def selection_monitor(module: MILModule, cv: CVOptions) -> str | dict[str, float
     """The metric that chooses the whole model's epoch: ``cv.monitor``, or with
     ``cv.genes_metric rank`` and the total loss as monitor, the weighted loss terms with the
     genes' losses replaced by ``val/genes_rank`` (1 − mean Spearman of the genes)."""
-    if cv.genes_metric != "rank" or cv.monitor != "val/loss" or not module.genes:
+    if cv.genes_metric == "loss" or cv.monitor != "val/loss" or not module.genes:
         return cv.monitor
     w = module.loss_options
     terms = {f"val/{t}": float(getattr(w, t)) for t in TERMS if getattr(w, t) > 0}
     return _rank_genes(terms, module)
 
+
+#: one-sided 5 % normal quantile: ``rank_signal`` keeps a gene whose mean pooled correlation
+#: exceeds it / sqrt(n - 1)
+SIGNAL_Z = 1.645
 
 #: fewest validation slides with fold changes for ``val/genes_rank`` to be more than coarse
 MIN_RANKED = 8
@@ -731,7 +739,7 @@ def _check_rankable(fold: Fold, labels: Labels, cv: CVOptions) -> None:
     Raises:
         ValueError: fewer than 3 such slides, with the fix.
     """
-    if cv.genes_metric != "rank" or labels.log2fc is None:
+    if cv.genes_metric == "loss" or labels.log2fc is None:
         return
     n = int(np.isfinite(labels.log2fc[fold.val]).any(axis=1).sum())
     fix = "--cv.inner 5 ranks every training patient once"
@@ -751,10 +759,18 @@ def _check_rankable(fold: Fold, labels: Labels, cv: CVOptions) -> None:
         )
 
 
-def pooled_gene_rank(modules: list[MILModule]) -> dict[str, list[float]] | None:
+def pooled_gene_rank(
+    modules: list[MILModule], signal_only: bool = False
+) -> dict[str, list[float]] | None:
     """``val/genes_rank`` of each epoch on the inner folds' validation slides pooled: every
     training patient's out-of-fold prediction at that epoch, ranked once per gene (the
     inner folds hold 2-5 patients each, too few to rank on their own).
+
+    Args:
+        modules: the inner folds' models after training (their ``val_gene_predictions``).
+        signal_only: ``cv.genes_metric rank_signal``: average only the genes whose
+            correlation, averaged over the epochs, exceeds the one-sided 5 % critical value
+            ``1.645 / sqrt(n - 1)`` of ``n`` pooled slides (all genes when none does).
 
     Returns:
         ``{"val/genes_rank": [one value per epoch every module ran]}`` (1.0, chance, where no
@@ -764,12 +780,24 @@ def pooled_gene_rank(modules: list[MILModule]) -> dict[str, list[float]] | None:
     epochs = min(len(r) for r in runs)
     if not epochs:
         return None
-    curve = []
+    rhos, n = [], 0
     for e in range(epochs):
         pred = np.concatenate([r[e][0] for r in runs])
         true = np.concatenate([r[e][1] for r in runs])
-        value = gene_rank_loss(pred, true)
-        curve.append(1.0 if value is None else value)
+        rhos.append(gene_spearman(pred, true))
+        n = int(np.isfinite(true).any(axis=1).sum())
+    matrix = np.vstack(rhos)  # (epochs, G)
+    keep = np.ones(matrix.shape[1], dtype=bool)
+    if signal_only and n > 2:
+        with warnings.catch_warnings():  # a gene never ranked: all-NaN column
+            warnings.simplefilter("ignore", RuntimeWarning)
+            signal = np.nanmean(matrix, axis=0) > SIGNAL_Z / math.sqrt(n - 1)
+        if signal.any():
+            keep = signal
+    curve = []
+    for row in matrix[:, keep]:
+        ranked = row[np.isfinite(row)]
+        curve.append(1.0 - float(ranked.mean()) if len(ranked) else 1.0)
     return {GENES_RANK: curve}
 
 
@@ -903,7 +931,7 @@ def selection_parts(
     rest = {k: v for k, v in rest.items() if v > 0}
     if not (model.head.n_genes or model.head.n_classes) or not rest:
         return None
-    if genes_metric == "rank" and module.genes:
+    if genes_metric != "loss" and module.genes:
         rest = _rank_genes(rest, module)
     tumour = {"val/tumour": float(w.tumour), "val/negatives": float(w.negatives)}
     return {

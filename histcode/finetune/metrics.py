@@ -152,16 +152,32 @@ def gene_rank_loss(pred: np.ndarray, true: np.ndarray) -> float | None:
         The loss, or None when no gene has 3 slides with targets and varying predictions
         and targets (a gene without them is left out of the mean).
     """
+    rhos = gene_spearman(pred, true)
+    rhos = rhos[np.isfinite(rhos)]
+    return 1.0 - float(np.mean(rhos)) if len(rhos) else None
+
+
+def gene_spearman(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Each gene's Spearman correlation of predicted and true log2 fold changes across slides.
+
+    Args:
+        pred: (S, G) predicted log2 fold changes.
+        true: (S, G) targets, NaN where a slide has none.
+
+    Returns:
+        (G,) correlations, NaN for a gene with fewer than 3 slides with targets or constant
+        predictions or targets.
+    """
     from scipy.stats import spearmanr
 
     pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
-    rhos = []
+    out = np.full(true.shape[1], np.nan)
     for g in range(true.shape[1]):
         known = np.isfinite(true[:, g]) & np.isfinite(pred[:, g])
         x, y = pred[known, g], true[known, g]
         if len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-            rhos.append(float(spearmanr(x, y).statistic))
-    return 1.0 - float(np.mean(rhos)) if rhos else None
+            out[g] = float(spearmanr(x, y).statistic)
+    return out
 
 
 MIN_PATIENTS = 3
@@ -675,6 +691,7 @@ __all__ = [
     "gene_auc_summary",
     "gene_fold_metrics",
     "gene_rank_loss",
+    "gene_spearman",
     "jsonable",
     "patient_level",
     "prediction_sites",

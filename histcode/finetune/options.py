@@ -320,6 +320,12 @@ class CVOptions:
             but on hard cohorts, where most genes carry no signal a model can learn, the mean
             rank is flat and chose epochs 2-22 in five of nine folds (hard lymphocyte genes
             0.90 → 0.84; RESULTS.md, "Choosing the genes' epoch by their rank").
+            ``rank_signal`` (needs ``inner``): the same, ranked only over the genes whose
+            pooled out-of-fold predictions show a signal — their correlation, averaged over
+            the epochs, above the one-sided 5 % critical value ``1.645 / sqrt(n - 1)`` for
+            the ``n`` pooled slides (all genes when none does); genes with nothing to learn
+            then no longer flatten the curve. Chosen on the training part's inner folds, so
+            the test fold still chooses nothing.
         inner: choose the epoch on this many inner folds instead of one validation split
             (0: the ``val_fraction`` split). The training part (every patient not in the test
             fold) is split into ``inner`` patient-grouped folds (site-grouped as the
@@ -356,7 +362,7 @@ class CVOptions:
     ] = "val/loss"
     patience: int = 30
     select: Literal["total", "per_task"] = "total"
-    genes_metric: Literal["loss", "rank"] = "loss"
+    genes_metric: Literal["loss", "rank", "rank_signal"] = "loss"
     inner: int = 0
     smooth: int = 1
     retrain: bool = False
@@ -377,8 +383,17 @@ class CVOptions:
                 "model on its whole training part for that many epochs: set --cv.retrain true "
                 "(or --cv.inner 0 for one validation split)"
             )
-        if self.genes_metric not in ("loss", "rank"):
-            raise ValueError(f"cv.genes_metric must be 'loss' or 'rank', not {self.genes_metric!r}")
+        if self.genes_metric not in ("loss", "rank", "rank_signal"):
+            raise ValueError(
+                "cv.genes_metric must be 'loss', 'rank' or 'rank_signal', not "
+                f"{self.genes_metric!r}"
+            )
+        if self.genes_metric == "rank_signal" and not self.inner:
+            raise ValueError(
+                "cv.genes_metric rank_signal picks the genes to rank on the inner folds' "
+                "pooled predictions: set --cv.inner 5 --cv.retrain true, or use "
+                "--cv.genes_metric rank"
+            )
         if self.select not in ("total", "per_task"):
             raise ValueError(f"cv.select must be 'total' or 'per_task', not {self.select!r}")
         if self.group not in ("patient", "site"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from histcode.finetune.cv import BestState, pooled_gene_rank
-from histcode.finetune.metrics import gene_rank_loss
+from histcode.finetune.metrics import gene_rank_loss, gene_spearman
 from histcode.finetune.options import TRAINER_DEFAULTS, CVOptions, DataOptions, ModelOptions
 from histcode.finetune.pipeline import run_finetune
 from tests.finetune.finetune_cohort import SignalCohort
@@ -103,6 +103,26 @@ def test_pooled_rank_finds_the_epoch_the_summed_gene_loss_misses() -> None:
     assert by_rank.best_epoch > 30
     assert by_rank.history == pytest.approx(0.3 + np.asarray(pooled["val/genes_rank"]))
     assert by_rank.tasks["val/genes_rank"] == pooled["val/genes_rank"]
+    # rank_signal: only the genes the pooled predictions show a signal for are averaged
+    signal = pooled_gene_rank(modules, signal_only=True)  # type: ignore[arg-type]
+    assert signal is not None
+    last = [np.concatenate([m.val_gene_predictions[-1][k] for m in modules]) for k in (0, 1)]
+    rho = gene_spearman(*last)
+    assert signal["val/genes_rank"][-1] == pytest.approx(1 - rho[:2].mean())
+    assert signal["val/genes_rank"][-1] < pooled["val/genes_rank"][-1] - 0.3
+
+
+def test_rank_signal_needs_inner_folds_and_falls_back_to_all_genes() -> None:
+    """``rank_signal`` is refused without inner folds (with the fix); where no gene shows a
+    signal it ranks them all, as ``rank`` does."""
+    with pytest.raises(ValueError, match=r"--cv\.inner 5"):
+        CVOptions(genes_metric="rank_signal")
+    rng = np.random.default_rng(2)
+    true = rng.normal(size=(12, 4))
+    preds = [(rng.normal(size=(12, 4)), true) for _ in range(5)]
+    modules = [SimpleNamespace(val_gene_predictions=preds)]
+    every = pooled_gene_rank(modules)  # type: ignore[arg-type]
+    assert pooled_gene_rank(modules, signal_only=True) == every  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("select", ["total", "per_task"])
