@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from histcode.finetune.cv import BestState, pooled_gene_rank
 from histcode.finetune.metrics import gene_rank_loss, gene_spearman
 from histcode.finetune.options import TRAINER_DEFAULTS, CVOptions, DataOptions, ModelOptions
 from histcode.finetune.pipeline import run_finetune
 from tests.finetune.finetune_cohort import SignalCohort
+from tests.finetune.trackers import feed
 
 
 def test_gene_rank_loss_does_not_see_how_wide_a_noise_head_swings() -> None:
@@ -47,14 +47,7 @@ def _tracker(
     monitor: dict[str, float], logged: list[dict[str, float]], missing_ok: bool = False
 ) -> BestState:
     """A :class:`BestState` fed ``logged`` as Lightning would, one dict per epoch."""
-    best, layer = BestState(monitor, missing_ok=missing_ok), torch.nn.Linear(1, 1)
-    for epoch, metrics in enumerate(logged):
-        trainer = SimpleNamespace(
-            sanity_checking=False, current_epoch=epoch,
-            callback_metrics={k: torch.tensor(float(v)) for k, v in metrics.items()},
-        )  # fmt: skip
-        best.on_validation_end(trainer, layer)
-    return best
+    return feed(BestState(monitor, missing_ok=missing_ok), logged)
 
 
 def test_pooled_rank_finds_the_epoch_the_summed_gene_loss_misses() -> None:

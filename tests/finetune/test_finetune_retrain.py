@@ -15,6 +15,7 @@ from histcode.finetune.options import TRAINER_DEFAULTS, CVOptions, DataOptions, 
 from histcode.finetune.pipeline import run_finetune
 from histcode.registry import Registry
 from tests.finetune.finetune_cohort import SignalCohort
+from tests.finetune.trackers import feed
 
 
 def _run(cohort: SignalCohort, root: Path, retrain: bool) -> tuple[Path, Registry]:
@@ -93,22 +94,13 @@ def test_smoothed_validation_chooses_past_a_single_noisy_dip() -> None:
 def test_validation_says_when_one_task_chose_an_early_epoch_for_all() -> None:
     """The total validation loss chose epoch 0 because the tumour task's loss only rose, while
     the genes' kept falling: the fold's record names both; an ordinary curve gets no warning."""
-    from types import SimpleNamespace
-
-    import torch
 
     from histcode.finetune.cv import BestState
 
     def run(tumour: list[float], log2fc: list[float]) -> BestState:
-        best, layer = BestState("val/loss"), torch.nn.Linear(1, 1)
-        for epoch, (t, g) in enumerate(zip(tumour, log2fc, strict=True)):
-            metrics = {"val/loss": t + g, "val/tumour": t, "val/log2fc": g}
-            trainer = SimpleNamespace(
-                sanity_checking=False, current_epoch=epoch,
-                callback_metrics={k: torch.tensor(v) for k, v in metrics.items()},
-            )  # fmt: skip
-            best.on_validation_end(trainer, layer)
-        return best
+        pairs = zip(tumour, log2fc, strict=True)
+        logged = ({"val/loss": t + g, "val/tumour": t, "val/log2fc": g} for t, g in pairs)
+        return feed(BestState("val/loss"), logged)
 
     epochs = np.arange(40)
     rising = list(3.0 + 0.05 * epochs)  # a validation slide wrong from the warm start on
@@ -201,22 +193,13 @@ def test_inner_folds_average_the_curves_so_one_slide_does_not_choose() -> None:
     start) no longer picks epoch 0 for all: averaged with the folds whose losses fall, the
     curve is lowest late; runs of different lengths are averaged over the epochs all
     reached; smoothing applies to the averaged curve."""
-    from types import SimpleNamespace
-
-    import torch
 
     from histcode.finetune.cv import BestState
 
     def run(tumour: np.ndarray, log2fc: np.ndarray, smooth: int = 1) -> BestState:
-        best, layer = BestState("val/loss", smooth), torch.nn.Linear(1, 1)
-        for epoch, (t, g) in enumerate(zip(tumour, log2fc, strict=True)):
-            metrics = {"val/loss": t + g, "val/tumour": t, "val/log2fc": g}
-            trainer = SimpleNamespace(
-                sanity_checking=False, current_epoch=epoch,
-                callback_metrics={k: torch.tensor(float(v)) for k, v in metrics.items()},
-            )  # fmt: skip
-            best.on_validation_end(trainer, layer)
-        return best
+        pairs = zip(tumour, log2fc, strict=True)
+        logged = ({"val/loss": t + g, "val/tumour": t, "val/log2fc": g} for t, g in pairs)
+        return feed(BestState("val/loss", smooth), logged)
 
     epochs = np.arange(40)
     falling = 0.44 * np.exp(-epochs / 10) + 0.05
