@@ -325,7 +325,9 @@ class CVOptions:
             the epochs, above the one-sided 5 % critical value ``1.645 / sqrt(n - 1)`` for
             the ``n`` pooled slides (all genes when none does); genes with nothing to learn
             then no longer flatten the curve. Chosen on the training part's inner folds, so
-            the test fold still chooses nothing.
+            the test fold still chooses nothing. Measured on 5 demo runs with ``select
+            per_task`` (RESULTS.md, same section), not yet with the naive arm or on every
+            seed, so not the demo's yet.
         inner: choose the epoch on this many inner folds instead of one validation split
             (0: the ``val_fraction`` split). The training part (every patient not in the test
             fold) is split into ``inner`` patient-grouped folds (site-grouped as the
