@@ -42,7 +42,7 @@ import torch
 
 from histcode.finetune.bags import BagDataset, FeatureBags, bag_loader
 from histcode.finetune.labels import Labels, preview
-from histcode.finetune.metrics import gene_spearman
+from histcode.finetune.metrics import gene_spearman, rank_loss
 from histcode.finetune.module import TERMS, MILModule, stack_predictions
 from histcode.finetune.options import CVOptions, DataOptions
 
@@ -780,13 +780,13 @@ def pooled_gene_rank(
     epochs = min(len(r) for r in runs)
     if not epochs:
         return None
-    rhos, n = [], 0
+    rhos = []
     for e in range(epochs):
         pred = np.concatenate([r[e][0] for r in runs])
         true = np.concatenate([r[e][1] for r in runs])
         rhos.append(gene_spearman(pred, true))
-        n = int(np.isfinite(true).any(axis=1).sum())
     matrix = np.vstack(rhos)  # (epochs, G)
+    n = int(np.isfinite(true).any(axis=1).sum())  # the same slides every epoch
     keep = np.ones(matrix.shape[1], dtype=bool)
     if signal_only and n > 2:
         with warnings.catch_warnings():  # a gene never ranked: all-NaN column
@@ -794,11 +794,8 @@ def pooled_gene_rank(
             signal = np.nanmean(matrix, axis=0) > SIGNAL_Z / math.sqrt(n - 1)
         if signal.any():
             keep = signal
-    curve = []
-    for row in matrix[:, keep]:
-        ranked = row[np.isfinite(row)]
-        curve.append(1.0 - float(ranked.mean()) if len(ranked) else 1.0)
-    return {GENES_RANK: curve}
+    values = [rank_loss(row) for row in matrix[:, keep]]
+    return {GENES_RANK: [1.0 if v is None else v for v in values]}
 
 
 def inner_folds(fold: Fold, labels: Labels, k: int, seed: int, group: Group) -> list[Fold]:

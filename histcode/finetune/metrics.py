@@ -152,7 +152,13 @@ def gene_rank_loss(pred: np.ndarray, true: np.ndarray) -> float | None:
         The loss, or None when no gene has 3 slides with targets and varying predictions
         and targets (a gene without them is left out of the mean).
     """
-    rhos = gene_spearman(pred, true)
+    return rank_loss(gene_spearman(pred, true))
+
+
+def rank_loss(rhos: np.ndarray) -> float | None:
+    """One minus the mean of the genes' correlations ``rhos`` (G,), NaN left out; None when
+    none is finite."""
+    rhos = np.asarray(rhos, dtype=np.float64)
     rhos = rhos[np.isfinite(rhos)]
     return 1.0 - float(np.mean(rhos)) if len(rhos) else None
 
@@ -695,6 +701,7 @@ __all__ = [
     "jsonable",
     "patient_level",
     "prediction_sites",
+    "rank_loss",
     "sample_level",
     "significance_label",
     "summarise",
