@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,14 @@ def _torch_threads_unchanged() -> Iterator[None]:
         after = torch.get_num_threads()
         torch.set_num_threads(before)
         pytest.fail(f"the module left torch on {after} thread(s) (was {before}); restore it")
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a test's gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,43 @@ log = logging.getLogger("histcode.finetune")
 TERMS = ("tumour", "log2fc", "classes", "categorical", "instance", "negatives", "fraction")
 
 
+def gather_slides(
+    batches: Sequence[tuple[Sequence[str], np.ndarray, np.ndarray]], world_size: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """One validation epoch's gene predictions and targets, every process's slides each once.
+
+    Under DDP each process validates its share of the slides (Lightning's distributed sampler
+    pads the shares to one length by repeating slides), so a rank correlation on one process's
+    predictions would differ between processes and they could choose different epochs. Here
+    the shares are gathered (``torch.distributed.all_gather_object``: the arrays' lengths
+    differ) and a slide seen twice is kept once, so every process ranks the same slides.
+
+    Args:
+        batches: this process's validation batches: slide ids (B,), predicted and true log2
+            fold changes (B, G) each.
+        world_size: processes in the run (``Trainer.world_size``); 1 gathers nothing.
+
+    Returns:
+        ``(pred, true)``, (S, G) each over the distinct slides (empty, (0, 0), for none).
+    """
+    local = [
+        (sid, p, t)
+        for ids, pred, true in batches
+        for sid, p, t in zip(ids, pred, true, strict=True)
+    ]
+    shares = [local]
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        shares = [None] * world_size
+        torch.distributed.all_gather_object(shares, local)
+    seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for share in shares:
+        for sid, p, t in share or []:
+            seen.setdefault(sid, (p, t))
+    if not seen:
+        return np.zeros((0, 0)), np.zeros((0, 0))
+    return np.stack([p for p, _ in seen.values()]), np.stack([t for _, t in seen.values()])
+
+
 class MILModule(pl.LightningModule):
     """Trains a :class:`~histcode.finetune.heads.SlideModel` on bags.
 
@@ -72,7 +109,7 @@ class MILModule(pl.LightningModule):
         self.optim_options = optim or OptimOptions()
         self.model: SlideModel = build_slide_model(**self.model_arguments())
         self._val_sums: dict[str, float] = {}
-        self._val_genes: list[tuple[np.ndarray, np.ndarray]] = []
+        self._val_genes: list[tuple[list[str], np.ndarray, np.ndarray]] = []
         #: each validation epoch's predicted and true log2 fold changes, (S, G) each, of the
         #: validation slides (``cv.inner`` pools them over inner folds: ``val/genes_rank``)
         self.val_gene_predictions: list[tuple[np.ndarray, np.ndarray]] = []
@@ -260,7 +297,11 @@ class MILModule(pl.LightningModule):
             self._val_sums[name] = (s + float(value) * count, n + count)
         if out.log2fc is not None:
             self._val_genes.append(
-                (out.log2fc.detach().float().cpu().numpy(), batch.log2fc.float().cpu().numpy())
+                (
+                    list(batch.slide_ids),
+                    out.log2fc.detach().float().cpu().numpy(),
+                    batch.log2fc.float().cpu().numpy(),
+                )
             )
 
     def on_validation_epoch_end(self) -> None:
@@ -270,12 +311,13 @@ class MILModule(pl.LightningModule):
         self.log("val/loss", float(total), prog_bar=True, sync_dist=True)
         for k, v in means.items():
             self.log(f"val/{k}", float(v), sync_dist=True)
-        if self._val_genes and not self.trainer.sanity_checking:
-            pred = np.concatenate([p for p, _ in self._val_genes])
-            true = np.concatenate([t for _, t in self._val_genes])
-            self.val_gene_predictions.append((pred, true))
-            rank = gene_rank_loss(pred, true)
-            if rank is not None:  # under DDP each process ranks its own slides
+        if self.genes and not self.trainer.sanity_checking:
+            # every process calls the gather (a collective) and then holds the same slides
+            pred, true = gather_slides(self._val_genes, self.trainer.world_size)
+            if len(pred):
+                self.val_gene_predictions.append((pred, true))
+            rank = gene_rank_loss(pred, true) if len(pred) else None
+            if rank is not None:  # the same on every process: all or none log it
                 self.log("val/genes_rank", rank, sync_dist=True)
 
     def predict_step(self, batch: BagBatch, batch_idx: int = 0) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch.multiprocessing as mp
 
 from histcode.finetune.cv import BestState, pooled_gene_rank
 from histcode.finetune.metrics import gene_rank_loss, gene_spearman
@@ -190,3 +191,21 @@ def test_rank_on_a_small_validation_split_says_so(
     assert len(warned) == 2 and all("coarse" in m and "--cv.inner 5" in m for m in warned)
     with pytest.raises(ValueError, match=r"needs 3 or more validation slides.*--cv\.inner 5"):
         run(0.1)
+
+
+def test_ddp_processes_rank_the_same_slides(monkeypatch, tmp_path: Path, free_port: int) -> None:
+    """Two gloo processes (Lightning ``ddp`` on CPU) validating 7 slides, 4 each (one
+    repeated by the distributed sampler's padding): each process ranks all 7 slides once, so
+    both log the same ``val/genes_rank`` and keep the same predictions for the inner folds'
+    pooled rank, and would choose the same epoch."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # for the spawned processes
+    from ddp_rank_worker import fit
+
+    mp.spawn(fit, args=(2, free_port, 7, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
+    assert len(r0["logged"]) == 3 and r0["logged"] == r1["logged"]
+    assert r0["predictions"] == r1["predictions"]
+    for (pred, true), logged in zip(r0["predictions"], r0["logged"], strict=True):
+        pred, true = np.array(pred), np.array(true)
+        assert pred.shape == (7, 3) and len({tuple(t) for t in true}) == 7  # each slide once
+        assert logged == pytest.approx(gene_rank_loss(pred, true), rel=1e-6)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,6 @@ import torch.multiprocessing as mp
 from lightly.loss import NTXentLoss
 
 from histcode.pretrain.collapse import chance_loss, effective_rank, feature_stats, verdict
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("batch_size", [2, 3, 16, 32, 100])
@@ -30,14 +23,16 @@ def test_chance_is_the_loss_of_a_constant_embedding(batch_size: int) -> None:
     assert chance_loss(batch_size) == pytest.approx(math.log(2 * batch_size - 1))
 
 
-def test_chance_of_a_gathered_batch_counts_every_process(monkeypatch, tmp_path: Path) -> None:
+def test_chance_of_a_gathered_batch_counts_every_process(
+    monkeypatch, tmp_path: Path, free_port: int
+) -> None:
     """Two gloo processes of 8 tiles each, negatives gathered: a constant embedding scores the
     chance value of the global batch of 16, ln(31), not of the local one, ln(15)."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     from ntxent_worker import half_batch_loss
 
     z = torch.ones(16, 8)
-    mp.spawn(half_batch_loss, args=(2, _free_port(), z, z.clone(), str(tmp_path)), nprocs=2)
+    mp.spawn(half_batch_loss, args=(2, free_port, z, z.clone(), str(tmp_path)), nprocs=2)
     for rank in range(2):
         loss = float((tmp_path / f"{rank}.txt").read_text())
         assert loss == pytest.approx(chance_loss(16), rel=1e-5)

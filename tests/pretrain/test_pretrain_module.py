@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,9 @@ pytestmark = [  # Lightning's own chatter when a Trainer is used directly
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ntxent_gathers_negatives_across_two_gloo_processes(monkeypatch, tmp_path: Path) -> None:
+def test_ntxent_gathers_negatives_across_two_gloo_processes(
+    monkeypatch, tmp_path: Path, free_port: int
+) -> None:
     """Two processes with half a batch each give the loss of one process with the whole batch
     (without gathering, each would only see its own half as negatives)."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # for the spawned processes
@@ -40,7 +35,7 @@ def test_ntxent_gathers_negatives_across_two_gloo_processes(monkeypatch, tmp_pat
     z0, z1 = torch.randn(16, 8), torch.randn(16, 8)
     full = NTXentLoss(temperature=0.1)(z0, z1).item()
     local = [NTXentLoss(temperature=0.1)(z0[s], z1[s]).item() for s in (slice(0, 8), slice(8, 16))]
-    mp.spawn(half_batch_loss, args=(2, _free_port(), z0, z1, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(half_batch_loss, args=(2, free_port, z0, z1, str(tmp_path)), nprocs=2, join=True)
     gathered = sum(float((tmp_path / f"{r}.txt").read_text()) for r in range(2)) / 2
     assert gathered == pytest.approx(full, rel=1e-5)
     assert sum(local) / 2 != pytest.approx(full, rel=1e-3)  # the check can tell them apart
@@ -126,7 +121,7 @@ def test_cuda_step_uses_channels_last_and_bf16(pretrain_tiles: Path, tmp_path: P
 
 
 def test_ddp_processes_draw_different_views_fresh_and_resumed(
-    monkeypatch, pretrain_tiles: Path, tmp_path: Path
+    monkeypatch, pretrain_tiles: Path, tmp_path: Path, free_port: int
 ) -> None:
     """Two gloo processes (Lightning ``ddp`` on CPU): each is seeded with seed + rank, so the
     same tiles get different crops, flips, stains and blurs on each process; a resumed run's
@@ -134,7 +129,7 @@ def test_ddp_processes_draw_different_views_fresh_and_resumed(
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # for the spawned processes
     from ddp_views_worker import fit_fresh_then_resumed
 
-    args = (2, _free_port(), str(pretrain_tiles), str(tmp_path))
+    args = (2, free_port, str(pretrain_tiles), str(tmp_path))
     mp.spawn(fit_fresh_then_resumed, args=args, nprocs=2, join=True)
     for rank in range(2):
         steps = json.loads((tmp_path / f"steps-{rank}.json").read_text())

@@ -1,0 +1,82 @@
+"""A process of the DDP gene-rank test: two short fits of an MILModule under gloo.
+
+Kept apart so that spawned processes import little. Each process poses as one of ``world``
+processes started by torchrun (the environment variables Lightning's ``TorchElasticEnvironment``
+reads), so Lightning's ``ddp`` strategy joins the group instead of launching processes itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from histcode.finetune.bags import Bag, collate_bags
+from histcode.finetune.module import MILModule
+
+GENES = ["A", "B", "C"]
+
+
+def bags(n: int, seed: int) -> list[Bag]:
+    """``n`` tumour slides of 5–12 tiles of 8 features; the genes follow the mean feature."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        x = rng.normal(size=(int(rng.integers(5, 13)), 8)).astype(np.float32)
+        fc = np.array([x[:, 0].mean(), -x[:, 1].mean(), rng.normal()], dtype=np.float32)
+        out.append(
+            Bag(
+                slide_id=f"s{seed}-{i:02d}",
+                features=torch.from_numpy(x),
+                tumour=torch.tensor(1.0),
+                log2fc=torch.from_numpy(fc),
+                classes=torch.ones(3, dtype=torch.int64),
+            )
+        )
+    return out
+
+
+def fit(rank: int, world: int, port: int, n_val: int, out: str) -> None:
+    """Fit 3 epochs on 8 slides, validating on ``n_val``; write what this process validated."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        GROUP_RANK="0",
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    pl.seed_everything(0, verbose=False)
+    module = MILModule(in_dim=8, tumour=False, genes=GENES)
+    metrics: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: MILModule) -> None:
+            # after the epoch's validation (and the module's own hook, which logs the rank)
+            metrics.append(float(trainer.callback_metrics["val/genes_rank"]))
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy="ddp",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[Record()],
+    )
+    loader = lambda data: DataLoader(data, batch_size=2, collate_fn=collate_bags)  # noqa: E731
+    trainer.fit(module, loader(bags(8, 0)), loader(bags(n_val, 1)))
+    record = {
+        "logged": metrics,
+        "predictions": [(p.tolist(), t.tolist()) for p, t in module.val_gene_predictions],
+    }
+    (Path(out) / f"{rank}.json").write_text(json.dumps(record))
