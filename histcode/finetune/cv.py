@@ -426,17 +426,24 @@ class BestState(pl.Callback):
         self.best_epoch: int = -1
         self.state: dict[str, torch.Tensor] | None = None
         self.history: list[float] = []
-        #: every logged validation metric (``val/<task>``) per epoch, for :meth:`warning`
-        self.tasks: dict[str, list[float]] = {}
-        #: each epoch's logged validation metrics, for :meth:`averaged` with pooled curves
+        #: each epoch's logged validation metrics (``val/<name>``)
         self.logged: list[dict[str, float]] = []
+
+    @property
+    def tasks(self) -> dict[str, list[float]]:
+        """Each logged validation metric but the total (``val/<task>``), its values in epoch
+        order (an epoch that did not log it left out): the curves :meth:`warning` reads and
+        ``folds.json`` records."""
+        out: dict[str, list[float]] = {}
+        for epoch in self.logged:
+            for name, value in epoch.items():
+                if name != "val/loss":
+                    out.setdefault(name, []).append(value)
+        return out
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        for name, logged in trainer.callback_metrics.items():
-            if name.startswith("val/") and name != "val/loss":
-                self.tasks.setdefault(name, []).append(float(logged))
         self.logged.append(
             {n: float(v) for n, v in trainer.callback_metrics.items() if n.startswith("val/")}
         )
@@ -464,7 +471,8 @@ class BestState(pl.Callback):
     ) -> BestState:
         """The mean of several runs' validation curves, epoch by epoch, and its best epoch
         (``cv.inner``): the curves of models validated on different patients, averaged over
-        the epochs every run reached. It holds no weights.
+        the epochs every run reached (``logged``: each metric's mean where every run logged
+        it). It holds no weights.
 
         Args:
             states: the runs' trackers, same monitor.
@@ -492,13 +500,10 @@ class BestState(pl.Callback):
             out.history = list(pooled[monitor])
         else:
             out.history = np.mean([s.history[:run] for s in states], axis=0).tolist()
-        names = set.intersection(*(set(s.tasks) for s in states))
-        out.tasks = {
-            k: np.mean([s.tasks[k][:run] for s in states], axis=0).tolist()
-            for k in sorted(names)
-            if all(len(s.tasks[k]) >= run for s in states)
-        }
-        out.tasks.update(pooled)
+        for e in range(run):  # each metric every run logged at this epoch, their mean
+            names = set.intersection(*(set(s.logged[e]) for s in states)) - set(pooled)
+            epoch = {k: float(np.mean([s.logged[e][k] for s in states])) for k in sorted(names)}
+            out.logged.append(epoch | {k: v[e] for k, v in pooled.items()})
         smoothed = [np.mean(out.history[max(0, e - out.smooth + 1) : e + 1]) for e in range(run)]
         out.best_epoch = int(np.argmin(smoothed))
         out.best = float(smoothed[out.best_epoch])
