@@ -24,8 +24,9 @@ patient's tumour slides averaged), averaged over the 12 driver genes in each fol
 (tumour-burden and lymphocyte genes of ``genes.json``); ``noise_r`` — the same over the 8
 noise genes (should be ≈ 0); ``driver_auc_up`` — AUC of "up" vs the rest over driver genes;
 ``sig_drivers`` / ``sig_noise`` — genes significant at FDR 5 % (true and false discoveries)
-by finetune's test: one-sided Pearson per test fold, Stouffer-combined, BH over all genes
-(``metrics.json`` ``fdr``).
+by finetune's test: one-sided Pearson per test fold, Stouffer-combined with the folds taken as
+correlated 1/k, BH over all genes (``metrics.json`` ``fdr``; tables rendered from runs before
+session 15 counted with the folds taken as independent).
 
 Prints one JSON line; its ``SPEC`` renders it for ``benchmarks.run`` (:func:`accuracy_section`:
 cohort, table, verdict). A tile-level ceiling check (a linear classifier on tiles labelled
@@ -588,7 +589,8 @@ def accuracy_section(entry: dict[str, Any]) -> list[str]:
         "folds; every figure is mean ± sd over the test folds. Driver r: Pearson r of "
         "predicted vs true log2FC over the 12 driver genes; noise r: over the 8 noise genes "
         "(≈ 0 expected); sig.: genes significant at FDR 5 % (one-sided Pearson per test fold "
-        "on patient means, Stouffer-combined, Benjamini–Hochberg over all genes).",
+        "on patient means, Stouffer-combined with the folds taken as correlated 1/k, "
+        "Benjamini–Hochberg over all genes).",
         "",
         *accuracy_table(r),
         "",
