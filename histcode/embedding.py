@@ -9,16 +9,16 @@ processes or hosts, which may write one store at once.
 
 Where the stored JPEG tiles are decoded (``--decode``): with ``auto`` (the default), on the
 GPU when the encoder runs on CUDA and nvImageCodec is installed (``pip install
-'histcode[gpu]'``), else in the workers on the CPU, as always, with the reason logged once
-and written in the result line (``decode``, ``decode_reason``). On the device path the
-workers only read the stored tiles' bytes (:func:`~histcode.tilereader.read_tile_streams`);
-each batch carries them once per stored tile in pinned memory
-(:class:`~histcode.tilereader.StreamBatch`), and the main process decodes them in one
-nvImageCodec call, pastes the tiles into the batch on the device and box-averages those
-read from a finer level. Tiles the device path cannot take (slides OpenSlide reads, windows
-over a level's edge, stain-normalised stores) are decoded on the CPU as before. Before
-embedding, the main process checks the device's decoder on each slide: a few of its stored
-tiles (4) are decoded on the device and on the CPU and compared
+'histcode[gpu]'``, or ``'histcode[gpu-cu12]'`` with a torch built for CUDA 12), else in the
+workers on the CPU, as always, with the reason logged once and written in the result line
+(``decode``, ``decode_reason``). On the device path the workers only read the stored tiles'
+bytes (:func:`~histcode.tilereader.read_tile_streams`); each batch carries them once per
+stored tile in pinned memory (:class:`~histcode.tilereader.StreamBatch`), and the main
+process decodes them in one nvImageCodec call, pastes the tiles into the batch on the device
+and box-averages those read from a finer level. Tiles the device path cannot take (slides
+OpenSlide reads, windows over a level's edge, stain-normalised stores) are decoded on the
+CPU as before. Before embedding, the main process checks the device's decoder on each slide:
+a few of its stored tiles (4) are decoded on the device and on the CPU and compared
 (:func:`~histcode.tiffjpeg.check_device_decode`); a slide whose pixels differ by more than
 two JPEG decoders' rounding is decoded on the CPU with a warning naming it and the
 difference (``auto``; counted in the result line's ``decode_fallbacks``), or stops the run
@@ -299,9 +299,11 @@ def choose_decode(decode: str, dev: torch.device, stain_norm: str = "none") -> t
 
         why = device_decoder_available(dev)[1]
     if why and decode == "device":
+        from histcode.tiffjpeg import nvimgcodec_hint
+
         raise ValueError(
-            f"--decode device: {why}. Install the gpu extra (pip install 'histcode[gpu]') and "
-            "run on a CUDA device (--device cuda), or pass --decode auto to decode on the "
+            f"--decode device: {why}. Install nvImageCodec ({nvimgcodec_hint(torch.version.cuda)}) "
+            "and run on a CUDA device (--device cuda), or pass --decode auto to decode on the "
             "device only where it can."
         )
     return not why, why

@@ -503,8 +503,9 @@ def jpeg_stream(data: bytes, tables: bytes, rgb: bool) -> bytes:
 def device_decoder_available(device: torch.device | None = None) -> tuple[bool, str]:
     """Whether stored JPEG tiles can be decoded on a CUDA device here, and if not why.
 
-    The device path needs the ``gpu`` extra (``pip install 'histcode[gpu]'``: NVIDIA's
-    nvImageCodec) and a CUDA device.
+    The device path needs NVIDIA's nvImageCodec built for torch's CUDA major version (the
+    ``gpu`` extra for CUDA 13, PyPI's default torch; ``gpu-cu12`` for CUDA 12; see
+    :func:`nvimgcodec_hint`) and a CUDA device.
 
     Args:
         device: the device the tiles are wanted on (None: any CUDA device).
@@ -526,12 +527,22 @@ def device_decoder_available(device: torch.device | None = None) -> tuple[bool, 
     try:
         from nvidia import nvimgcodec  # noqa: F401
     except ImportError:
-        return False, (
-            "nvImageCodec is not installed: pip install 'histcode[gpu]' (the "
-            "nvidia-nvimgcodec-cu12[nvjpeg] package; with a CUDA 13 build of torch, pip "
-            "install 'nvidia-nvimgcodec-cu13[nvjpeg]' instead)"
-        )
+        return False, f"nvImageCodec is not installed: {nvimgcodec_hint(torch.version.cuda)}"
     return True, ""
+
+
+def nvimgcodec_hint(cuda: str | None) -> str:
+    """What to install for nvImageCodec with a torch built for CUDA ``cuda`` (``"13.0"``,
+    ``"12.8"``; None for a CPU build): the extra matching its major version."""
+    major = (cuda or "").split(".")[0]
+    if major == "12":
+        return "pip install 'histcode[gpu-cu12]' (nvidia-nvimgcodec-cu12; torch is CUDA 12)"
+    if major == "13":
+        return "pip install 'histcode[gpu]' (nvidia-nvimgcodec-cu13; torch is CUDA 13)"
+    return (
+        f"this torch is built for CUDA {cuda or 'none (a CPU build)'}; install a CUDA build of "
+        "torch, then pip install 'histcode[gpu]' (CUDA 13) or 'histcode[gpu-cu12]' (CUDA 12)"
+    )
 
 
 class DeviceDecoder:
