@@ -8,7 +8,6 @@ reads), so Lightning's ``ddp`` strategy joins the group instead of launching pro
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from histcode.finetune.bags import Bag, collate_bags
 from histcode.finetune.module import MILModule
+from tests.torchrun_env import pose_as_torchrun
 
 GENES = ["A", "B", "C"]
 
@@ -43,15 +43,7 @@ def bags(n: int, seed: int) -> list[Bag]:
 
 def fit(rank: int, world: int, port: int, n_val: int, out: str) -> None:
     """Fit 3 epochs on 8 slides, validating on ``n_val``; write what this process validated."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        GROUP_RANK="0",
-        LOCAL_WORLD_SIZE=str(world),
-    )
+    pose_as_torchrun(rank, world, port)
     pl.seed_everything(0, verbose=False)
     module = MILModule(in_dim=8, tumour=False, genes=GENES)
     metrics: list[float] = []

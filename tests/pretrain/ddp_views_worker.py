@@ -8,7 +8,6 @@ reads), so Lightning's ``ddp`` strategy joins the group instead of launching pro
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from histcode.pretrain.data import TileDataModule
 from histcode.pretrain.module import SimCLRModule
+from tests.torchrun_env import pose_as_torchrun
 
 #: the fixed input whose views are compared across processes: the same tiles on every process
 FIXED_TILES_SEED = 1234
@@ -58,15 +58,7 @@ class RecordViews(pl.Callback):
 
 def fit_fresh_then_resumed(rank: int, world: int, port: int, tiles: str, out: str) -> None:
     """Fit 2 steps from scratch, save, then fit to step 4 from that checkpoint (a rerun)."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        GROUP_RANK="0",
-        LOCAL_WORLD_SIZE=str(world),
-    )
+    pose_as_torchrun(rank, world, port)
     folder = Path(out)
     ckpt = folder / "last.ckpt"
     steps = {}
