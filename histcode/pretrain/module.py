@@ -51,6 +51,26 @@ LOSS_WINDOW = 50
 log = logging.getLogger("histcode.pretrain")
 
 
+def parent_stain_warning(ref: str, parent_stain: str | None, data: Any) -> str | None:
+    """A sentence when ``--model.init_from``'s encoder was pretrained on tiles of another stain
+    normalisation than ``data``'s (its card's ``extra.stain_norm`` against the tile store's),
+    else None (the same, or nothing recorded to compare).
+
+    A warning, not a refusal as at embedding: continuing to pretrain on tiles of another
+    stain is a way to adapt an encoder to them, but it is worth knowing that the start saw
+    other colours (the new card's lineage names the parent, whose card records them).
+    """
+    tiles = getattr(data, "stain_norm", None)
+    if parent_stain is None or tiles is None or parent_stain == tiles:
+        return None
+    return (
+        f"--model.init_from {ref} was pretrained on tiles with stain_norm {parent_stain!r}, "
+        f"but {getattr(data, 'tiles', 'these tiles')} have stain_norm {tiles!r}: pretraining "
+        "continues from an encoder that saw other colours (fine for adapting it; to start "
+        f"from a match, tile with --stain_norm {parent_stain} or pretrain from scratch)"
+    )
+
+
 class ContrastiveModule(pl.LightningModule):
     """Contrastive pretraining (SimCLR or MoCo v2) of a tile encoder of the zoo.
 
@@ -279,6 +299,9 @@ class ContrastiveModule(pl.LightningModule):
                     f"{self.encoder.architecture} with {self.hparams.encoder_kwargs}: {err}"
                 ) from None
             self.parent = Parent("encoder", card.ref, card.sha256)
+            said = parent_stain_warning(card.ref, card.extra.get("stain_norm"), data)
+            if said:
+                log.warning(said)
             if self.key_encoder is not None:  # MoCo's keys start from the same weights
                 self.key_encoder.load_state_dict(self.encoder.state_dict())
 

@@ -101,6 +101,37 @@ def test_init_from_a_registry_ref(tmp_path: Path) -> None:
         other.setup("fit")
 
 
+def test_init_from_an_encoder_of_another_stain_warns(
+    pretrain_tiles: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Continued pretraining from an encoder whose card says it saw Macenko-normalised tiles,
+    on a store of tiles as scanned: it goes ahead (adapting is a use of it) and says so; the
+    same stain, or a card that records none, says nothing."""
+    registry = Registry(tmp_path / "registry")
+    parent = create_encoder("tiny", mpp=2.0, tile_size=64)
+    data = TileDataModule(str(pretrain_tiles), batch_size=8, num_workers=0)
+    assert data.stain_norm == "none"
+    for stain, warned in (("macenko", True), ("none", False), (None, False)):
+        extra = {} if stain is None else {"stain_norm": stain}
+        ref = registry.save(f"p-{stain}", parent, encoder_card(parent, extra=extra))
+        model = SimCLRModule(
+            encoder="tiny", mpp=2.0, tile_size=64, init_from=ref, registry=str(registry.root)
+        )
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+            enable_checkpointing=False, enable_model_summary=False,
+        )  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="histcode.pretrain"):
+            trainer.fit(model, datamodule=data)
+        said = [r.getMessage() for r in caplog.records if "init_from" in r.getMessage()]
+        assert bool(said) == warned, (stain, said)
+        if warned:
+            assert (
+                "'macenko'" in said[0] and "'none'" in said[0] and "--stain_norm macenko" in said[0]
+            )
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_step_uses_channels_last_and_bf16(pretrain_tiles: Path, tmp_path: Path) -> None:
