@@ -44,9 +44,9 @@ def test_demo_learns_and_localises_on_held_out_slides(tmp_path: Path) -> None:
         auc = roc_auc_score(rows["tumour_true"], rows["tumour_prob"])
         assert auc >= 0.95, (fold, auc)  # measured 1.00
         tumour = rows[rows["tumour_true"] == 1]
-        assert mean_r(tumour, lymph_genes) >= 0.6, fold  # measured 0.92, 0.91, 0.97
+        assert mean_r(tumour, lymph_genes) >= 0.6, fold  # measured 0.95, 0.91, 0.97
         # genes that follow the tumour fraction, read from the top-share tumour scorer's
-        # estimate of it (model.tumour_fraction_genes): measured 0.67, 0.71, 0.67 (0.30 ± 0.25
+        # estimate of it (model.tumour_fraction_genes): measured 0.66, 0.72, 0.64 (0.30 ± 0.25
         # over folds without it; the naive linear model 0.67 ± 0.03)
         assert mean_r(tumour, burden_genes) >= 0.4, fold
     # each tumour slide mapped by the model of the fold that held it out; measured at these
