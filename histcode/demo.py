@@ -629,7 +629,9 @@ def demo(
         slide_mm: Width and height of each synthetic slide in mm, as a list: ``--slide_mm
             "[3.0, 2.5]"``.
         pretrain_steps: SimCLR steps (batches of 32 tiles).
-        epochs: Most finetuning epochs per fold (early stopping on the validation split).
+        epochs: Finetuning epochs each of a fold's 5 inner folds runs; the epochs chosen on
+            them (the tumour scorer's and the genes' apart) are those the fold's model is
+            then trained for on all its training patients.
         folds: Patient-grouped cross-validation folds.
         aggregator: MIL aggregator of the pipeline: abmil (gated attention), clam_sb,
             transformer, mean or max.
