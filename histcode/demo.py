@@ -166,13 +166,14 @@ def _finetune_config(o: DemoOptions) -> dict[str, Any]:
 
     Each fold's epoch count is chosen on 5 inner folds of its training patients (``cv.inner``,
     both arms: every training patient validates once, the curves averaged), then the fold's
-    model is trained on all its training patients for that many epochs (``cv.retrain``): at
-    ~30 patients a validation fifth is too much data to learn nothing from, and 2-3
-    validation patients too few to choose for all. The tumour scorer and the genes take their
-    own epochs (``cv.select per_task``), the genes' chosen on the rank correlation of the genes
-    with a signal (``cv.genes_metric rank_signal``). The pipeline's tumour logit is top-share
-    pooling (``model.tumour_pooling``; the naive arm keeps its linear model on the mean
-    feature), and its genes read the tumour fraction that pooling estimates
+    model is trained on all its training patients for that many epochs (``cv.retrain``): at ~30
+    patients a validation fifth is too much data to learn nothing from, and 2-3 validation
+    patients too few to choose for all. In the pipeline arm the tumour scorer and the genes take
+    their own epochs (``cv.select per_task``), the genes' chosen on the rank correlation of the
+    genes with a signal (``cv.genes_metric rank_signal``); a model of one part (the naive arm's)
+    chooses one epoch on its total with the genes' rank in it. The pipeline's tumour logit is
+    top-share pooling (``model.tumour_pooling``; the naive arm keeps its linear model on the
+    mean feature), and its genes read the tumour fraction that pooling estimates
     (``tumour_fraction_genes``).
     """
     return {
@@ -235,7 +236,8 @@ def _finetune_config(o: DemoOptions) -> dict[str, Any]:
             # loss let the tumour terms, which rise from the first epochs once the warm
             # start has fit, choose epochs 0-9 for the genes on cohorts whose normals come
             # from one site (3 seeds: lymphocyte genes 0.77 -> 0.94 there, the naive arm's
-            # 0.90; easy 0.88 -> 0.90; hard 0.90 -> 0.92, one hard noise gene at q 0.037;
+            # 0.90 with the summed loss; easy 0.88 -> 0.90; hard 0.90 -> 0.92, one hard noise
+            # gene at q 0.037;
             # RESULTS.md, "Choosing the genes' epoch by their rank")
             "select": "per_task",
             "genes_metric": "rank_signal",
@@ -629,9 +631,10 @@ def demo(
         slide_mm: Width and height of each synthetic slide in mm, as a list: ``--slide_mm
             "[3.0, 2.5]"``.
         pretrain_steps: SimCLR steps (batches of 32 tiles).
-        epochs: Finetuning epochs each of a fold's 5 inner folds runs; the epochs chosen on
-            them (the tumour scorer's and the genes' apart) are those the fold's model is
-            then trained for on all its training patients.
+        epochs: Finetuning epochs each of a fold's inner folds (5, fewer for a small
+            training part) runs; the epochs chosen on them (the pipeline's tumour scorer's
+            and genes' apart) are those the fold's model is then trained for on all its
+            training patients.
         folds: Patient-grouped cross-validation folds.
         aggregator: MIL aggregator of the pipeline: abmil (gated attention), clam_sb,
             transformer, mean or max.

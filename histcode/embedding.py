@@ -301,10 +301,11 @@ def choose_decode(decode: str, dev: torch.device, stain_norm: str = "none") -> t
     if why and decode == "device":
         from histcode.tiffjpeg import nvimgcodec_hint
 
+        hint = nvimgcodec_hint(torch.version.cuda)
+        install = "" if hint in why else f"Install nvImageCodec ({hint}) and "
         raise ValueError(
-            f"--decode device: {why}. Install nvImageCodec ({nvimgcodec_hint(torch.version.cuda)}) "
-            "and run on a CUDA device (--device cuda), or pass --decode auto to decode on the "
-            "device only where it can."
+            f"--decode device: {why}. {install}run on a CUDA device (--device cuda), or pass "
+            "--decode auto to decode on the device only where it can."
         )
     return not why, why
 

@@ -540,8 +540,9 @@ def nvimgcodec_hint(cuda: str | None) -> str:
     if major == "13":
         return "pip install 'histcode[gpu]' (nvidia-nvimgcodec-cu13; torch is CUDA 13)"
     return (
-        f"this torch is built for CUDA {cuda or 'none (a CPU build)'}; install a CUDA build of "
-        "torch, then pip install 'histcode[gpu]' (CUDA 13) or 'histcode[gpu-cu12]' (CUDA 12)"
+        f"this torch is built for CUDA {cuda or 'none (a CPU or ROCm build)'}, and nvImageCodec "
+        "needs a torch built for CUDA 12 or 13: pip install 'histcode[gpu]' (CUDA 13) or "
+        "'histcode[gpu-cu12]' (CUDA 12), one of the two, beside such a torch"
     )
 
 

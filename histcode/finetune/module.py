@@ -41,6 +41,29 @@ log = logging.getLogger("histcode.finetune")
 TERMS = ("tumour", "log2fc", "classes", "categorical", "instance", "negatives", "fraction")
 
 
+def gather_objects(local: Any, world_size: int = 1) -> list[Any]:
+    """``local`` of every process in rank order (``torch.distributed.all_gather_object``, a
+    collective: every process must call it), or ``[local]`` outside a distributed run."""
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        shares: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(shares, local)
+        return shares
+    return [local]
+
+
+def pooled_sums(
+    shares: Sequence[dict[str, tuple[float, int]]],
+) -> dict[str, tuple[float, int]]:
+    """Each loss term's (sum, count) added over processes' validation shares: the means
+    of all validation slides, the same on every process, and every term any process saw."""
+    out: dict[str, tuple[float, int]] = {}
+    for share in shares:
+        for name, (total, count) in share.items():
+            s, n = out.get(name, (0.0, 0))
+            out[name] = (s + total, n + count)
+    return out
+
+
 def gather_slides(
     batches: Sequence[tuple[Sequence[str], np.ndarray, np.ndarray]], world_size: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -65,13 +88,9 @@ def gather_slides(
         for ids, pred, true in batches
         for sid, p, t in zip(ids, pred, true, strict=True)
     ]
-    shares = [local]
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        shares = [None] * world_size
-        torch.distributed.all_gather_object(shares, local)
     seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for share in shares:
-        for sid, p, t in share or []:
+    for share in gather_objects(local, world_size):
+        for sid, p, t in share:
             seen.setdefault(sid, (p, t))
     if not seen:
         return np.zeros((0, 0)), np.zeros((0, 0))
@@ -108,7 +127,7 @@ class MILModule(pl.LightningModule):
         self.loss_options = loss or LossOptions()
         self.optim_options = optim or OptimOptions()
         self.model: SlideModel = build_slide_model(**self.model_arguments())
-        self._val_sums: dict[str, float] = {}
+        self._val_sums: dict[str, tuple[float, int]] = {}
         self._val_genes: list[tuple[list[str], np.ndarray, np.ndarray]] = []
         #: each validation epoch's predicted and true log2 fold changes, (S, G) each, of the
         #: validation slides (``cv.inner`` pools them over inner folds: ``val/genes_rank``)
@@ -305,9 +324,13 @@ class MILModule(pl.LightningModule):
             )
 
     def on_validation_epoch_end(self) -> None:
-        means = {k: s / n for k, (s, n) in self._val_sums.items() if n}
+        # under DDP the terms' sums are added over processes first: each process logs the same
+        # terms (a process whose share lacks one would otherwise log fewer, and the synced
+        # logs would pair up wrongly) with the means of all validation slides
+        sums = pooled_sums(gather_objects(self._val_sums, self.trainer.world_size))
+        means = {k: s / n for k, (s, n) in sums.items() if n}
         total = sum(getattr(self.loss_options, k) * v for k, v in means.items())
-        # sync_dist: under DDP every process selects the same epoch (mean over processes)
+        # sync_dist: under DDP every process selects the same epoch (equal values already)
         self.log("val/loss", float(total), prog_bar=True, sync_dist=True)
         for k, v in means.items():
             self.log(f"val/{k}", float(v), sync_dist=True)

@@ -299,11 +299,12 @@ class CVOptions:
             gets wrong from the start, whose loss only rises and, summed, stops the gene
             heads after an epoch (RESULTS.md, "One thread, one validation slide"). Models
             with one part (attention pooling for the tumour, genes reading the tumour scorer
-            itself) use ``total``. Not the demo's: measured on 7 demo runs it mended the one
-            fold the summed loss stopped after an epoch (tumour-burden genes 0.25 → 0.66), but
-            the genes' loss alone is noisier on 2-3 validation patients and chose epoch 2 and
-            6 in two other folds (lymphocyte genes 0.92 → 0.87 and 0.86 → 0.61 in those
-            runs); use it where finetune warns that one task chose the epoch for all.
+            itself) use ``total``. With the genes' loss on one validation split, measured on 7
+            demo runs, it mended the one fold the summed loss stopped after an epoch
+            (tumour-burden genes 0.25 → 0.66), but the genes' loss alone is noisier on 2-3
+            validation patients and chose epoch 2 and 6 in two other folds (lymphocyte genes
+            0.92 → 0.87 and 0.86 → 0.61 in those runs). The demo uses it since session 17,
+            with ``inner 5`` and ``genes_metric rank_signal`` (below).
         genes_metric: what chooses the genes' epoch. ``loss``: their validation losses
             (log2fc and class), in the total or in their part's (``select per_task``).
             ``rank``: ``val/genes_rank``, one minus the mean over genes of the Spearman
@@ -314,8 +315,8 @@ class CVOptions:
             error rises and pulls the summed loss's epoch early although the other genes
             still improve, while its rank correlation stays near 0 at any amplitude. Needs
             enough validation tumour slides to rank (``inner``; a validation split of 2-3
-            patients gives a coarse curve, under 3 slides it is refused). Not the demo's:
-            with ``inner 5`` and ``select per_task`` on 7 demo runs it mended the two easy
+            patients gives a coarse curve, under 3 slides it is refused). With ``inner 5``
+            and ``select per_task`` on 7 demo runs it mended the two easy
             folds the summed loss stopped early (lymphocyte genes 0.81 → 0.89, 0.72 → 0.87)
             but on hard cohorts, where most genes carry no signal a model can learn, the mean
             rank is flat and chose epochs 2-22 in five of nine folds (hard lymphocyte genes
@@ -325,9 +326,11 @@ class CVOptions:
             the epochs, above the one-sided 5 % critical value ``1.645 / sqrt(n - 1)`` for
             the ``n`` pooled slides (all genes when none does); genes with nothing to learn
             then no longer flatten the curve. Chosen on the training part's inner folds, so
-            the test fold still chooses nothing. Measured on 5 demo runs with ``select
-            per_task`` (RESULTS.md, same section), not yet with the naive arm or on every
-            seed, so not the demo's yet.
+            the test fold still chooses nothing. The demo's since session 17, with ``select
+            per_task`` and ``inner 5``: on hard cohorts whose normal slides all come from one
+            site the summed loss chose epochs 0-9 for the genes in five of nine folds
+            (lymphocyte genes 0.77 → 0.94, the naive arm's 0.90); on the easy and hard demos
+            +0.02, and one hard noise gene of 24 at q 0.037 (RESULTS.md, same section).
         inner: choose the epoch on this many inner folds instead of one validation split
             (0: the ``val_fraction`` split). The training part (every patient not in the test
             fold) is split into ``inner`` patient-grouped folds (site-grouped as the

@@ -300,8 +300,8 @@ class ContrastiveModule(pl.LightningModule):
                 ) from None
             self.parent = Parent("encoder", card.ref, card.sha256)
             said = parent_stain_warning(card.ref, card.extra.get("stain_norm"), data)
-            if said:
-                log.warning(said)
+            if said and (self._trainer is None or self.trainer.global_rank == 0):
+                log.warning(said)  # once, not once per process
             if self.key_encoder is not None:  # MoCo's keys start from the same weights
                 self.key_encoder.load_state_dict(self.encoder.state_dict())
 

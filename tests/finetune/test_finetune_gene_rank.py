@@ -197,15 +197,32 @@ def test_ddp_processes_rank_the_same_slides(monkeypatch, tmp_path: Path, free_po
     """Two gloo processes (Lightning ``ddp`` on CPU) validating 7 slides, 4 each (one
     repeated by the distributed sampler's padding): each process ranks all 7 slides once, so
     both log the same ``val/genes_rank`` and keep the same predictions for the inner folds'
-    pooled rank, and would choose the same epoch."""
+    pooled rank, and would choose the same epoch. Only one validation slide, on process 0's
+    share, has a tumour label: both processes still log ``val/tumour``, the same value."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # for the spawned processes
     from ddp_rank_worker import fit
 
     mp.spawn(fit, args=(2, free_port, 7, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
     assert len(r0["logged"]) == 3 and r0["logged"] == r1["logged"]
+    assert len(r0["tumour"]) == 3 and r0["tumour"] == r1["tumour"]
     assert r0["predictions"] == r1["predictions"]
     for (pred, true), logged in zip(r0["predictions"], r0["logged"], strict=True):
         pred, true = np.array(pred), np.array(true)
         assert pred.shape == (7, 3) and len({tuple(t) for t in true}) == 7  # each slide once
         assert logged == pytest.approx(gene_rank_loss(pred, true), rel=1e-6)
+
+
+def test_gather_slides_keeps_each_slide_once_in_order() -> None:
+    """One process: the batches' rows in order, a slide repeated (the distributed sampler's
+    padding) kept at its first place; nothing validated gives (0, 0); the loss terms' sums
+    of several shares add up, a term one share lacks kept."""
+    from histcode.finetune.module import gather_slides, pooled_sums
+
+    rows = np.arange(12, dtype=float).reshape(4, 3)
+    batches = [(["a", "b"], rows[:2], -rows[:2]), (["c", "a"], rows[2:], -rows[2:])]
+    pred, true = gather_slides(batches)
+    assert pred.tolist() == rows[:3].tolist() and true.tolist() == (-rows[:3]).tolist()
+    assert gather_slides([])[0].shape == (0, 0)
+    shares = [{"log2fc": (1.0, 2), "tumour": (0.5, 1)}, {"log2fc": (3.0, 2)}]
+    assert pooled_sums(shares) == {"log2fc": (4.0, 4), "tumour": (0.5, 1)}

@@ -348,6 +348,7 @@ def test_window_parts_rebuild_read_region(small_cohort: dict) -> None:
 def test_choose_decode_says_why_and_refuses_device_without_a_gpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # whatever this torch is built for
     cpu = torch.device("cpu")
     assert choose_decode("cpu", cpu) == (False, "--decode cpu")
     on, why = choose_decode("auto", cpu)
@@ -359,14 +360,16 @@ def test_choose_decode_says_why_and_refuses_device_without_a_gpu(
     # CUDA present but nvImageCodec missing: the reason names the package
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
     on, why = choose_decode("auto", torch.device("cuda"))
     assert not on and "nvidia-nvimgcodec-cu13" in why and "histcode[gpu]" in why
     monkeypatch.setattr(torch.version, "cuda", "12.8")  # a torch built for CUDA 12
     on, why = choose_decode("auto", torch.device("cuda"))
     assert not on and "nvidia-nvimgcodec-cu12" in why and "histcode[gpu-cu12]" in why
+    with pytest.raises(ValueError) as refused:  # the hint once, not twice
+        choose_decode("device", torch.device("cuda"))
+    assert str(refused.value).count("gpu-cu12") == 1
     monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build: no extra would help yet
-    assert "install a CUDA build of torch" in choose_decode("auto", torch.device("cuda"))[1]
+    assert "needs a torch built for CUDA 12 or 13" in choose_decode("auto", torch.device("cuda"))[1]
     # a stain-normalised store is decoded where its normaliser runs
     on, why = choose_decode("auto", torch.device("cuda"), "macenko")
     assert not on and "stain-normalised" in why
