@@ -339,9 +339,9 @@ class MILModule(pl.LightningModule):
             pred, true = gather_slides(self._val_genes, self.trainer.world_size)
             if len(pred):
                 self.val_gene_predictions.append((pred, true))
-            rank = gene_rank_loss(pred, true) if len(pred) else None
-            if rank is not None:  # the same on every process: all or none log it
-                self.log("val/genes_rank", rank, sync_dist=True)
+                rank = gene_rank_loss(pred, true)
+                if rank is not None:  # the same on every process: all or none log it
+                    self.log("val/genes_rank", rank, sync_dist=True)
 
     def predict_step(self, batch: BagBatch, batch_idx: int = 0) -> dict[str, Any]:
         """Predictions of a batch as numpy arrays (``tumour_prob`` (B,), ``log2fc`` (B, G),
